@@ -1,0 +1,90 @@
+"""The ``distillkit`` command: registers the implemented subcommands and maps errors to exit codes.
+
+Exit codes: 0 success, 1 a known error (one ``error: ...`` line and a hint on stderr), 2 usage
+error, 130 interrupted. ``DISTILLKIT_DEBUG=1`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from typing import Annotated
+
+import click
+import typer
+
+from distillkit import __version__
+from distillkit.errors import DistillkitError
+
+
+def _version(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"distillkit {__version__}\n")
+        raise typer.Exit()
+
+
+def build_app() -> typer.Typer:
+    app = typer.Typer(
+        name="distillkit",
+        help="Compress Hugging Face models: distill a student from a teacher and measure it.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        rich_markup_mode=None,
+    )
+
+    @app.callback()
+    def root(
+        version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+    ) -> None:
+        """distillkit: one CLI for distillation, and the artifacts that chain its stages."""
+
+    from distillkit.cli import distill
+
+    for module in (distill,):
+        module.register(app)
+    return app
+
+
+def _fail(message: str, hint: str | None, code: int = 1) -> int:
+    sys.stderr.write(f"error: {message}\n")
+    if hint:
+        sys.stderr.write(f"hint: {hint}\n")
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    debug = os.environ.get("DISTILLKIT_DEBUG", "") not in ("", "0")
+    app = build_app()
+    try:
+        rv = app(args=argv, prog_name="distillkit", standalone_mode=False)
+        code = rv if isinstance(rv, int) else 0
+    except DistillkitError as e:
+        if debug:
+            traceback.print_exc()
+        code = _fail(e.message, e.hint, e.exit_code)
+    except click.exceptions.Exit as e:
+        code = e.exit_code
+    except click.ClickException as e:
+        e.show()
+        code = e.exit_code
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        sys.stderr.write("interrupted\n")
+        code = 130
+    except MemoryError:
+        code = _fail("out of memory", "lower --batch-size or --max-length, or use --grad-accum")
+    except Exception as e:  # noqa: BLE001 - the one place that turns unknown errors into exit codes
+        if type(e).__name__ == "OutOfMemoryError":
+            code = _fail(f"out of GPU memory: {str(e).splitlines()[0]}", "lower --batch-size or --max-length, or use --grad-accum")
+        else:
+            traceback.print_exc()
+            code = _fail(f"internal error: {type(e).__name__}: {e}", "this is a distillkit bug; please report it with the traceback above")
+    sys.stdout.flush()
+    if argv is None:
+        sys.exit(code)
+    return code
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""Options shared by every subcommand, and the one way a command reports its result."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+Out = Annotated[Path | None, typer.Option("--out", "-o", help="Output artifact directory (default: runs/<stage>-<time>).")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory (only once the new one is complete).")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only the artifact path on stdout, not the manifest JSON.")]
+Preset = Annotated[str | None, typer.Option("--preset", help="A named recipe from distillkit's presets/ (flags override it).")]
+ConfigFile = Annotated[Path | None, typer.Option("--config", help="A TOML or JSON config file (flags override it; it overrides --preset).")]
+Device = Annotated[str | None, typer.Option("--device", help="auto (CUDA when present), cpu, cuda, cuda:N.")]
+AllowPickle = Annotated[bool | None, typer.Option("--allow-pickle", help="Allow loading pickle (*.bin) weights, which can run code.")]
+TrustRemoteCode = Annotated[bool | None, typer.Option("--trust-remote-code", help="Allow custom model code from the model directory or hub.")]
+
+
+def stderr_console() -> Any:
+    """People read stderr; stdout carries only data."""
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def default_out(stage: str) -> Path:
+    import datetime as dt
+
+    return Path("runs") / f"{stage}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def emit(manifest: dict[str, Any], quiet: bool) -> None:
+    """The one stdout line of a command: the manifest JSON, or with --quiet just the path."""
+    import json
+
+    line = manifest["path"] if quiet else json.dumps(manifest, sort_keys=True, default=str)
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
