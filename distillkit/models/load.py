@@ -18,7 +18,18 @@ from distillkit.manifest import Source, read_source
 
 TASKS = ("causal-lm", "masked-lm", "feature-extraction", "sequence-classification", "image-classification")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-_VISION_TYPES = {"vit", "deit", "resnet", "convnext", "convnextv2", "swin", "beit", "dinov2", "efficientnet", "mobilenet_v2"}
+_VISION_TYPES = {
+    "vit",
+    "deit",
+    "resnet",
+    "convnext",
+    "convnextv2",
+    "swin",
+    "beit",
+    "dinov2",
+    "efficientnet",
+    "mobilenet_v2",
+}
 
 
 @dataclass
@@ -54,7 +65,9 @@ def detect_task(config: Any) -> str:
     if getattr(config, "model_type", None) in _VISION_TYPES:
         return "image-classification"
     if archs:
-        raise ModelError(f"cannot tell the task of architecture {archs[0]}", hint=f"pass --task, one of: {', '.join(TASKS)}")
+        raise ModelError(
+            f"cannot tell the task of architecture {archs[0]}", hint=f"pass --task, one of: {', '.join(TASKS)}"
+        )
     return "feature-extraction"
 
 
@@ -80,8 +93,14 @@ def resolve_dtype(name: str | None) -> Any:
     if name in (None, "auto"):
         return None
     try:
-        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-                "float16": torch.float16, "fp16": torch.float16}[name]
+        return {
+            "float32": torch.float32,
+            "fp32": torch.float32,
+            "bfloat16": torch.bfloat16,
+            "bf16": torch.bfloat16,
+            "float16": torch.float16,
+            "fp16": torch.float16,
+        }[name]
     except KeyError:
         raise ConfigError(f"unknown dtype {name!r}", hint=f"choose one of: {', '.join(DTYPES)}") from None
 
@@ -115,16 +134,20 @@ def check_model_dir(path: str, allow_pickle: bool) -> None:
     """Refuse directories that are not models, and pickle-only weights unless allowed."""
     p = Path(path)
     if not (p / "config.json").is_file():
-        raise ModelError(f"{path} is not a model directory (no config.json)",
-                         hint="pass a directory written by save_pretrained, a distillkit artifact, or a hub id")
+        raise ModelError(
+            f"{path} is not a model directory (no config.json)",
+            hint="pass a directory written by save_pretrained, a distillkit artifact, or a hub id",
+        )
     names = [f.name for f in p.iterdir() if f.is_file()]
     has_st = any(n.endswith(".safetensors") or n == "model.safetensors.index.json" for n in names)
     has_pickle = any(n.endswith((".bin", ".pt", ".pth", ".ckpt")) or n == "pytorch_model.bin.index.json" for n in names)
     if not has_st and not has_pickle:
         raise ModelError(f"{path} has a config.json but no weights (*.safetensors)", hint="check the directory")
     if not has_st and has_pickle and not allow_pickle:
-        raise ModelError(f"{path} has only pickle weights (*.bin), which can run arbitrary code when loaded",
-                         hint="convert them to safetensors, or pass --allow-pickle if you trust the source")
+        raise ModelError(
+            f"{path} has only pickle weights (*.bin), which can run arbitrary code when loaded",
+            hint="convert them to safetensors, or pass --allow-pickle if you trust the source",
+        )
 
 
 def _pooling(path: str) -> str:
@@ -141,7 +164,9 @@ def _pooling(path: str) -> str:
     return "mean"
 
 
-def load_config(source: str | Source, *, trust_remote_code: bool = False, allow_pickle: bool = False) -> tuple[Any, Source]:
+def load_config(
+    source: str | Source, *, trust_remote_code: bool = False, allow_pickle: bool = False
+) -> tuple[Any, Source]:
     """The ``PretrainedConfig`` of a source, with the same checks as :func:`load_model`."""
     from transformers import AutoConfig
 
@@ -157,13 +182,16 @@ def load_config(source: str | Source, *, trust_remote_code: bool = False, allow_
         config = AutoConfig.from_pretrained(src.path, trust_remote_code=trust_remote_code, local_files_only=local_only)
     except ValueError as e:
         if "trust_remote_code" in str(e):
-            raise ModelError(f"{src.path} needs custom code to load",
-                             hint="pass --trust-remote-code if you trust the source") from None
+            raise ModelError(
+                f"{src.path} needs custom code to load", hint="pass --trust-remote-code if you trust the source"
+            ) from None
         raise ModelError(f"cannot read the config of {src.path}: {e}") from None
     except OSError as e:
         if src.kind == "hub" and local_only:
-            raise OfflineError(f"{src.path} looks like a hub id, but the hub cannot be reached and it is not in the local cache",
-                               hint="download it where there is network, or pass a local model directory") from None
+            raise OfflineError(
+                f"{src.path} looks like a hub id, but the hub cannot be reached and it is not in the local cache",
+                hint="download it where there is network, or pass a local model directory",
+            ) from None
         raise ModelError(f"cannot load {src.path}: {str(e).splitlines()[0]}", hint="check the path or hub id") from None
     return config, src
 
@@ -174,7 +202,9 @@ def load_processor(path: str, task: str, *, trust_remote_code: bool = False, loc
         if task == "image-classification":
             from transformers import AutoImageProcessor
 
-            return AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=local_only)
+            return AutoImageProcessor.from_pretrained(
+                path, trust_remote_code=trust_remote_code, local_files_only=local_only
+            )
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=local_only)
@@ -207,8 +237,10 @@ def load_model(
     try:
         model = auto_class(task).from_pretrained(src.path, config=config, **kwargs)
     except ValueError as e:
-        raise ModelError(f"{src.path} cannot be loaded for task {task}: {str(e).splitlines()[0]}",
-                         hint=f"pass --task to choose another of: {', '.join(TASKS)}") from None
+        raise ModelError(
+            f"{src.path} cannot be loaded for task {task}: {str(e).splitlines()[0]}",
+            hint=f"pass --task to choose another of: {', '.join(TASKS)}",
+        ) from None
     except OSError as e:
         raise ModelError(f"cannot load the weights of {src.path}: {str(e).splitlines()[0]}") from None
     model.to(resolve_device(device))

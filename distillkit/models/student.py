@@ -1,0 +1,591 @@
+"""Build a student from a teacher and a spec, initialised from the teacher's weights.
+
+The student is the teacher's class with a config that differs only in the spec's sizes
+(:func:`student_config`). Initialisation from the teacher (:func:`plan_student`, :func:`build_student`):
+
+- **Depth.** Student layer ``i`` of ``n`` copies teacher layer ``round_half_up(i * (L - 1) / (n - 1))`` of ``L``:
+  evenly spread, always the first and the last layer (``6 -> 3`` keeps ``[0, 3, 5]``; ``n = 1`` keeps ``[0]``).
+  The last layer is kept because the final norm and the output head were trained on its output.
+- **Hidden channels.** One global set, used in every embedding, norm, projection and head so the residual
+  stream stays consistent: channels ranked by the sum, over every tensor that reads or writes the residual
+  stream, of that tensor's per-channel L2 norm divided by its mean (each tensor gets an equal vote).
+- **Heads.** Per layer, key/value groups ranked by ``|k|^2 + |v|^2 + sum over their query heads of |q|^2 + |o|^2``;
+  the best ``kv_heads`` groups are kept whole and each keeps its best ``heads / kv_heads`` query heads (so every
+  student query head still attends with its own teacher key/value head). Without GQA a group is one head.
+  A student with more query heads per group than the teacher fills groups with the best remaining heads.
+- **Head size.** When it shrinks, rotary (Llama-style) heads keep every ``d / d'``-th rotation pair, which
+  keeps the rotation frequencies exactly; other families keep each head's top dimensions by ``q, k, v, o`` norm.
+- **MLP channels.** Per layer, ranked by the norm of their up (and gate) rows plus their down column.
+
+Every index set is sorted, so kept heads and channels keep the teacher's order.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from distillkit.errors import ConfigError, ModelError
+from distillkit.models import arch
+from distillkit.models.spec import SPEC_KEYS, head_dim_coupled, parse_student_spec, resolve_spec, teacher_sizes
+
+INITS = ("teacher", "random")
+
+# A layer key is <container>.<index>.<suffix>; the containers are Llama/ViT "layers", BERT/old ViT "layer",
+# GPT-2 "h".
+_LAYER_RE = re.compile(r"^(.*?(?:^|\.)(?:layers|layer|h))\.(\d+)\.(.+)$")
+
+# Roles of a tensor's dimensions: H hidden channel, Q query features, KV key/value features, QKV GPT-2's packed
+# q|k|v, M MLP channel, D within-head dimension shared by all heads, P pooler output (follows H when the
+# teacher's pooler is as wide as its hidden size), None kept whole.
+_LAYER_RULES: dict[str, list[tuple[str, tuple[str | None, ...]]]] = {
+    "llama": [
+        (r"self_attn\.q_proj\.weight", ("Q", "H")),
+        (r"self_attn\.q_proj\.bias", ("Q",)),
+        (r"self_attn\.[kv]_proj\.weight", ("KV", "H")),
+        (r"self_attn\.[kv]_proj\.bias", ("KV",)),
+        (r"self_attn\.o_proj\.weight", ("H", "Q")),
+        (r"self_attn\.o_proj\.bias", ("H",)),
+        (r"self_attn\.[qk]_norm\.weight", ("D",)),
+        (r"mlp\.(gate|up)_proj\.weight", ("M", "H")),
+        (r"mlp\.(gate|up)_proj\.bias", ("M",)),
+        (r"mlp\.down_proj\.weight", ("H", "M")),
+        (r"mlp\.down_proj\.bias", ("H",)),
+        (r"(input|post_attention)_layernorm\.weight", ("H",)),
+    ],
+    # Conv1D stores weights as [in, out].
+    "gpt2": [
+        (r"ln_[12]\.(weight|bias)", ("H",)),
+        (r"attn\.c_attn\.weight", ("H", "QKV")),
+        (r"attn\.c_attn\.bias", ("QKV",)),
+        (r"attn\.c_proj\.weight", ("Q", "H")),
+        (r"attn\.c_proj\.bias", ("H",)),
+        (r"mlp\.c_fc\.weight", ("H", "M")),
+        (r"mlp\.c_fc\.bias", ("M",)),
+        (r"mlp\.c_proj\.weight", ("M", "H")),
+        (r"mlp\.c_proj\.bias", ("H",)),
+    ],
+    "bert": [
+        (r"attention\.self\.query\.weight", ("Q", "H")),
+        (r"attention\.self\.query\.bias", ("Q",)),
+        (r"attention\.self\.(key|value)\.weight", ("KV", "H")),
+        (r"attention\.self\.(key|value)\.bias", ("KV",)),
+        (r"attention\.output\.dense\.weight", ("H", "Q")),
+        (r"attention\.output\.dense\.bias", ("H",)),
+        (r"attention\.output\.LayerNorm\.(weight|bias)", ("H",)),
+        (r"intermediate\.dense\.weight", ("M", "H")),
+        (r"intermediate\.dense\.bias", ("M",)),
+        (r"output\.dense\.weight", ("H", "M")),
+        (r"output\.dense\.bias", ("H",)),
+        (r"output\.LayerNorm\.(weight|bias)", ("H",)),
+    ],
+    # transformers >= 5 names (q_proj, mlp.fc1) and the older BERT-like names.
+    "vit": [
+        (r"attention\.q_proj\.weight|attention\.attention\.query\.weight", ("Q", "H")),
+        (r"attention\.q_proj\.bias|attention\.attention\.query\.bias", ("Q",)),
+        (r"attention\.[kv]_proj\.weight|attention\.attention\.(key|value)\.weight", ("KV", "H")),
+        (r"attention\.[kv]_proj\.bias|attention\.attention\.(key|value)\.bias", ("KV",)),
+        (r"attention\.o_proj\.weight|attention\.output\.dense\.weight", ("H", "Q")),
+        (r"attention\.o_proj\.bias|attention\.output\.dense\.bias", ("H",)),
+        (r"mlp\.fc1\.weight|intermediate\.dense\.weight", ("M", "H")),
+        (r"mlp\.fc1\.bias|intermediate\.dense\.bias", ("M",)),
+        (r"mlp\.fc2\.weight|output\.dense\.weight", ("H", "M")),
+        (r"mlp\.fc2\.bias|output\.dense\.bias", ("H",)),
+        (r"layernorm_(before|after)\.(weight|bias)", ("H",)),
+    ],
+}
+
+_GLOBAL_RULES: dict[str, list[tuple[str, tuple[str | None, ...]]]] = {
+    "llama": [
+        (r"embed_tokens\.weight", (None, "H")),
+        (r"norm\.weight", ("H",)),
+        (r"lm_head\.weight", (None, "H")),
+        (r"score\.weight", (None, "H")),
+    ],
+    "gpt2": [
+        (r"wte\.weight", (None, "H")),
+        (r"wpe\.weight", (None, "H")),
+        (r"ln_f\.(weight|bias)", ("H",)),
+        (r"lm_head\.weight", (None, "H")),
+        (r"score\.weight", (None, "H")),
+    ],
+    "bert": [
+        (r"embeddings\.(word|position|token_type)_embeddings\.weight", (None, "H")),
+        (r"embeddings\.LayerNorm\.(weight|bias)", ("H",)),
+        (r"pooler\.dense\.weight", ("H", "H")),
+        (r"pooler\.dense\.bias", ("H",)),
+        (r"predictions\.transform\.dense\.weight|lm_head\.dense\.weight", ("H", "H")),
+        (r"predictions\.transform\.dense\.bias|lm_head\.dense\.bias", ("H",)),
+        (r"predictions\.transform\.LayerNorm\.(weight|bias)|lm_head\.layer_norm\.(weight|bias)", ("H",)),
+        (r"predictions\.decoder\.weight|lm_head\.decoder\.weight", (None, "H")),
+        (r"predictions\.(decoder\.)?bias|lm_head\.(decoder\.)?bias", (None,)),
+        (r"classifier\.dense\.weight", ("H", "H")),
+        (r"classifier\.dense\.bias", ("H",)),
+        (r"classifier(\.out_proj)?\.weight|seq_relationship\.weight", (None, "H")),
+        (r"classifier(\.out_proj)?\.bias|seq_relationship\.bias", (None,)),
+    ],
+    "vit": [
+        (r"embeddings\.(cls_token|mask_token|position_embeddings)", (None, None, "H")),
+        (r"embeddings\.patch_embeddings\.projection\.weight", ("H", None, None, None)),
+        (r"embeddings\.patch_embeddings\.projection\.bias", ("H",)),
+        (r"layernorm\.(weight|bias)", ("H",)),
+        (r"pooler\.dense\.weight", ("P", "H")),
+        (r"pooler\.dense\.bias", ("P",)),
+        (r"classifier\.weight", (None, "H")),
+        (r"classifier\.bias", (None,)),
+    ],
+}
+
+# Where each family keeps a layer's projections, as suffixes after "<container>.<index>.". ``qkv`` is GPT-2's
+# packed Conv1D; ``conv1d`` says weights are [in, out].
+_LAYOUTS: dict[str, list[dict[str, Any]]] = {
+    "llama": [
+        {
+            "q": "self_attn.q_proj.weight",
+            "k": "self_attn.k_proj.weight",
+            "v": "self_attn.v_proj.weight",
+            "o": "self_attn.o_proj.weight",
+            "up": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+            "down": "mlp.down_proj.weight",
+        }
+    ],
+    "gpt2": [
+        {
+            "qkv": "attn.c_attn.weight",
+            "o": "attn.c_proj.weight",
+            "up": ("mlp.c_fc.weight",),
+            "down": "mlp.c_proj.weight",
+            "conv1d": True,
+        }
+    ],
+    "bert": [
+        {
+            "q": "attention.self.query.weight",
+            "k": "attention.self.key.weight",
+            "v": "attention.self.value.weight",
+            "o": "attention.output.dense.weight",
+            "up": ("intermediate.dense.weight",),
+            "down": "output.dense.weight",
+        }
+    ],
+    "vit": [
+        {
+            "q": "attention.q_proj.weight",
+            "k": "attention.k_proj.weight",
+            "v": "attention.v_proj.weight",
+            "o": "attention.o_proj.weight",
+            "up": ("mlp.fc1.weight",),
+            "down": "mlp.fc2.weight",
+        },
+        {
+            "q": "attention.attention.query.weight",
+            "k": "attention.attention.key.weight",
+            "v": "attention.attention.value.weight",
+            "o": "attention.output.dense.weight",
+            "up": ("intermediate.dense.weight",),
+            "down": "output.dense.weight",
+        },
+    ],
+}
+
+_COMPILED: dict[str, tuple[list[tuple[re.Pattern, tuple]], list[tuple[re.Pattern, tuple]]]] = {}
+
+
+def _rules(fam: str) -> tuple[list[tuple[re.Pattern, tuple]], list[tuple[re.Pattern, tuple]]]:
+    if fam not in _COMPILED:
+        layer = [(re.compile(p), roles) for p, roles in _LAYER_RULES[fam]]
+        glob = [(re.compile(r"(?:^|\.)(?:" + p + r")$"), roles) for p, roles in _GLOBAL_RULES[fam]]
+        _COMPILED[fam] = (layer, glob)
+    return _COMPILED[fam]
+
+
+def _split_key(key: str) -> tuple[str, int | None, str]:
+    """``"model.layers.3.mlp.up_proj.weight"`` -> ``("model.layers", 3, "mlp.up_proj.weight")``."""
+    m = _LAYER_RE.match(key)
+    if m is None:
+        return key, None, key
+    return m.group(1), int(m.group(2)), m.group(3)
+
+
+def _roles(fam: str, key: str) -> tuple[str | None, ...] | None:
+    layer_rules, global_rules = _rules(fam)
+    _, index, suffix = _split_key(key)
+    if index is not None:
+        for pattern, roles in layer_rules:
+            if pattern.fullmatch(suffix):
+                return roles
+        return None
+    for pattern, roles in global_rules:
+        if pattern.search(key):
+            return roles
+    return None
+
+
+def select_layers(teacher_layers: int, student_layers: int) -> list[int]:
+    """Teacher layer copied into each student layer: evenly spread, first and last included.
+
+    ``select_layers(6, 3) == [0, 3, 5]``, ``select_layers(12, 4) == [0, 4, 7, 11]``, ``select_layers(4, 1) == [0]``.
+    """
+    if not 0 < student_layers <= teacher_layers:
+        raise ConfigError(
+            f"cannot pick {student_layers} of {teacher_layers} teacher layers",
+            hint=f"use layers between 1 and {teacher_layers}",
+        )
+    if student_layers == 1:
+        return [0]
+    # Integer round-half-up of i * (L - 1) / (n - 1): exact and platform independent.
+    return [
+        (2 * i * (teacher_layers - 1) + (student_layers - 1)) // (2 * (student_layers - 1))
+        for i in range(student_layers)
+    ]
+
+
+def _as_spec(spec: str | dict[str, int], teacher_config: Any) -> dict[str, int]:
+    if isinstance(spec, str):
+        return parse_student_spec(spec, teacher_config)
+    return resolve_spec(dict(spec), teacher_config)
+
+
+def _set(cfg: Any, names: tuple[str, ...], value: Any) -> None:
+    for name in names:
+        if hasattr(cfg, name):
+            setattr(cfg, name, value)
+            return
+    setattr(cfg, names[0], value)
+
+
+def student_config(teacher_config: Any, spec: str | dict[str, int]) -> Any:
+    """The teacher's config with only the spec's sizes changed (plus what must follow them).
+
+    What follows: ``head_dim`` becomes hidden / heads when the teacher's head size was hidden / heads (an explicit
+    decoupled ``head_dim``, as in Qwen3, is kept); per-layer ``layer_types`` keep the selected layers' entries;
+    GPT-2 gets an explicit ``n_inner`` when its implicit 4 x hidden would no longer equal ``intermediate``; a ViT
+    pooler as wide as the hidden size stays as wide.
+    """
+    spec = _as_spec(spec, teacher_config)
+    teacher = teacher_sizes(teacher_config)
+    fam = arch.family(teacher_config)
+    coupled = head_dim_coupled(teacher_config)
+    cfg = copy.deepcopy(teacher_config)
+    if spec["layers"] != teacher["layers"]:
+        _set(cfg, ("num_hidden_layers", "n_layer"), spec["layers"])
+        layer_types = getattr(teacher_config, "layer_types", None)
+        if isinstance(layer_types, (list, tuple)) and len(layer_types) == teacher["layers"]:
+            cfg.layer_types = [layer_types[i] for i in select_layers(teacher["layers"], spec["layers"])]
+    if spec["hidden"] != teacher["hidden"]:
+        _set(cfg, ("hidden_size", "n_embd"), spec["hidden"])
+    if spec["heads"] != teacher["heads"]:
+        _set(cfg, ("num_attention_heads", "n_head"), spec["heads"])
+    if fam == "llama" and spec["kv_heads"] != teacher["kv_heads"]:
+        cfg.num_key_value_heads = spec["kv_heads"]
+    if coupled and getattr(teacher_config, "head_dim", None) is not None:
+        if spec["hidden"] != teacher["hidden"] or spec["heads"] != teacher["heads"]:
+            cfg.head_dim = spec["hidden"] // spec["heads"]
+    if fam == "gpt2":
+        if arch.intermediate_size(cfg) != spec["intermediate"]:
+            cfg.n_inner = spec["intermediate"]
+    elif spec["intermediate"] != teacher["intermediate"]:
+        _set(cfg, ("intermediate_size",), spec["intermediate"])
+    if fam == "vit" and getattr(teacher_config, "pooler_output_size", None) == teacher["hidden"]:
+        cfg.pooler_output_size = spec["hidden"]
+    return cfg
+
+
+@dataclass
+class StudentPlan:
+    """Which teacher weights each part of the student starts from (teacher indices throughout).
+
+    Per-layer lists are indexed by student layer. ``heads[i][s]`` is the teacher query head behind student head
+    ``s``; ``kv_heads[i][g]`` the teacher key/value head behind student group ``g``. ``q_features[i]`` is
+    ``[heads * head_dim]`` (student head-major), ``kv_features[i]`` ``[kv_heads * head_dim]``, ``head_dims[i]``
+    ``[heads, head_dim]``, ``hidden`` ``[hidden]`` and ``mlp[i]`` ``[intermediate]``.
+    """
+
+    spec: dict[str, int]
+    family: str
+    layers: list[int]
+    hidden: Any
+    heads: list[list[int]] = field(default_factory=list)
+    kv_heads: list[list[int]] = field(default_factory=list)
+    head_dims: list[Any] = field(default_factory=list)
+    q_features: list[Any] = field(default_factory=list)
+    kv_features: list[Any] = field(default_factory=list)
+    mlp: list[Any] = field(default_factory=list)
+
+
+def _top(score: Any, k: int) -> Any:
+    """Indices of the ``k`` largest scores, sorted ascending; ties go to the lower index."""
+    import torch
+
+    if k >= score.numel():
+        return torch.arange(score.numel())
+    order = torch.sort(score, descending=True, stable=True).indices[:k]
+    return torch.sort(order).values
+
+
+def _layer_index(state: dict[str, Any]) -> dict[int, dict[str, str]]:
+    layers: dict[int, dict[str, str]] = {}
+    for key in state:
+        _, index, suffix = _split_key(key)
+        if index is not None:
+            layers.setdefault(index, {})[suffix] = key
+    return layers
+
+
+def _projections(fam: str, state: dict[str, Any], keys: dict[str, str], cfg: Any) -> dict[str, Any]:
+    """One layer's weights as float Linear matrices ``[out, in]``: q, k, v, o, ups (list) and down."""
+    for layout in _LAYOUTS[fam]:
+        if (layout.get("q") or layout.get("qkv")) in keys:
+            break
+    else:
+        raise ModelError(f"unexpected {fam} layer layout (parameters {', '.join(sorted(keys))})")
+
+    def get(suffix: str) -> Any:
+        # Ranking is cheap next to training; doing it on CPU keeps index tensors and scores on one device.
+        t = state[keys[suffix]].detach().float().cpu()
+        return t.t() if layout.get("conv1d") else t
+
+    out = {"o": get(layout["o"]), "ups": [get(s) for s in layout["up"]], "down": get(layout["down"])}
+    if "qkv" in layout:
+        width = arch.num_heads(cfg) * arch.head_dim(cfg)
+        out["q"], out["k"], out["v"] = get(layout["qkv"]).split(width, dim=0)
+    else:
+        out.update(q=get(layout["q"]), k=get(layout["k"]), v=get(layout["v"]))
+    return out
+
+
+def _hidden_scores(fam: str, state: dict[str, Any], hidden: int) -> Any:
+    import torch
+
+    score = torch.zeros(hidden)
+    seen: set[int] = set()
+    for key, tensor in state.items():
+        roles = _roles(fam, key)
+        if roles is None or tensor.dim() != len(roles) or tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        for dim, role in enumerate(roles):
+            if role != "H" or tensor.shape[dim] != hidden:
+                continue
+            norms = tensor.detach().float().transpose(0, dim).reshape(hidden, -1).norm(dim=1).cpu()
+            mean = norms.mean()
+            if mean > 0:
+                score += norms / mean
+    return score
+
+
+def _choose_heads(proj: dict[str, Any], t_heads: int, t_kv: int, d: int, s_heads: int, s_kv: int):
+    """Teacher query heads per student head and kv heads per student group, GQA-consistent."""
+    import torch
+
+    q = proj["q"].reshape(t_heads, d, -1)
+    o = proj["o"].reshape(proj["o"].shape[0], t_heads, d)
+    q_score = q.pow(2).sum((1, 2)) + o.pow(2).sum((0, 2))
+    kv_score = proj["k"].reshape(t_kv, -1).pow(2).sum(1) + proj["v"].reshape(t_kv, -1).pow(2).sum(1)
+    group, s_group = t_heads // t_kv, s_heads // s_kv
+    groups = _top(kv_score + q_score.reshape(t_kv, group).sum(1), s_kv).tolist()
+    heads: list[int] = []
+    used: set[int] = set()
+    for g in groups:
+        members = torch.arange(g * group, (g + 1) * group)
+        own = members[_top(q_score[members], min(s_group, group))].tolist()
+        used.update(own)
+        heads.extend(own)
+        if s_group > group:
+            # More query heads per group than the teacher has: borrow the best heads of other groups. They are
+            # paired with this group's key/value head, so they start close to, not equal to, the teacher.
+            rest = torch.tensor([h for h in range(t_heads) if h not in used and h // group not in groups])
+            extra = rest[_top(q_score[rest], s_group - group)].tolist()
+            used.update(extra)
+            heads.extend(extra)
+    return heads, groups
+
+
+def _choose_head_dims(fam: str, proj: dict[str, Any], heads: list[int], d: int, s_d: int, t_heads: int, t_kv: int):
+    """``[heads, s_d]`` teacher dimensions kept within each chosen head."""
+    import torch
+
+    if s_d == d:
+        return torch.arange(d).repeat(len(heads), 1)
+    if fam == "llama":
+        # Rotary pairs dim j with j + d/2 at frequency base^(-2j/d); keeping pair j * d/d' gives the student's
+        # pair j the frequency base^(-2j/d') it will use, so positions rotate exactly as in the teacher.
+        half, s_half = d // 2, s_d // 2
+        pairs = torch.tensor([j * half // s_half for j in range(s_half)])
+        return torch.cat([pairs, pairs + half]).repeat(len(heads), 1)
+    group = t_heads // t_kv
+    rows = []
+    for h in heads:
+        kv = h // group
+        sl, kvsl = slice(h * d, (h + 1) * d), slice(kv * d, (kv + 1) * d)
+        score = (
+            proj["q"][sl].pow(2).sum(1)
+            + proj["k"][kvsl].pow(2).sum(1)
+            + proj["v"][kvsl].pow(2).sum(1)
+            + proj["o"][:, sl].pow(2).sum(0)
+        )
+        rows.append(_top(score, s_d))
+    return torch.stack(rows)
+
+
+def plan_student(teacher_model: Any, spec: str | dict[str, int]) -> StudentPlan:
+    """Decide which teacher layers, channels and heads a teacher-initialised student keeps (see module docs)."""
+    import torch
+
+    cfg = teacher_model.config
+    spec = _as_spec(spec, cfg)
+    fam = arch.family(cfg)
+    teacher = teacher_sizes(cfg)
+    t_d = arch.head_dim(cfg)
+    s_d = spec["hidden"] // spec["heads"] if head_dim_coupled(cfg) else t_d
+    state = teacher_model.state_dict()
+    layers = select_layers(teacher["layers"], spec["layers"])
+    if spec["hidden"] < teacher["hidden"]:
+        hidden = _top(_hidden_scores(fam, state, teacher["hidden"]), spec["hidden"])
+    else:
+        hidden = torch.arange(teacher["hidden"])
+    plan = StudentPlan(spec=spec, family=fam, layers=layers, hidden=hidden)
+    index = _layer_index(state)
+    same_heads = spec["heads"] == teacher["heads"] and spec["kv_heads"] == teacher["kv_heads"]
+    for t_layer in layers:
+        proj = _projections(fam, state, index[t_layer], cfg)
+        if same_heads:
+            heads, groups = list(range(teacher["heads"])), list(range(teacher["kv_heads"]))
+        else:
+            heads, groups = _choose_heads(
+                proj, teacher["heads"], teacher["kv_heads"], t_d, spec["heads"], spec["kv_heads"]
+            )
+        dims = _choose_head_dims(fam, proj, heads, t_d, s_d, teacher["heads"], teacher["kv_heads"])
+        q_features = torch.cat([h * t_d + dims[s] for s, h in enumerate(heads)])
+        if fam == "llama":
+            kv_features = torch.cat([g * t_d + dims[0] for g in groups])
+        else:
+            kv_features = q_features
+        if spec["intermediate"] < teacher["intermediate"]:
+            m_score = sum(u.pow(2).sum(1) for u in proj["ups"]) + proj["down"].pow(2).sum(0)
+            mlp = _top(m_score, spec["intermediate"])
+        else:
+            mlp = torch.arange(teacher["intermediate"])
+        plan.heads.append(heads)
+        plan.kv_heads.append(groups)
+        plan.head_dims.append(dims)
+        plan.q_features.append(q_features)
+        plan.kv_features.append(kv_features)
+        plan.mlp.append(mlp)
+    return plan
+
+
+def _slice(tensor: Any, roles: tuple[str | None, ...], plan: StudentPlan, layer: int | None, cfg: Any) -> Any:
+    import torch
+
+    for dim, role in enumerate(roles):
+        if role is None:
+            continue
+        if role == "P":
+            pooler = getattr(cfg, "pooler_output_size", None)
+            if pooler is not None and pooler != arch.hidden_size(cfg):
+                continue
+            idx = plan.hidden
+        elif role == "H":
+            idx = plan.hidden
+        elif role == "M":
+            idx = plan.mlp[layer]
+        elif role == "Q":
+            idx = plan.q_features[layer]
+        elif role == "KV":
+            idx = plan.kv_features[layer]
+        elif role == "D":
+            idx = plan.head_dims[layer][0]
+        elif role == "QKV":
+            width = tensor.shape[dim] // 3
+            q = plan.q_features[layer]
+            idx = torch.cat([q, q + width, q + 2 * width])
+        else:  # pragma: no cover - the rule tables only use the roles above
+            raise AssertionError(role)
+        if idx.numel() == tensor.shape[dim] and torch.equal(idx, torch.arange(tensor.shape[dim])):
+            continue
+        tensor = tensor.index_select(dim, idx.to(tensor.device))
+    return tensor
+
+
+def _teacher_state_for(student: Any, teacher_model: Any, plan: StudentPlan) -> dict[str, Any]:
+    teacher_state = teacher_model.state_dict()
+    cfg = teacher_model.config
+    out = {}
+    for key, target in student.state_dict().items():
+        prefix, layer, suffix = _split_key(key)
+        t_key = key if layer is None else f"{prefix}.{plan.layers[layer]}.{suffix}"
+        if t_key not in teacher_state:
+            raise ModelError(f"the student parameter {key} has no counterpart {t_key} in the teacher")
+        tensor = teacher_state[t_key]
+        roles = _roles(plan.family, key)
+        if roles is None or len(roles) != tensor.dim():
+            if tensor.shape != target.shape:
+                raise ModelError(
+                    f"do not know how to initialise {key} {tuple(target.shape)} "
+                    f"from the teacher's {tuple(tensor.shape)}",
+                    hint="use --init random for this architecture",
+                )
+        else:
+            tensor = _slice(tensor, roles, plan, layer, cfg)
+        if tensor.shape != target.shape:
+            raise ModelError(
+                f"initialising {key}: got {tuple(tensor.shape)} from the teacher, need {tuple(target.shape)}"
+            )
+        out[key] = tensor
+    return out
+
+
+def _construct(cls: Any, cfg: Any, teacher_model: Any) -> Any:
+    # Base models take constructor flags that the config does not record; mirror the teacher's choices so
+    # the student has the same parameters.
+    kwargs: dict[str, Any] = {}
+    if teacher_model is getattr(teacher_model, "base_model", None) and hasattr(teacher_model, "pooler"):
+        kwargs["add_pooling_layer"] = teacher_model.pooler is not None
+        embeddings = getattr(teacher_model, "embeddings", None)
+        if embeddings is not None and hasattr(embeddings, "mask_token"):
+            kwargs["use_mask_token"] = embeddings.mask_token is not None
+    return cls(cfg, **kwargs)
+
+
+def build_student(teacher_model: Any, spec: str | dict[str, int], *, init: str = "teacher", seed: int = 0) -> Any:
+    """A model of the teacher's class, sized by ``spec`` and initialised from the teacher or at random.
+
+    ``spec`` is a spec string or a dict with keys from :data:`~distillkit.models.spec.SPEC_KEYS`. ``init="random"``
+    uses the class's own initialisation under ``torch.manual_seed(seed)`` (the caller's RNG state is restored).
+    The student is on the teacher's device and dtype, in the teacher's train/eval mode.
+    """
+    import torch
+
+    if init not in INITS:
+        raise ConfigError(f"unknown student init {init!r}", hint=f"choose one of: {', '.join(INITS)}")
+    cfg = teacher_model.config
+    spec = _as_spec(spec, cfg)
+    fam = arch.family(cfg)
+    if fam not in _LAYER_RULES:  # pragma: no cover - resolve_spec already refused it
+        raise ConfigError(f"cannot build {fam} students", hint=f"supported: {', '.join(arch.SUPPORTED_FAMILIES)}")
+    s_cfg = student_config(cfg, spec)
+    param = next(teacher_model.parameters())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        student = _construct(type(teacher_model), s_cfg, teacher_model)
+    if init == "teacher":
+        plan = plan_student(teacher_model, spec)
+        with torch.no_grad():
+            student.load_state_dict(_teacher_state_for(student, teacher_model, plan), strict=True)
+    student.to(device=param.device, dtype=param.dtype)
+    student.train(teacher_model.training)
+    return student
+
+
+__all__ = [
+    "INITS",
+    "SPEC_KEYS",
+    "StudentPlan",
+    "build_student",
+    "plan_student",
+    "select_layers",
+    "student_config",
+]

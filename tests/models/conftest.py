@@ -1,0 +1,61 @@
+"""Tiny teachers shared by the model tests, built once per session. Tests must not modify them in place."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+# `python -m pytest` puts the repository root on sys.path but plain `pytest` only tests/, and test modules
+# import `tests.tiny`; a no-op once pyproject sets `pythonpath = ["."]`.
+_ROOT = str(Path(__file__).resolve().parents[2])
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from tests import tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def llama(tmp_path_factory):
+    return tiny.tiny_llama(tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="session")
+def gpt2(tmp_path_factory):
+    return tiny.tiny_gpt2(tmp_path_factory.mktemp("gpt2"))
+
+
+@pytest.fixture(scope="session")
+def bert(tmp_path_factory):
+    return tiny.tiny_bert(tmp_path_factory.mktemp("bert"))
+
+
+@pytest.fixture(scope="session")
+def bert_mlm(tmp_path_factory):
+    return tiny.tiny_bert_mlm(tmp_path_factory.mktemp("bert-mlm"))
+
+
+@pytest.fixture(scope="session")
+def bert_cls(tmp_path_factory):
+    return tiny.tiny_bert_cls(tmp_path_factory.mktemp("bert-cls"))
+
+
+@pytest.fixture(scope="session")
+def vit(tmp_path_factory):
+    return tiny.tiny_vit(tmp_path_factory.mktemp("vit"))
+
+
+@pytest.fixture(scope="session")
+def vit_model(tmp_path_factory):
+    return tiny.tiny_vit_model(tmp_path_factory.mktemp("vit-model"))
+
+
+TEACHERS = ("llama", "gpt2", "bert", "bert_mlm", "bert_cls", "vit", "vit_model")
+
+
+@pytest.fixture(params=TEACHERS)
+def teacher(request):
+    """Each tiny teacher in turn, as ``(name, model, path)``."""
+    model, path = request.getfixturevalue(request.param)
+    return request.param, model, path

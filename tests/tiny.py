@@ -1,0 +1,262 @@
+"""Tiny models built from configs, saved with a matching tokenizer or image processor, for offline tests.
+
+Every builder returns ``(model, path)``: the model in eval mode and a ``save_pretrained`` directory that
+``AutoModel*.from_pretrained`` and ``AutoTokenizer`` / ``AutoImageProcessor`` load without network. Weights are
+seeded (``seed``), dropout is off so outputs are deterministic, and norm weights and biases are perturbed away
+from their 1/0 initialisation so that magnitude rankings and LayerNorm slicing are actually exercised.
+Keyword overrides go into the config, e.g. ``tiny_llama(tie_word_embeddings=True)``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+VOCAB_SIZE = 128
+MAX_POSITIONS = 128
+IMAGE_SIZE = 32
+
+# Frequent English words, so that real sentences map to real ids rather than all to <unk>.
+_WORDS = (
+    ". , ! ? ' \" - : ; ( ) the of and to a in is it that was he for on are as with his they i at be this have "
+    "from or one had by word but not what all were we when your can said there use an each which she do how "
+    "their if will up other about out many then them these so some her would make like him into time has look "
+    "two more write go see number no way could people my than first water been call who oil its now find long "
+    "down day did get come made may part over new sound take only little work know place year live me back give "
+    "most very after thing our just name good sentence man think say great where help through much before line "
+    "right too mean old any same tell boy follow came want show also around form three small set put end does "
+    "another well large must big even such because turn here why ask went men read need land different home us "
+    "move try kind hand picture again change off play spell air away animal house point page letter mother answer"
+).split()
+
+
+def _out_dir(save_dir: str | Path | None, name: str) -> Path:
+    path = Path(save_dir) if save_dir is not None else Path(tempfile.mkdtemp(prefix=f"distillkit-tiny-{name}-"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _vocab(specials: list[str], size: int) -> dict[str, int]:
+    words = list(specials) + [w for w in _WORDS if w not in specials]
+    words += [f"w{i}" for i in range(max(0, size - len(words)))]
+    return {w: i for i, w in enumerate(words[:size])}
+
+
+def _text_tokenizer(kind: str, size: int, max_length: int) -> Any:
+    """A WordLevel tokenizer (lower-cased, whitespace/punctuation split) with exactly ``size`` ids."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    if kind == "bert":
+        specials = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]"}
+        specials["mask_token"] = "[MASK]"
+    else:
+        specials = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    vocab = _vocab(list(specials.values()), size)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=specials["unk_token"]))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    if kind == "bert":
+        cls, sep = vocab["[CLS]"], vocab["[SEP]"]
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+        )
+    elif kind == "llama":
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
+        )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=max_length, **specials)
+
+
+def _image_processor(size: int) -> Any:
+    # The default ViTImageProcessor wants torchvision and warns without it; the PIL one needs only Pillow.
+    try:
+        from transformers import ViTImageProcessorPil as processor_cls
+    except ImportError:
+        from transformers import ViTImageProcessor as processor_cls
+    return processor_cls(size={"height": size, "width": size})
+
+
+def _perturb(model: Any, seed: int) -> None:
+    import torch
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() != 1:
+                continue
+            if torch.all(p == 1):
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen))
+            elif torch.all(p == 0):
+                p.copy_(0.02 * torch.randn(p.shape, generator=gen))
+
+
+def _build(cls: Any, config: Any, seed: int) -> Any:
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = cls(config)
+    _perturb(model, seed)
+    return model.eval()
+
+
+def _save(model: Any, processor: Any, save_dir: str | Path | None, name: str) -> tuple[Any, str]:
+    path = _out_dir(save_dir, name)
+    model.save_pretrained(path)
+    if processor is not None:
+        processor.save_pretrained(path)
+    return model, str(path)
+
+
+def tiny_llama(save_dir: str | Path | None = None, *, seed: int = 0, **overrides: Any) -> tuple[Any, str]:
+    """LlamaForCausalLM with GQA: hidden 64, 4 heads of 16, 2 kv heads, 4 layers, MLP 128, vocab 128."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kwargs = dict(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=MAX_POSITIONS,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    kwargs.update(overrides)
+    model = _build(LlamaForCausalLM, LlamaConfig(**kwargs), seed)
+    return _save(model, _text_tokenizer("llama", kwargs["vocab_size"], MAX_POSITIONS), save_dir, "llama")
+
+
+def tiny_gpt2(save_dir: str | Path | None = None, *, seed: int = 0, **overrides: Any) -> tuple[Any, str]:
+    """GPT2LMHeadModel (tied head): hidden 64, 4 heads, 4 layers, MLP 256, vocab 128, 128 positions."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    kwargs = dict(
+        vocab_size=VOCAB_SIZE,
+        n_positions=MAX_POSITIONS,
+        n_embd=64,
+        n_layer=4,
+        n_head=4,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    kwargs.update(overrides)
+    model = _build(GPT2LMHeadModel, GPT2Config(**kwargs), seed)
+    return _save(model, _text_tokenizer("gpt2", kwargs["vocab_size"], MAX_POSITIONS), save_dir, "gpt2")
+
+
+def _bert_config(overrides: dict[str, Any]) -> Any:
+    from transformers import BertConfig
+
+    kwargs = dict(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=MAX_POSITIONS,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        pad_token_id=0,
+    )
+    kwargs.update(overrides)
+    return BertConfig(**kwargs)
+
+
+def tiny_bert(save_dir: str | Path | None = None, *, seed: int = 0, **overrides: Any) -> tuple[Any, str]:
+    """BertModel with pooler (a MiniLM-style sentence encoder): hidden 64, 4 heads, 4 layers, MLP 128, vocab 128."""
+    from transformers import BertModel
+
+    config = _bert_config(overrides)
+    model = _build(BertModel, config, seed)
+    return _save(model, _text_tokenizer("bert", config.vocab_size, MAX_POSITIONS), save_dir, "bert")
+
+
+def tiny_bert_mlm(save_dir: str | Path | None = None, *, seed: int = 0, **overrides: Any) -> tuple[Any, str]:
+    """BertForMaskedLM (decoder tied to the word embeddings), same sizes as :func:`tiny_bert`."""
+    from transformers import BertForMaskedLM
+
+    config = _bert_config(overrides)
+    model = _build(BertForMaskedLM, config, seed)
+    return _save(model, _text_tokenizer("bert", config.vocab_size, MAX_POSITIONS), save_dir, "bert-mlm")
+
+
+def tiny_bert_cls(save_dir: str | Path | None = None, *, seed: int = 0, **overrides: Any) -> tuple[Any, str]:
+    """BertForSequenceClassification with 3 labels, same sizes as :func:`tiny_bert`."""
+    from transformers import BertForSequenceClassification
+
+    overrides.setdefault("num_labels", 3)
+    config = _bert_config(overrides)
+    model = _build(BertForSequenceClassification, config, seed)
+    return _save(model, _text_tokenizer("bert", config.vocab_size, MAX_POSITIONS), save_dir, "bert-cls")
+
+
+def tiny_vit(save_dir: str | Path | None = None, *, seed: int = 0, **overrides: Any) -> tuple[Any, str]:
+    """ViTForImageClassification: 32x32 RGB, patch 8 (16 patches + CLS), hidden 64, 4 heads, 4 layers, 3 labels."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    kwargs = dict(
+        image_size=IMAGE_SIZE,
+        patch_size=8,
+        num_channels=3,
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=128,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=3,
+        id2label={0: "cat", 1: "dog", 2: "bird"},
+        label2id={"cat": 0, "dog": 1, "bird": 2},
+    )
+    kwargs.update(overrides)
+    model = _build(ViTForImageClassification, ViTConfig(**kwargs), seed)
+    size = kwargs["image_size"]
+    return _save(model, _image_processor(size), save_dir, "vit")
+
+
+def tiny_vit_model(save_dir: str | Path | None = None, *, seed: int = 0, **overrides: Any) -> tuple[Any, str]:
+    """ViTModel (with pooler), same sizes as :func:`tiny_vit`."""
+    from transformers import ViTConfig, ViTModel
+
+    kwargs = dict(
+        image_size=IMAGE_SIZE,
+        patch_size=8,
+        num_channels=3,
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=128,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    kwargs.update(overrides)
+    model = _build(ViTModel, ViTConfig(**kwargs), seed)
+    size = kwargs["image_size"]
+    return _save(model, _image_processor(size), save_dir, "vit-model")
+
+
+def sample_inputs(model: Any, batch: int = 2, length: int = 8, seed: int = 0) -> dict[str, Any]:
+    """Model inputs for ``model``'s family: ``input_ids``/``attention_mask`` [B, T] (the last row padded after
+    ``length - 2`` tokens) or ``pixel_values`` [B, 3, S, S]."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    if getattr(cfg, "model_type", None) == "vit":
+        size = cfg.image_size
+        return {"pixel_values": torch.randn(batch, cfg.num_channels, size, size, generator=gen)}
+    ids = torch.randint(5, cfg.vocab_size, (batch, length), generator=gen)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[-1, length - 2 :] = 0
+    return {"input_ids": ids, "attention_mask": mask}
