@@ -77,8 +77,9 @@ class BaseConfig:
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ConfigError(f"unknown {cls.__name__} key(s): {', '.join(unknown)}",
-                              hint=f"valid keys: {', '.join(sorted(names))}")
+            raise ConfigError(
+                f"unknown {cls.__name__} key(s): {', '.join(unknown)}", hint=f"valid keys: {', '.join(sorted(names))}"
+            )
         kwargs = {}
         for f in fields(cls):
             if f.name in data:
@@ -90,8 +91,14 @@ class BaseConfig:
             raise ConfigError(f"{cls.__name__}: {e}") from None
 
     @classmethod
-    def resolve(cls: type[T], *, preset: str | None = None, config_file: str | None = None,
-                overrides: dict[str, Any] | None = None, section: str | None = None) -> T:
+    def resolve(
+        cls: type[T],
+        *,
+        preset: str | None = None,
+        config_file: str | None = None,
+        overrides: dict[str, Any] | None = None,
+        section: str | None = None,
+    ) -> T:
         """Defaults < preset < config file < flags (``overrides`` holds only the flags given)."""
         merged: dict[str, Any] = {}
         for layer in (read_preset(preset) if preset else {}, read_config_file(config_file) if config_file else {}):
@@ -129,8 +136,12 @@ def parse_loss_spec(spec: str) -> tuple[str, float]:
     try:
         w = float(weight)
     except ValueError:
-        raise ConfigError(f"loss weight {weight!r} in {spec!r} is not a number", hint="write NAME or NAME:WEIGHT") from None
-    _check(math.isfinite(w) and w > 0, f"loss weight in {spec!r} must be a positive number", "write e.g. forward_kl:1.0")
+        raise ConfigError(
+            f"loss weight {weight!r} in {spec!r} is not a number", hint="write NAME or NAME:WEIGHT"
+        ) from None
+    _check(
+        math.isfinite(w) and w > 0, f"loss weight in {spec!r} must be a positive number", "write e.g. forward_kl:1.0"
+    )
     return name, w
 
 
@@ -192,34 +203,67 @@ class DistillConfig(BaseConfig):
 
     def __post_init__(self) -> None:
         _check(bool(self.teacher), "a teacher is required", "pass --teacher MODEL")
-        _check(self.temperature > 0 and math.isfinite(self.temperature),
-               f"temperature must be > 0 (got {self.temperature})", "pass e.g. --temperature 2.0")
-        _check(0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1] (got {self.alpha})",
-               "alpha is the weight of the hard-label loss; pass e.g. --alpha 0.5")
-        _check(0.0 <= self.eval_split <= 0.5, f"eval split must be in [0, 0.5] (got {self.eval_split})",
-               "pass e.g. --eval-split 0.05")
-        _check(self.student_init in STUDENT_INIT, f"student init must be one of {', '.join(STUDENT_INIT)}",
-               "pass --student-init teacher or random")
-        _check(self.mixed_precision in MIXED_PRECISION,
-               f"mixed precision must be one of {', '.join(MIXED_PRECISION)} (got {self.mixed_precision})",
-               "pass e.g. --mixed-precision bf16")
+        _check(
+            self.temperature > 0 and math.isfinite(self.temperature),
+            f"temperature must be > 0 (got {self.temperature})",
+            "pass e.g. --temperature 2.0",
+        )
+        _check(
+            0.0 <= self.alpha <= 1.0,
+            f"alpha must be in [0, 1] (got {self.alpha})",
+            "alpha is the weight of the hard-label loss; pass e.g. --alpha 0.5",
+        )
+        _check(
+            0.0 <= self.eval_split <= 0.5,
+            f"eval split must be in [0, 0.5] (got {self.eval_split})",
+            "pass e.g. --eval-split 0.05",
+        )
+        _check(
+            self.student_init in STUDENT_INIT,
+            f"student init must be one of {', '.join(STUDENT_INIT)}",
+            "pass --student-init teacher or random",
+        )
+        _check(
+            self.mixed_precision in MIXED_PRECISION,
+            f"mixed precision must be one of {', '.join(MIXED_PRECISION)} (got {self.mixed_precision})",
+            "pass e.g. --mixed-precision bf16",
+        )
         _check(self.log_to in LOG_TO, f"--log-to must be one of {', '.join(LOG_TO)}", "pass --log-to tensorboard")
-        for name, value, lo in (("steps", self.steps, 1), ("batch size", self.batch_size, 1),
-                                ("grad accum", self.grad_accum, 1), ("max length", self.max_length, 2),
-                                ("eval batches", self.eval_batches, 1)):
-            _check(isinstance(value, int) and value >= lo, f"{name} must be an integer >= {lo} (got {value})",
-                   f"pass a {name} of at least {lo}")
+        for name, value, lo in (
+            ("steps", self.steps, 1),
+            ("batch size", self.batch_size, 1),
+            ("grad accum", self.grad_accum, 1),
+            ("max length", self.max_length, 2),
+            ("eval batches", self.eval_batches, 1),
+        ):
+            _check(
+                isinstance(value, int) and value >= lo,
+                f"{name} must be an integer >= {lo} (got {value})",
+                f"pass a {name} of at least {lo}",
+            )
         for name, value in (("eval every", self.eval_every), ("save every", self.save_every)):
-            _check(isinstance(value, int) and value >= 0, f"{name} must be >= 0 (got {value})", "0 means only at the end")
-        _check(self.lr > 0 and math.isfinite(self.lr), f"learning rate must be > 0 (got {self.lr})", "pass e.g. --lr 1e-4")
+            _check(
+                isinstance(value, int) and value >= 0, f"{name} must be >= 0 (got {value})", "0 means only at the end"
+            )
+        _check(
+            self.lr > 0 and math.isfinite(self.lr), f"learning rate must be > 0 (got {self.lr})", "pass e.g. --lr 1e-4"
+        )
         _check(self.weight_decay >= 0, f"weight decay must be >= 0 (got {self.weight_decay})", "pass e.g. 0.01")
-        _check(0.0 <= self.warmup < 1.0 or (self.warmup >= 1 and float(self.warmup).is_integer()),
-               f"warmup must be a fraction in [0, 1) or a whole number of steps (got {self.warmup})", "pass e.g. --warmup 0.05")
+        _check(
+            0.0 <= self.warmup < 1.0 or (self.warmup >= 1 and float(self.warmup).is_integer()),
+            f"warmup must be a fraction in [0, 1) or a whole number of steps (got {self.warmup})",
+            "pass e.g. --warmup 0.05",
+        )
         _check(self.max_grad_norm >= 0, "max grad norm must be >= 0", "0 disables clipping")
         _check(0.0 <= self.jsd_beta <= 1.0, f"jsd beta must be in [0, 1] (got {self.jsd_beta})", "pass e.g. 0.5")
-        _check(0.0 <= self.skew_lambda < 1.0, f"skew lambda must be in [0, 1) (got {self.skew_lambda})", "pass e.g. 0.1")
-        _check(0.0 <= self.taid_t_start <= self.taid_t_end <= 1.0, "TAID needs 0 <= t_start <= t_end <= 1",
-               "pass e.g. --taid-t-start 0.4 --taid-t-end 1.0")
+        _check(
+            0.0 <= self.skew_lambda < 1.0, f"skew lambda must be in [0, 1) (got {self.skew_lambda})", "pass e.g. 0.1"
+        )
+        _check(
+            0.0 <= self.taid_t_start <= self.taid_t_end <= 1.0,
+            "TAID needs 0 <= t_start <= t_end <= 1",
+            "pass e.g. --taid-t-start 0.4 --taid-t-end 1.0",
+        )
         _check(self.max_samples is None or self.max_samples > 0, "max samples must be > 0", "omit it to use all data")
         for spec in self.losses:
             parse_loss_spec(spec)

@@ -166,20 +166,26 @@ def read_source(arg: str, stdin: TextIO | None = None) -> Source:
     if arg == "-":
         stream = stdin if stdin is not None else sys.stdin
         if stream is None or stream.isatty():
-            raise ModelError("'-' reads the previous stage's manifest from stdin, but nothing was piped in",
-                             hint="pipe a distillkit command into this one, or pass a model directory")
+            raise ModelError(
+                "'-' reads the previous stage's manifest from stdin, but nothing was piped in",
+                hint="pipe a distillkit command into this one, or pass a model directory",
+            )
         lines = [ln.strip() for ln in stream.read().splitlines() if ln.strip()]
         if not lines:
-            raise ModelError("'-' reads the previous stage's manifest from stdin, but stdin was empty",
-                             hint="check that the previous command succeeded")
+            raise ModelError(
+                "'-' reads the previous stage's manifest from stdin, but stdin was empty",
+                hint="check that the previous command succeeded",
+            )
         line = lines[-1]
         if not line.startswith("{"):
             return read_source(line)  # the previous stage ran with --quiet and printed its path
         try:
             manifest = Manifest.from_dict(json.loads(line))
         except json.JSONDecodeError:
-            raise ModelError("stdin does not hold a distillkit manifest line",
-                             hint="pipe the stdout of a distillkit command (not its logs)") from None
+            raise ModelError(
+                "stdin does not hold a distillkit manifest line",
+                hint="pipe the stdout of a distillkit command (not its logs)",
+            ) from None
         return Source(manifest.path, "artifact", manifest)
 
     p = Path(arg).expanduser()
@@ -187,8 +193,9 @@ def read_source(arg: str, stdin: TextIO | None = None) -> Source:
         if p.name.endswith(".json"):
             manifest = Manifest.read(p)
             return Source(str(p.parent.resolve()), "artifact", manifest)
-        raise ModelError(f"{arg} is a file, not a model directory",
-                         hint="pass the directory that holds config.json and the weights")
+        raise ModelError(
+            f"{arg} is a file, not a model directory", hint="pass the directory that holds config.json and the weights"
+        )
     if p.is_dir():
         if (p / MANIFEST_NAME).is_file():
             return Source(str(p.resolve()), "artifact", Manifest.read(p / MANIFEST_NAME))
@@ -318,7 +325,9 @@ def model_card(manifest: Manifest) -> str:
         lines.append("")
     lines += ["## Lineage", "", "| # | stage | inputs | created |", "|---|---|---|---|"]
     for i, step in enumerate(manifest.lineage()):
-        ins = ", ".join(f"{role}: `{rec.get('path', rec.get('hub_id', '?'))}`" for role, rec in step.get("inputs", {}).items())
+        ins = ", ".join(
+            f"{role}: `{rec.get('path', rec.get('hub_id', '?'))}`" for role, rec in step.get("inputs", {}).items()
+        )
         lines.append(f"| {i} | {step.get('stage')} | {ins} | {step.get('created', '')} |")
     lines += ["", "The full resolved configuration of every stage is in `distillkit.json`.", ""]
     return "\n".join(lines)

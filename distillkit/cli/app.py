@@ -36,7 +36,9 @@ def build_app() -> typer.Typer:
 
     @app.callback()
     def root(
-        version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+        version: Annotated[
+            bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+        ] = False,
     ) -> None:
         """distillkit: one CLI for distillation, and the artifacts that chain its stages."""
 
@@ -54,7 +56,20 @@ def _fail(message: str, hint: str | None, code: int = 1) -> int:
     return code
 
 
+def _quiet_libraries() -> None:
+    """stderr belongs to distillkit's own progress and tables: silence the libraries' bars and advice."""
+    for var, value in (
+        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+        ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"),
+        ("TRANSFORMERS_VERBOSITY", "error"),
+        ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"),
+        ("TOKENIZERS_PARALLELISM", "false"),
+    ):
+        os.environ.setdefault(var, value)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()
     debug = os.environ.get("DISTILLKIT_DEBUG", "") not in ("", "0")
     app = build_app()
     try:
@@ -76,10 +91,16 @@ def main(argv: list[str] | None = None) -> int:
         code = _fail("out of memory", "lower --batch-size or --max-length, or use --grad-accum")
     except Exception as e:  # noqa: BLE001 - the one place that turns unknown errors into exit codes
         if type(e).__name__ == "OutOfMemoryError":
-            code = _fail(f"out of GPU memory: {str(e).splitlines()[0]}", "lower --batch-size or --max-length, or use --grad-accum")
+            code = _fail(
+                f"out of GPU memory: {str(e).splitlines()[0]}",
+                "lower --batch-size or --max-length, or use --grad-accum",
+            )
         else:
             traceback.print_exc()
-            code = _fail(f"internal error: {type(e).__name__}: {e}", "this is a distillkit bug; please report it with the traceback above")
+            code = _fail(
+                f"internal error: {type(e).__name__}: {e}",
+                "this is a distillkit bug; please report it with the traceback above",
+            )
     sys.stdout.flush()
     if argv is None:
         sys.exit(code)

@@ -8,14 +8,28 @@ from typing import Annotated, Any
 
 import typer
 
-Out = Annotated[Path | None, typer.Option("--out", "-o", help="Output artifact directory (default: runs/<stage>-<time>).")]
-Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory (only once the new one is complete).")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only the artifact path on stdout, not the manifest JSON.")]
-Preset = Annotated[str | None, typer.Option("--preset", help="A named recipe from distillkit's presets/ (flags override it).")]
-ConfigFile = Annotated[Path | None, typer.Option("--config", help="A TOML or JSON config file (flags override it; it overrides --preset).")]
+Out = Annotated[
+    Path | None, typer.Option("--out", "-o", help="Output artifact directory (default: runs/<stage>-<time>).")
+]
+Overwrite = Annotated[
+    bool, typer.Option("--overwrite", help="Replace an existing output directory (only once the new one is complete).")
+]
+Quiet = Annotated[
+    bool, typer.Option("--quiet", "-q", help="Print only the artifact path on stdout, not the manifest JSON.")
+]
+Preset = Annotated[
+    str | None, typer.Option("--preset", help="A named recipe from distillkit's presets/ (flags override it).")
+]
+ConfigFile = Annotated[
+    Path | None, typer.Option("--config", help="A TOML or JSON config file (flags override it; it overrides --preset).")
+]
 Device = Annotated[str | None, typer.Option("--device", help="auto (CUDA when present), cpu, cuda, cuda:N.")]
-AllowPickle = Annotated[bool | None, typer.Option("--allow-pickle", help="Allow loading pickle (*.bin) weights, which can run code.")]
-TrustRemoteCode = Annotated[bool | None, typer.Option("--trust-remote-code", help="Allow custom model code from the model directory or hub.")]
+AllowPickle = Annotated[
+    bool | None, typer.Option("--allow-pickle", help="Allow loading pickle (*.bin) weights, which can run code.")
+]
+TrustRemoteCode = Annotated[
+    bool | None, typer.Option("--trust-remote-code", help="Allow custom model code from the model directory or hub.")
+]
 
 
 def stderr_console() -> Any:

@@ -1,0 +1,767 @@
+"""The distillation training loop, on accelerate.
+
+One process or many (``accelerate launch`` / ``torchrun``: DDP, FSDP through an accelerate
+config) run the same code. The teacher stays in eval mode under ``no_grad`` and is never wrapped;
+the student and the losses' trainable modules (projections) are one module, so DDP sees every
+parameter the loss touches.
+
+Batches are cut by this module, not by a sampler: for epoch ``e`` the example order is a fixed
+permutation of ``seed + e``; micro-batch ``j`` takes the ``j``-th slice of ``batch_size *
+world_size`` indices and process ``r`` its ``r``-th part. The data position is therefore just
+``(epoch, micro_batch)``, which makes ``--resume`` exact.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from distillkit.config import DistillConfig
+from distillkit.errors import ConfigError, ModelError, OutputError, TrainingError
+from distillkit.manifest import (
+    Manifest,
+    atomic_artifact,
+    check_output,
+    describe_input,
+    finalize_artifact,
+    history_of,
+    read_source,
+    work_dir,
+)
+
+CHECKPOINT = "checkpoint"
+STATE_FILE = "trainer_state.json"
+METRICS_FILE = "metrics.jsonl"
+_ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+
+
+# --------------------------------------------------------------------------------------------
+# Student + losses as one module
+
+
+class DistillModule(nn.Module):
+    """The trainable side: the student and the losses' extra modules.
+
+    ``forward(batch, teacher_features, progress)`` returns the total loss and its parts, so that
+    DDP/FSDP see every parameter that receives a gradient.
+    """
+
+    def __init__(self, student: nn.Module, losses: list[tuple[str, float, Any]], task: str, pooling: str, alpha: float):
+        super().__init__()
+        self.student = student
+        self.extras = nn.ModuleDict()
+        self._losses = losses
+        for i, (name, _, loss) in enumerate(losses):
+            for key, module in loss.modules().items():
+                self.extras[f"{i}_{name}_{key}"] = module
+        self.task = task
+        self.pooling = pooling
+        self.alpha = alpha
+        self.needs = set().union(*(loss.needs for _, _, loss in losses))
+        self.student_blocks = sorted({b for _, _, loss in losses for b in loss.layers()[0]})
+
+    def forward(self, batch: dict[str, Any], teacher_features: Any, progress: float) -> tuple[torch.Tensor, dict]:
+        feats, hard = student_features(
+            self.student, batch, self.task, self.needs, self.student_blocks, self.pooling, with_labels=self.alpha > 0
+        )
+        mask = loss_mask(batch, self.task)
+        parts: dict[str, torch.Tensor] = {}
+        kd = torch.zeros((), device=next(self.student.parameters()).device)
+        for name, weight, loss in self._losses:
+            value = loss(feats, teacher_features, mask, progress=progress)
+            parts[name] = value.detach()
+            kd = kd + weight * value
+        total = kd
+        if self.alpha > 0:
+            parts["hard"] = hard.detach()
+            total = self.alpha * hard + (1 - self.alpha) * kd
+        return total, parts
+
+
+def loss_mask(batch: dict[str, Any], task: str) -> Any:
+    """Positions that count for token-level losses ([B, T]); None for one prediction per example."""
+    if task in ("sequence-classification", "image-classification"):
+        return None
+    return batch.get("attention_mask")
+
+
+def student_features(
+    model: nn.Module,
+    batch: dict[str, Any],
+    task: str,
+    needs: set[str],
+    blocks: list[int],
+    pooling: str,
+    with_labels: bool = False,
+) -> tuple[Any, Any]:
+    """Run ``model`` on ``batch`` and collect what the losses need (plus the hard-label loss)."""
+    from distillkit.distill.losses import Features
+    from distillkit.models.capture import capture_qkv, pool
+    from distillkit.models.forward import model_inputs
+
+    inputs = model_inputs(model, batch)
+    if with_labels and "labels" in batch:
+        inputs["labels"] = batch["labels"]
+    want_hidden = bool(needs & {"hidden_states"}) or task == "feature-extraction"
+    if "qkv" in needs:
+        with capture_qkv(model, blocks) as qkv:
+            out = model(**inputs, output_hidden_states=want_hidden)
+        qkv = dict(qkv)
+    else:
+        out = model(**inputs, output_hidden_states=want_hidden)
+        qkv = None
+    feats = Features(
+        logits=getattr(out, "logits", None),
+        hidden_states=getattr(out, "hidden_states", None) if want_hidden else None,
+        qkv=qkv,
+    )
+    if "embedding" in needs:
+        hidden = out.last_hidden_state if getattr(out, "last_hidden_state", None) is not None else out.hidden_states[-1]
+        feats.embedding = pool(hidden, batch.get("attention_mask"), pooling)
+    hard = getattr(out, "loss", None) if with_labels else None
+    return feats, hard
+
+
+# --------------------------------------------------------------------------------------------
+# Batching
+
+
+class EpochBatches:
+    """Deterministic micro-batches for one process; the position is ``(epoch, index)``."""
+
+    def __init__(self, dataset: Any, collate_fn: Any, batch_size: int, seed: int, rank: int, world: int):
+        self.dataset, self.collate_fn = dataset, collate_fn
+        self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
+        self.global_batch = batch_size * world
+        self.per_epoch = len(dataset) // self.global_batch
+        if self.per_epoch < 1:
+            from distillkit.errors import DataError
+
+            raise DataError(
+                f"the training split has {len(dataset)} examples, fewer than one global batch of {self.global_batch}",
+                hint="lower --batch-size or give more --data",
+            )
+        self.epoch, self.index = 0, 0
+        self._order: list[int] | None = None
+
+    def _epoch_order(self) -> list[int]:
+        if self._order is None:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            self._order = torch.randperm(len(self.dataset), generator=g).tolist()
+        return self._order
+
+    def next(self) -> dict[str, Any]:
+        if self.index >= self.per_epoch:
+            self.epoch, self.index, self._order = self.epoch + 1, 0, None
+        order = self._epoch_order()
+        start = self.index * self.global_batch + self.rank * self.batch_size
+        items = [self.dataset[i] for i in order[start : start + self.batch_size]]
+        self.index += 1
+        return self.collate_fn(items)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.index, self._order = int(state["epoch"]), int(state["index"]), None
+
+
+@dataclass
+class TrainerState:
+    """Everything beyond model/optimizer/RNG that a checkpoint must restore."""
+
+    step: int = 0
+    tokens: int = 0
+    elapsed: float = 0.0
+    last_loss: float = float("nan")
+    data: dict[str, int] = field(default_factory=lambda: {"epoch": 0, "index": 0})
+    scheduler: dict[str, Any] = field(default_factory=dict)
+    losses: dict[str, Any] = field(default_factory=dict)
+    best: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# Setup
+
+
+def _mixed_precision(cfg: DistillConfig, device_type: str) -> str:
+    if cfg.mixed_precision != "auto":
+        if cfg.mixed_precision != "no" and device_type != "cuda":
+            raise ConfigError(
+                f"--mixed-precision {cfg.mixed_precision} needs a CUDA device",
+                hint="use --mixed-precision no (or auto) on CPU",
+            )
+        return cfg.mixed_precision
+    if device_type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"
+
+
+def _build_accelerator(cfg: DistillConfig, project_dir: Path) -> Any:
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+
+    from distillkit.models.load import resolve_device
+
+    device = resolve_device(cfg.device)
+    mp = _mixed_precision(cfg, device.type)
+    return Accelerator(
+        mixed_precision=mp,
+        cpu=device.type == "cpu",
+        log_with="tensorboard" if cfg.log_to == "tensorboard" else None,
+        project_config=ProjectConfiguration(project_dir=str(project_dir), logging_dir=str(project_dir / "tensorboard")),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        step_scheduler_with_optimizer=False,
+    )
+
+
+def _teacher_dtype(cfg: DistillConfig, mixed_precision: str) -> str:
+    if cfg.teacher_dtype:
+        return cfg.teacher_dtype
+    return {"bf16": "bfloat16", "fp16": "float16"}.get(mixed_precision, "float32")
+
+
+def load_student(cfg: DistillConfig, teacher: Any, device: Any) -> tuple[Any, dict[str, Any], Any]:
+    """The student model, its description for the manifest, and its Source (None for a spec)."""
+    from distillkit.models import load_model
+    from distillkit.models.arch import check_vocab
+    from distillkit.models.spec import is_spec, parse_student_spec
+    from distillkit.models.student import build_student
+
+    if is_spec(cfg.student):
+        spec = parse_student_spec(cfg.student, teacher.config)
+        model = build_student(teacher.model, spec, init=cfg.student_init, seed=cfg.seed).to(device).float()
+        return model, {"spec": spec, "init": cfg.student_init}, None
+    src = read_source(cfg.student)
+    loaded = load_model(
+        src,
+        task=teacher.task,
+        dtype="float32",
+        device=str(device),
+        allow_pickle=cfg.allow_pickle,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    check_vocab(teacher.config, loaded.config)
+    return loaded.model, describe_input(src.path, src.manifest), src
+
+
+def build_losses(
+    cfg: DistillConfig, task: str, student_config: Any, teacher_config: Any
+) -> list[tuple[str, float, Any]]:
+    from distillkit.distill.losses import LossContext
+    from distillkit.registry import LOSSES
+
+    ctx = LossContext(
+        temperature=cfg.temperature,
+        student_config=student_config,
+        teacher_config=teacher_config,
+        layer_map=cfg.layer_map,
+        jsd_beta=cfg.jsd_beta,
+        skew_lambda=cfg.skew_lambda,
+        taid_t_start=cfg.taid_t_start,
+        taid_t_end=cfg.taid_t_end,
+    )
+    out = []
+    for name, weight in cfg.loss_specs(task):
+        entry = LOSSES.get(name)
+        kind = entry.meta.get("kind")
+        if task == "feature-extraction" and kind == "logits":
+            raise ConfigError(
+                f"loss {name} needs logits, but a {task} model has none",
+                hint="use embedding_cosine, hidden_mse, hidden_cosine, minilm_attention or minilm_value",
+            )
+        if kind == "embedding" and task != "feature-extraction":
+            raise ConfigError(
+                f"loss {name} compares pooled embeddings and is for feature-extraction models",
+                hint="use a logit loss such as forward_kl",
+            )
+        out.append((name, weight, entry.obj(ctx)))
+    return out
+
+
+def _count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _save_checkpoint(
+    accelerator: Any, wd: Path, state: TrainerState, batches: EpochBatches, scheduler: Any, losses: list
+) -> None:
+    state.data = batches.state_dict()
+    state.scheduler = scheduler.state_dict()
+    state.losses = {f"{i}_{n}": loss.state_dict() for i, (n, _, loss) in enumerate(losses)}
+    tmp = wd / f"{CHECKPOINT}.tmp"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps(state.__dict__, default=float))
+        final = wd / CHECKPOINT
+        old = wd / f"{CHECKPOINT}.old"
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        if old.exists():
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def _load_checkpoint(accelerator: Any, wd: Path) -> TrainerState:
+    ckpt = wd / CHECKPOINT
+    accelerator.load_state(str(ckpt))
+    data = json.loads((ckpt / STATE_FILE).read_text())
+    return TrainerState(**data)
+
+
+def checkpoint_step(out: str | os.PathLike) -> int | None:
+    """The step of the checkpoint an interrupted run left for ``out`` (None when there is none)."""
+    f = work_dir(out) / CHECKPOINT / STATE_FILE
+    return json.loads(f.read_text())["step"] if f.is_file() else None
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+
+
+def run_distill(cfg: DistillConfig, *, out: str, overwrite: bool = False, resume: bool = False) -> dict | None:
+    """Distil ``cfg.teacher`` into ``cfg.student``; write the artifact ``out``; return its manifest.
+
+    Returns None on processes other than the main one in multi-process runs.
+    """
+    t_start = time.perf_counter()
+    out_path = check_output(out, overwrite)
+    wd = work_dir(out_path)
+    has_ckpt = (wd / CHECKPOINT / STATE_FILE).is_file()
+    if resume and not has_ckpt:
+        raise ConfigError(
+            f"--resume was given but there is no checkpoint for {out_path} (looked in {wd})",
+            hint="run without --resume to start, and pass --save-every N to checkpoint",
+        )
+    if not resume and wd.exists() and has_ckpt:
+        raise OutputError(
+            f"an interrupted run left a checkpoint (step {checkpoint_step(out_path)}) in {wd}",
+            hint="pass --resume to continue it, or delete that directory to start over",
+        )
+
+    accelerator = _build_accelerator(cfg, wd)
+    if accelerator.is_main_process:
+        wd.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    try:
+        return _run(cfg, accelerator, out_path, wd, overwrite, resume, t_start)
+    except BaseException:
+        # a failed run keeps its work directory only if there is a checkpoint to resume from
+        if accelerator.is_main_process and not (wd / CHECKPOINT / STATE_FILE).is_file():
+            shutil.rmtree(wd, ignore_errors=True)
+        raise
+
+
+def _run(
+    cfg: DistillConfig, accelerator: Any, out_path: Path, wd: Path, overwrite: bool, resume: bool, t_start: float
+) -> dict | None:
+    from accelerate.utils import set_seed
+
+    from distillkit.data import DataSpec, prepare_data
+    from distillkit.models import load_model
+
+    console = _console(accelerator)
+    device = accelerator.device
+    set_seed(cfg.seed)
+
+    # models
+    t0 = time.perf_counter()
+    teacher_src = read_source(cfg.teacher)
+    teacher = load_model(
+        teacher_src,
+        task=cfg.task,
+        dtype=_teacher_dtype(cfg, accelerator.mixed_precision),
+        device=str(device),
+        allow_pickle=cfg.allow_pickle,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    teacher.model.eval().requires_grad_(False)
+    task = teacher.task
+    student, student_desc, student_src = load_student(cfg, teacher, device)
+    if cfg.student_init == "random" and student_src is not None:
+        raise ConfigError(
+            "--student-init random applies to a student spec, not to an existing model",
+            hint="pass --student layers=N,... or drop --student-init",
+        )
+    student.train()
+    load_time = time.perf_counter() - t0
+
+    # data: the teacher's tokenizer, since the vocabularies are shared
+    processor = teacher.processor
+    if processor is None:
+        raise ModelError(
+            f"the teacher {teacher.path} has no tokenizer or image processor saved with it",
+            hint="save one with the model (tokenizer.save_pretrained(dir))",
+        )
+    data = prepare_data(
+        DataSpec(
+            data=cfg.data,
+            text_column=cfg.text_column,
+            label_column=cfg.label_column,
+            eval_split=cfg.eval_split,
+            max_length=cfg.max_length,
+            max_samples=cfg.max_samples,
+            seed=cfg.seed,
+        ),
+        processor,
+        task,
+    )
+    if (
+        cfg.alpha > 0
+        and task in ("sequence-classification", "image-classification", "masked-lm")
+        and not _has_labels(data.train)
+    ):
+        raise ConfigError(
+            f"--alpha {cfg.alpha} mixes in a hard-label loss, but the data has no labels",
+            hint="pass --label-column, or --alpha 0 for pure distillation",
+        )
+    if cfg.alpha > 0 and task == "feature-extraction":
+        raise ConfigError(
+            "--alpha needs labels, and a feature-extraction model has no label head", hint="use --alpha 0"
+        )
+
+    losses = build_losses(cfg, task, student.config, teacher.config)
+    module = DistillModule(student, losses, task, teacher.pooling, cfg.alpha).to(device)
+    teacher_blocks = sorted({b for _, _, loss in losses for b in loss.layers()[1]})
+
+    decay, no_decay = [], []
+    for n, p in module.named_parameters():
+        (no_decay if p.ndim < 2 or "norm" in n.lower() or n.endswith(".bias") else decay).append(p)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
+    )
+    from transformers import get_cosine_schedule_with_warmup
+
+    scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps(), cfg.steps)
+    module, optimizer = accelerator.prepare(module, optimizer)
+    batches = EpochBatches(
+        data.train, data.collate_fn, cfg.batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes
+    )
+
+    state = TrainerState()
+    if resume:
+        state = _load_checkpoint(accelerator, wd)
+        batches.load_state_dict(state.data)
+        scheduler.load_state_dict(state.scheduler)
+        for i, (n, _, loss) in enumerate(losses):
+            loss.load_state_dict(state.losses.get(f"{i}_{n}", {}))
+        _trim_log(wd / METRICS_FILE, state.step)
+        console.print(f"[bold]resuming[/] from step {state.step} of {cfg.steps}")
+    if cfg.log_to == "tensorboard":
+        accelerator.init_trackers("distill", config={k: str(v) for k, v in cfg.to_dict().items()})
+
+    metrics_log = wd / METRICS_FILE
+    eval_loader = _eval_batches(data, cfg)
+
+    def evaluate(step: int) -> dict[str, float]:
+        from distillkit.evaluate import evaluate_quality
+
+        m = evaluate_quality(
+            accelerator.unwrap_model(module).student,
+            eval_loader(),
+            task,
+            teacher=teacher.model,
+            pooling=teacher.pooling,
+            device=device,
+            max_batches=cfg.eval_batches,
+        )
+        _log(accelerator, metrics_log, {"step": step, "eval": m}, cfg)
+        return m
+
+    n_params_t, n_params_s = _count_params(teacher.model), _count_params(accelerator.unwrap_model(module).student)
+    console.print(
+        f"[bold]distill[/] {task}: teacher {teacher.config.model_type} {n_params_t / 1e6:.2f}M params -> "
+        f"student {n_params_s / 1e6:.2f}M ({n_params_s / n_params_t:.1%}); losses "
+        + ", ".join(f"{n}:{w:g}" for n, w, _ in losses)
+        + f"; {len(data.train)} train / {len(data.eval)} eval examples; {accelerator.num_processes} process(es) on {device}"
+    )
+    initial_eval = evaluate(state.step) if state.step == 0 else state.best.get("initial_eval", {})
+    state.best["initial_eval"] = initial_eval
+
+    train_t0 = time.perf_counter() - state.elapsed
+    with _progress(accelerator, cfg.steps, state.step) as bar:
+        while state.step < cfg.steps:
+            progress = state.step / cfg.steps
+            step_start = batches.state_dict()  # a failed step is redone from here on --resume
+            optimizer.zero_grad(set_to_none=True)
+            step_loss, parts_sum, step_tokens = 0.0, {}, 0
+            for micro in range(cfg.grad_accum):
+                batch = _to(batches.next(), device)
+                with torch.no_grad(), accelerator.autocast():
+                    t_feats, _ = student_features(
+                        teacher.model, batch, task, module_needs(module, accelerator), teacher_blocks, teacher.pooling
+                    )
+                sync = micro == cfg.grad_accum - 1
+                ctx = accelerator.no_sync(module) if not sync and accelerator.num_processes > 1 else _null()
+                with ctx, accelerator.autocast():
+                    loss, parts = module(batch, t_feats, progress)
+                if not _finite(accelerator, loss):
+                    _stop_non_finite(
+                        accelerator, wd, state, batches, step_start, scheduler, losses, "loss", loss.item()
+                    )
+                accelerator.backward(loss / cfg.grad_accum)
+                step_loss += loss.item() / cfg.grad_accum
+                for k, v in parts.items():
+                    parts_sum[k] = parts_sum.get(k, 0.0) + v.item() / cfg.grad_accum
+                step_tokens += _tokens(batch) * accelerator.num_processes
+            if cfg.max_grad_norm > 0:
+                norm = accelerator.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
+                # with fp16 the grad scaler skips overflowing steps itself
+                if norm is not None and accelerator.scaler is None and not math.isfinite(float(norm)):
+                    _stop_non_finite(
+                        accelerator, wd, state, batches, step_start, scheduler, losses, "gradient norm", float(norm)
+                    )
+            optimizer.step()
+            scheduler.step()
+            state.step += 1
+            state.tokens += step_tokens
+            state.last_loss = step_loss
+            state.elapsed = time.perf_counter() - train_t0
+            tps = state.tokens / max(state.elapsed, 1e-9)
+            bar(state.step, step_loss, tps)
+            _log(
+                accelerator,
+                metrics_log,
+                {
+                    "step": state.step,
+                    "loss": step_loss,
+                    "lr": scheduler.get_last_lr()[0],
+                    **{f"loss/{k}": v for k, v in parts_sum.items()},
+                    "tokens": state.tokens,
+                },
+                cfg,
+            )
+            if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.steps:
+                evaluate(state.step)
+            if cfg.save_every and state.step % cfg.save_every == 0 and state.step < cfg.steps:
+                _save_checkpoint(accelerator, wd, state, batches, scheduler, losses)
+    train_time = state.elapsed
+
+    final_eval = evaluate(state.step)
+    accelerator.wait_for_everyone()
+    if cfg.log_to == "tensorboard":
+        accelerator.end_training()
+    if not accelerator.is_main_process:
+        accelerator.wait_for_everyone()
+        return None
+
+    student_model = accelerator.unwrap_model(module).student
+    metrics = {
+        **{f"student_{k}" if not k.startswith("teacher_") else k: v for k, v in final_eval.items()},
+        **{f"initial_student_{k}": v for k, v in initial_eval.items() if not k.startswith("teacher_")},
+        "final_train_loss": state.last_loss,
+        "steps": state.step,
+        "train_tokens": state.tokens,
+        "teacher_params": n_params_t,
+        "student_params": n_params_s,
+        "param_ratio": n_params_s / n_params_t,
+    }
+    manifest = Manifest(
+        stage="distill",
+        path=str(out_path),
+        task=task,
+        model_type=student_model.config.model_type,
+        inputs={"teacher": describe_input(teacher.path, teacher_src.manifest), "student": student_desc},
+        config={
+            **cfg.to_dict(),
+            "resolved_losses": [[n, w] for n, w, _ in losses],
+            "world_size": accelerator.num_processes,
+            "mixed_precision": accelerator.mixed_precision,
+        },
+        metrics=metrics,
+        timings={"load_s": load_time, "train_s": train_time, "tokens_per_s": state.tokens / max(train_time, 1e-9)},
+        history=history_of(student_src),
+        extra={"data": data.info, "pooling": teacher.pooling},
+    )
+    with atomic_artifact(out_path, overwrite) as tmp:
+        _save_student(student_model, teacher, tmp)
+        processor.save_pretrained(tmp)
+        if metrics_log.exists():
+            shutil.copy(metrics_log, tmp / METRICS_FILE)
+        if (wd / "tensorboard").exists():
+            shutil.copytree(wd / "tensorboard", tmp / "logs")
+        manifest.timings["total_s"] = time.perf_counter() - t_start
+        finalize_artifact(tmp, manifest, out_path)
+    shutil.rmtree(wd, ignore_errors=True)
+    _summary(console, manifest)
+    accelerator.wait_for_everyone()
+    return manifest.to_dict()
+
+
+def _stop_non_finite(
+    accelerator: Any,
+    wd: Path,
+    state: TrainerState,
+    batches: EpochBatches,
+    step_start: dict[str, int],
+    scheduler: Any,
+    losses: list,
+    what: str,
+    value: float,
+) -> None:
+    """Keep the last good state as a checkpoint and stop with an error that says where it is."""
+    batches.load_state_dict(step_start)
+    _save_checkpoint(accelerator, wd, state, batches, scheduler, losses)
+    raise TrainingError(
+        f"the {what} became {value} at step {state.step + 1}; training stopped and the last good state "
+        f"(step {state.step}) is kept in {wd}",
+        hint="rerun the same command with --resume to continue from it, or delete that directory and start "
+        "again with a lower --lr",
+    )
+
+
+def module_needs(module: Any, accelerator: Any) -> set[str]:
+    return accelerator.unwrap_model(module).needs
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Drop records written after the checkpoint, which the resumed run will write again."""
+    if path.is_file():
+        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def _has_labels(dataset: Any) -> bool:
+    return len(dataset) > 0 and "labels" in dataset[0]
+
+
+def _save_student(model: nn.Module, teacher: Any, directory: Path) -> None:
+    """save_pretrained in the teacher checkpoint's dtype, plus sentence-transformers files if it had them."""
+    dtype = getattr(teacher.config, "dtype", None) or getattr(teacher.config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if dtype in (torch.bfloat16, torch.float16):
+        model = model.to(dtype)
+    model.save_pretrained(directory, safe_serialization=True)
+    src = Path(teacher.path)
+    if src.is_dir() and (src / "modules.json").is_file():
+        for name in _ST_FILES:
+            if (src / name).is_file():
+                shutil.copy(src / name, directory / name)
+        for sub in src.iterdir():
+            if sub.is_dir() and sub.name.startswith("1_Pooling"):
+                shutil.copytree(sub, directory / sub.name)
+
+
+def _eval_batches(data: Any, cfg: DistillConfig) -> Any:
+    def it():
+        for i in range(0, len(data.eval), cfg.batch_size):
+            yield data.collate_fn([data.eval[j] for j in range(i, min(i + cfg.batch_size, len(data.eval)))])
+
+    return it
+
+
+def _to(batch: dict[str, Any], device: Any) -> dict[str, Any]:
+    return {k: (v.to(device, non_blocking=True) if hasattr(v, "to") else v) for k, v in batch.items()}
+
+
+def _tokens(batch: dict[str, Any]) -> int:
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    if "input_ids" in batch:
+        return batch["input_ids"].numel()
+    return len(next(iter(batch.values())))
+
+
+def _finite(accelerator: Any, loss: torch.Tensor) -> bool:
+    ok = torch.isfinite(loss.detach()).float().reshape(1)
+    if accelerator.num_processes > 1:
+        ok = accelerator.reduce(ok, reduction="min")
+    return bool(ok.item() > 0)
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> bool:
+        return False
+
+
+def _log(accelerator: Any, path: Path, record: dict[str, Any], cfg: DistillConfig) -> None:
+    if not accelerator.is_main_process:
+        return
+    with open(path, "a") as f:
+        f.write(json.dumps(record, default=float) + "\n")
+    if cfg.log_to == "tensorboard":
+        flat = {k: v for k, v in record.items() if isinstance(v, int | float) and k != "step"}
+        flat.update({f"eval/{k}": v for k, v in record.get("eval", {}).items()})
+        accelerator.log(flat, step=record["step"])
+
+
+def _console(accelerator: Any) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True, quiet=not accelerator.is_main_process)
+
+
+class _progress:
+    """A rich progress bar on stderr: step, loss, tokens/s, ETA (main process only)."""
+
+    def __init__(self, accelerator: Any, total: int, start: int):
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        from distillkit.cli.options import stderr_console
+
+        self.enabled = accelerator.is_main_process
+        self.progress = Progress(
+            TextColumn("[bold]distill"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[tps]} tok/s"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=stderr_console(),
+            disable=not self.enabled,
+            transient=False,
+        )
+        self.task = self.progress.add_task("distill", total=total, completed=start, loss="-", tps="-")
+
+    def __enter__(self) -> Any:
+        self.progress.__enter__()
+
+        def update(step: int, loss: float, tps: float) -> None:
+            self.progress.update(self.task, completed=step, loss=f"{loss:.4f}", tps=f"{tps:,.0f}")
+
+        return update
+
+    def __exit__(self, *exc: Any) -> bool:
+        self.progress.__exit__(*exc)
+        return False
+
+
+def _summary(console: Any, manifest: Manifest) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"distilled -> {manifest.path}", show_header=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in sorted(manifest.metrics.items()):
+        table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
+    console.print(table)
