@@ -473,15 +473,18 @@ def _run(
     def evaluate(step: int) -> dict[str, float]:
         from distillkit.evaluate import evaluate_quality
 
-        m = evaluate_quality(
-            accelerator.unwrap_model(module).student,
-            eval_loader(),
-            task,
-            teacher=teacher.model,
-            pooling=teacher.pooling,
-            device=device,
-            max_batches=cfg.eval_batches,
-        )
+        # a fixed seed makes eval batches (masked-LM masking) identical every time and leaves training RNG untouched
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(cfg.seed)
+            m = evaluate_quality(
+                accelerator.unwrap_model(module).student,
+                eval_loader(),
+                task,
+                teacher=teacher.model,
+                pooling=teacher.pooling,
+                device=device,
+                max_batches=cfg.eval_batches,
+            )
         _log(accelerator, metrics_log, {"step": step, "eval": m}, cfg)
         return m
 
