@@ -11,7 +11,6 @@ import sys
 import traceback
 from typing import Annotated
 
-import click
 import typer
 
 from distillkit import __version__
@@ -42,11 +41,36 @@ def build_app() -> typer.Typer:
     ) -> None:
         """distillkit: one CLI for distillation, and the artifacts that chain its stages."""
 
-    from distillkit.cli import distill
+    from distillkit.cli import bench, distill, export
 
-    for module in (distill,):
+    for module in (distill, export, bench):
         module.register(app)
     return app
+
+
+def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
+    """(Exit, ClickException, Abort) classes: Typer >= 0.25 vendors its own click, older Typer uses click."""
+    exits: list[type] = [typer.Exit]
+    usage: list[type] = []
+    aborts: list[type] = [typer.Abort]
+    mods = []
+    try:
+        from typer._click import exceptions as vendored
+
+        mods.append(vendored)
+    except ImportError:
+        pass
+    try:
+        import click.exceptions as upstream
+
+        mods.append(upstream)
+    except ImportError:
+        pass
+    for m in mods:
+        exits.extend(c for c in (getattr(m, "Exit", None),) if c is not None)
+        usage.append(m.ClickException)
+        aborts.extend(c for c in (getattr(m, "Abort", None),) if c is not None)
+    return tuple(exits), tuple(usage), tuple(aborts)
 
 
 def _fail(message: str, hint: str | None, code: int = 1) -> int:
@@ -71,6 +95,7 @@ def _quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     debug = os.environ.get("DISTILLKIT_DEBUG", "") not in ("", "0")
+    exit_types, usage_types, abort_types = _click_exceptions()
     app = build_app()
     try:
         rv = app(args=argv, prog_name="distillkit", standalone_mode=False)
@@ -79,12 +104,12 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         code = _fail(e.message, e.hint, e.exit_code)
-    except click.exceptions.Exit as e:
+    except exit_types as e:
         code = e.exit_code
-    except click.ClickException as e:
+    except usage_types as e:
         e.show()
         code = e.exit_code
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, *abort_types):
         sys.stderr.write("interrupted\n")
         code = 130
     except MemoryError:

@@ -152,13 +152,14 @@ def test_check_vocab_names_both_sizes():
     arch.check_vocab(vit_cfg(), vit_cfg())  # no vocabulary on either side
 
 
-def test_fractional_values_are_fractions_of_the_teacher(llama_cfg):
+def test_fractional_values_are_fractions_of_the_teacher():
     from distillkit.models.spec import parse_student_spec
 
-    spec = parse_student_spec("layers=0.5,hidden=0.5,heads=0.5,kv_heads=0.5,intermediate=0.25", llama_cfg)
-    assert spec["layers"] == llama_cfg.num_hidden_layers // 2
-    assert spec["hidden"] == llama_cfg.hidden_size // 2
-    assert spec["heads"] == llama_cfg.num_attention_heads // 2
-    assert spec["kv_heads"] == max(1, llama_cfg.num_key_value_heads // 2)
-    assert spec["intermediate"] == llama_cfg.intermediate_size // 4
-    assert spec["hidden"] // spec["heads"] == llama_cfg.hidden_size // llama_cfg.num_attention_heads
+    cfg = llama_cfg()
+    spec = parse_student_spec("layers=0.5,hidden=0.5,heads=0.5,kv_heads=0.5,intermediate=0.25", cfg)
+    assert spec["layers"] == cfg.num_hidden_layers // 2
+    assert spec["hidden"] == cfg.hidden_size // 2
+    assert spec["heads"] == cfg.num_attention_heads // 2
+    assert spec["kv_heads"] == max(1, cfg.num_key_value_heads // 2)
+    assert spec["intermediate"] == cfg.intermediate_size // 4
+    assert spec["hidden"] // spec["heads"] == cfg.hidden_size // cfg.num_attention_heads

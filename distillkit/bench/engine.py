@@ -1,0 +1,527 @@
+"""``run_bench``: measure models side by side in one process, after warm-up, over repeats.
+
+Per model: parameters, weight bytes on disk, load time, prefill latency p50/p90 at ``[batch, seq]``
+(random token ids within the vocabulary, or random ``pixel_values``), per-token decode latency for
+causal LMs (greedy ``generate`` with the KV cache), throughput, peak memory, and quality on
+``--data`` through :func:`distillkit.evaluate.evaluate_quality`. Model directories run in PyTorch;
+``distillkit export`` artifacts in onnxruntime (``--format onnx``) or as ``torch.export`` programs
+(``--format torch-export``), which have no KV cache and so no decode numbers.
+
+Peak memory is the growth above the pre-load baseline over loading plus one prefill (and one
+``generate`` for causal LMs): on CUDA from ``torch.cuda.max_memory_allocated`` (tensors only); on
+CPU from the process's resident set size sampled every 2 ms (everything the process touched,
+including allocator slack; memory freed by an earlier model and reused can make it an
+underestimate, which is why each model's memory is measured after the previous one is freed and
+the heap trimmed). The timed runs happen after that window, without the sampler running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from distillkit import __version__
+from distillkit import manifest as mf
+from distillkit.bench.config import BenchConfig
+from distillkit.errors import ConfigError, DistillkitError
+
+QUALITY_BATCH = 8  # quality is evaluated in batches of 8 whatever --batch is (in-batch metrics need > 2 rows)
+SAMPLE_EVERY_S = 0.002
+MEMORY_METHODS = {
+    "cuda": "cuda_max_allocated: torch.cuda.max_memory_allocated above the pre-load baseline (tensors only)",
+    "cpu": "rss_sampled: peak resident set size above the pre-load baseline, sampled every 2 ms",
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurement helpers
+
+
+def _sync(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def _trim_heap() -> None:
+    """Give freed heap back to the OS so the next model's RSS baseline is honest (glibc only)."""
+    gc.collect()
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+class PeakMemory:
+    """Peak memory growth in bytes inside a ``with`` block (see the module docstring for the method)."""
+
+    def __init__(self, device: Any):
+        self.device = device
+        self.peak = 0
+        self.method = MEMORY_METHODS["cuda" if device.type == "cuda" else "cpu"]
+        self._base = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> PeakMemory:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            base = _rss_bytes()
+            if base is None:  # no /proc (macOS): fall back to the high-water mark, a lower bound
+                import resource
+
+                self.method = "ru_maxrss: growth of the process's peak RSS (a lower bound)"
+                scale = 1 if sys.platform == "darwin" else 1024
+                self._read = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+                base = self._read()
+            else:
+                self._read = _rss_bytes
+            self._base = self._high = base
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._high = max(self._high, self._read() or 0)
+            self._stop.wait(SAMPLE_EVERY_S)
+
+    def __exit__(self, *exc: Any) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = max(0, torch.cuda.max_memory_allocated(self.device) - self._base)
+        else:
+            self._stop.set()
+            if self._thread is not None:
+                self._thread.join()
+            self._high = max(self._high, self._read() or 0)
+            self.peak = max(0, self._high - self._base)
+
+
+def percentile(values: list[float], q: float) -> float:
+    import numpy as np
+
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
+
+
+def _timed(fn: Any, device: Any, warmup: int, repeats: int) -> list[float]:
+    """Wall-clock milliseconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1000.0)
+    return times
+
+
+def weight_file_bytes(path: str) -> int | None:
+    """Bytes of the weight files of a local model directory (recursively), None for a hub id."""
+    p = Path(path)
+    if not p.is_dir():
+        return None
+    return sum(f.stat().st_size for f in p.rglob("*")
+               if f.is_file() and f.suffix in mf.WEIGHT_SUFFIXES and not any(part.startswith(".") for part in f.relative_to(p).parts))
+
+
+def _model_name(src: mf.Source) -> str:
+    return Path(src.path).name if src.is_local else src.path
+
+
+def _unique(names: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if seen[n] == 1 else f"{n}#{seen[n]}")
+    return out
+
+
+def _bench_dtype(cfg: BenchConfig, src: mf.Source, device: Any) -> str:
+    if cfg.dtype != "auto":
+        return cfg.dtype
+    if device.type != "cuda":
+        return "float32"
+    from distillkit.models.load import load_config
+
+    config = load_config(src, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)[0]
+    dt = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32").replace("torch.", "")
+    return dt if dt in ("float32", "bfloat16", "float16") else "float32"
+
+
+class _Stamps:
+    """A stopping criterion that never stops and records when each new token was produced."""
+
+    def __init__(self, device: Any):
+        self.device = device
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        _sync(self.device)
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def _decode(model: Any, inputs: tuple[Any, ...], io: Any, n_tokens: int, device: Any) -> tuple[float, float]:
+    """One greedy ``generate`` of exactly ``n_tokens`` with the KV cache: (total ms, decode-only ms per token).
+
+    Decode-only excludes the prefill and first token: (time of the last token - time of the first) / (n - 1)."""
+    import torch
+    from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
+    class Stamps(_Stamps, StoppingCriteria):
+        pass
+
+    def first_set(key: str) -> Any:
+        for holder in (getattr(model, "generation_config", None), model.config):
+            value = getattr(holder, key, None)
+            if value is not None:
+                return value
+        return None
+
+    eos, pad = first_set("eos_token_id"), first_set("pad_token_id")
+    if pad is None:
+        pad = eos[0] if isinstance(eos, list) else (eos if eos is not None else 0)
+    gen = GenerationConfig(max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=False, num_beams=1,
+                           use_cache=True, pad_token_id=pad, eos_token_id=eos)
+    kwargs = dict(zip(io.input_names, inputs, strict=True))
+    kwargs.pop("token_type_ids", None)
+    stamps = Stamps(device)
+    with torch.no_grad():
+        _sync(device)
+        t0 = time.perf_counter()
+        out = model.generate(**kwargs, generation_config=gen, stopping_criteria=StoppingCriteriaList([stamps]))
+        _sync(device)
+        total = (time.perf_counter() - t0) * 1000.0
+    made = out.shape[1] - inputs[0].shape[1]
+    if made != n_tokens:
+        raise DistillkitError(f"generate produced {made} tokens instead of {n_tokens}")
+    per_token = ((stamps.times[-1] - stamps.times[0]) * 1000.0 / (n_tokens - 1)) if n_tokens > 1 and len(stamps.times) >= 2 else float("nan")
+    return total, per_token
+
+
+# ----------------------------------------------------------------------------------------------
+# Quality data
+
+
+def _quality_batches(cfg: BenchConfig, processor: Any, task: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Every example of ``--data``, collated in batches of :data:`QUALITY_BATCH` once, so that every model sees
+    identical batches (masked-LM masks included).
+
+    Bench evaluates on the whole file: the data module always holds some examples out, so the split is made
+    half/half (the split that most easily leaves each half at least one packed block) and both halves are used."""
+    import torch
+    from torch.utils.data import ConcatDataset, DataLoader
+
+    from distillkit.data import DataSpec, prepare_data
+
+    spec = DataSpec(data=cfg.data, text_column=cfg.text_column, label_column=cfg.label_column,
+                    max_length=cfg.seq, max_samples=cfg.max_samples, seed=cfg.seed, eval_split=0.5)
+    prepared = prepare_data(spec, processor, task)
+    parts = [d for d in (prepared.train, prepared.eval) if d is not None and len(d) > 0]
+    dataset = ConcatDataset(parts)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        batches = list(DataLoader(dataset, batch_size=QUALITY_BATCH, shuffle=False, collate_fn=prepared.collate_fn))
+    info = {k: v for k, v in prepared.info.items() if isinstance(v, str | int | float | bool) or v is None}
+    info.update(examples=len(dataset), batches=len(batches), batch_size=QUALITY_BATCH)
+    return batches, info
+
+
+def _max_token_id(batches: list[dict[str, Any]]) -> int:
+    return max((int(b["input_ids"].max()) for b in batches if "input_ids" in b), default=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# One model
+
+
+def _import_model_code(cfg: BenchConfig, src: mf.Source) -> None:
+    """Import the model's Python modules before the load is timed: load time is reading weights, not imports."""
+    from distillkit.bench.runtimes import export_format
+    from distillkit.models.load import auto_class, detect_task, load_config
+
+    fmt = export_format(src)
+    if fmt == "onnx":
+        with contextlib.suppress(ImportError):
+            import onnxruntime  # noqa: F401
+        return
+    if fmt is not None:
+        return
+    config = load_config(src, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)[0]
+    with contextlib.suppress(Exception):
+        auto_class(cfg.task or detect_task(config))._model_mapping[type(config)]
+
+
+def load_for_bench(cfg: BenchConfig, src: mf.Source, device: Any) -> Any:
+    """A :class:`distillkit.bench.runtimes.BenchModel`: PyTorch, or the runtime of an ONNX / torch.export artifact."""
+    from distillkit.bench import runtimes
+
+    fmt = runtimes.export_format(src)
+    if fmt == "onnx":
+        return runtimes.load_onnx(src, cfg.task, device)
+    if fmt == "torch-export":
+        return runtimes.load_pt2(src, cfg.task, device)
+    return runtimes.load_pytorch(src, cfg.task, device, _bench_dtype(cfg, src, device), allow_pickle=cfg.allow_pickle,
+                                 trust_remote_code=cfg.trust_remote_code)
+
+
+def warm_up_process(cfg: BenchConfig, src: mf.Source, device: Any) -> None:
+    """Load the first model once and run it, untimed and unmeasured, so that one-time costs (lazy imports,
+    thread pools, allocator arenas, kernel selection) do not land on whichever model is measured first."""
+    import torch
+
+    _import_model_code(cfg, src)
+    bm = load_for_bench(cfg, src, device)
+    seq = min(cfg.seq, bm.io.max_positions or cfg.seq)
+    inputs = bm.io.sample(cfg.batch, seq, seed=cfg.seed, device=device)
+    with torch.no_grad():
+        bm.forward(*inputs)
+    if bm.can_generate:
+        _decode(bm.model, inputs, bm.io, 2, device)
+    del bm
+    _trim_heap()
+
+
+def measure(cfg: BenchConfig, src: mf.Source, name: str, device: Any) -> tuple[dict[str, Any], Any]:
+    """Load ``src`` and measure it; returns (record, BenchModel)."""
+    import torch
+
+    _import_model_code(cfg, src)
+    _trim_heap()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    notes: list[str] = []
+    with PeakMemory(device) as memory:
+        t0 = time.perf_counter()
+        bm = load_for_bench(cfg, src, device)
+        _sync(device)
+        load_s = time.perf_counter() - t0
+        io = bm.io
+        if io.kind == "text" and io.max_positions is not None and cfg.seq > io.max_positions:
+            raise ConfigError(f"--seq {cfg.seq} is longer than {name}'s {io.max_positions} positions",
+                              hint=f"pass --seq {io.max_positions} or less")
+        inputs = io.sample(cfg.batch, cfg.seq, seed=cfg.seed, device=device)
+
+        def prefill() -> None:
+            with torch.no_grad():
+                bm.forward(*inputs)
+
+        prefill()
+        if bm.can_generate:
+            _decode(bm.model, inputs, io, cfg.decode_tokens, device)
+    latencies = _timed(prefill, device, cfg.warmup, cfg.repeats)
+    p50 = percentile(latencies, 50)
+    units = cfg.batch * (cfg.seq if io.kind == "text" else 1)
+    record: dict[str, Any] = {
+        "name": name,
+        "path": src.path,
+        "stage": src.manifest.stage if src.manifest is not None else None,
+        "role": "model",
+        "runtime": bm.runtime,
+        "task": bm.task,
+        "model_type": io.model_type,
+        "dtype": bm.dtype,
+        "params": bm.params,
+        "weights_bytes": bm.weights_bytes,
+        "file_size_bytes": weight_file_bytes(src.path),
+        "load_s": load_s,
+        "latency_ms_p50": p50,
+        "latency_ms_p90": percentile(latencies, 90),
+        "latency_ms": latencies,
+        "throughput": units / (p50 / 1000.0),
+        "throughput_unit": "tokens/s" if io.kind == "text" else "images/s",
+        "decode_ms_per_token_p50": None,
+        "decode_ms_per_token_p90": None,
+        "generate_ms_per_token": None,
+        "decode_tokens_per_s": None,
+        "peak_memory_mb": memory.peak / 2**20,
+        "memory_method": memory.method,
+        "quality": {},
+        "notes": notes,
+    }
+    if record["file_size_bytes"] is None:
+        notes.append("file size unknown: not a local directory")
+    if bm.can_generate:
+        totals, per_token = [], []
+        for _ in range(min(cfg.warmup, 1)):
+            _decode(bm.model, inputs, io, cfg.decode_tokens, device)
+        for _ in range(cfg.repeats):
+            total, step = _decode(bm.model, inputs, io, cfg.decode_tokens, device)
+            totals.append(total / cfg.decode_tokens)
+            per_token.append(step)
+        record["generate_ms_per_token"] = percentile(totals, 50)
+        if cfg.decode_tokens > 1:
+            record["decode_ms_per_token_p50"] = percentile(per_token, 50)
+            record["decode_ms_per_token_p90"] = percentile(per_token, 90)
+            record["decode_tokens_per_s"] = cfg.batch / (record["decode_ms_per_token_p50"] / 1000.0)
+        else:
+            notes.append("decode-only latency needs --decode-tokens >= 2; generate_ms_per_token includes the prefill")
+    elif bm.task == "causal-lm":
+        why = "the export has no KV cache" if bm.runtime != "pytorch" else "the model has no generate()"
+        notes.append(f"decode latency not measured: {why}")
+    return record, bm
+
+
+def _quality(bm: Any, record: dict[str, Any], batches: list[dict[str, Any]] | None, data_task: str | None,
+             teacher: Any, device: Any) -> None:
+    from distillkit.evaluate import evaluate_quality
+
+    if batches is None:
+        return
+    if bm.task != data_task:
+        record["notes"].append(f"quality skipped: task {bm.task} differs from the data's task {data_task}")
+        return
+    if bm.io.kind == "text" and _max_token_id(batches) >= bm.io.vocab_size:
+        record["notes"].append("quality skipped: the data's token ids exceed this model's vocabulary (another tokenizer?)")
+        return
+    teacher_model = None
+    if teacher is not None and teacher is not bm:
+        if teacher.task == bm.task:
+            teacher_model = teacher.model
+        else:
+            record["notes"].append(f"teacher comparison skipped: teacher task {teacher.task} differs")
+    try:
+        quality = evaluate_quality(bm.model, batches, bm.task, teacher=teacher_model, pooling=bm.pooling,
+                                   teacher_pooling=teacher.pooling if teacher_model is not None else None,
+                                   device=device)
+    except RuntimeError as e:
+        if bm.runtime == "pytorch":
+            raise
+        # a static-shape torch.export program, or an ONNX graph, that cannot take the data's batch shapes
+        record["notes"].append(f"quality skipped: the {bm.runtime} model cannot run the data batches ({str(e).splitlines()[0][:200]})")
+        return
+    record["quality"] = {k: float(v) for k, v in quality.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+
+def _versions() -> dict[str, str]:
+    import torch
+
+    versions = {"distillkit": __version__, **mf.environment()}
+    if torch.cuda.is_available():
+        versions["cuda"] = str(torch.version.cuda)
+    return versions
+
+
+def _device_name(device: Any) -> str:
+    import platform
+
+    import torch
+
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} ({device})"
+    cpu = platform.processor() or platform.machine()
+    return f"cpu ({cpu}, {torch.get_num_threads()} threads)"
+
+
+def _check_writable(path: str) -> None:
+    """Fail before the measurements, not after them, when a --plot / --out file cannot be written."""
+    from distillkit.errors import OutputError
+
+    p = Path(path).expanduser().absolute()
+    if p.is_dir():
+        raise OutputError(f"{p} is a directory", hint="pass a file name")
+    probe = p.parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write to {probe}", hint="choose a writable location")
+
+
+def run_bench(cfg: BenchConfig, sources: list[Any] | None = None) -> dict[str, Any]:
+    """Benchmark ``sources`` (default ``cfg.models``) and ``cfg.against`` side by side; returns the report.
+
+    The baseline of the ratios is ``--against`` when given, else the first model; it is measured
+    first, in the same process and with the same settings as the others."""
+    import torch
+
+    from distillkit.bench.report import build_report, print_table, write_plot, write_report
+    from distillkit.models.load import resolve_device
+
+    device = resolve_device(cfg.device)
+    for path in (cfg.plot, cfg.out):
+        if path:
+            _check_writable(path)
+    raw = list(sources if sources is not None else cfg.models)
+    resolved = [s if isinstance(s, mf.Source) else mf.read_source(s) for s in raw]
+    teacher_src = mf.read_source(cfg.against) if cfg.against else None
+    entries: list[tuple[mf.Source, bool]] = []
+    if teacher_src is not None:
+        entries.append((teacher_src, True))
+    for s in resolved:
+        if teacher_src is None or s.path != teacher_src.path:
+            entries.append((s, False))
+    names = _unique([_model_name(s) for s, _ in entries])
+    notes: list[str] = []
+    if cfg.data is None:
+        notes.append("quality not measured: pass --data FILE for perplexity/accuracy"
+                     + (" and agreement with --against" if cfg.against else ""))
+    elif cfg.against is None:
+        notes.append("no --against: top-1 agreement, KL and embedding cosine need a teacher")
+
+    torch.manual_seed(cfg.seed)
+    warm_up_process(cfg, entries[0][0], device)
+    records: list[dict[str, Any]] = []
+    teacher_loaded = None
+    batches: list[dict[str, Any]] | None = None
+    data_task: str | None = None
+    data_info: dict[str, Any] | None = None
+    for (src, is_teacher), name in zip(entries, names, strict=True):
+        sys.stderr.write(f"bench: {name}\n")
+        record, loaded = measure(cfg, src, name, device)
+        record["role"] = "teacher" if is_teacher else "model"
+        if cfg.data is not None and batches is None:
+            if loaded.processor is None:
+                notes.append(f"quality of {name} not measured: it has no tokenizer or image processor to read --data with")
+            else:
+                data_task = loaded.task
+                batches, data_info = _quality_batches(cfg, loaded.processor, loaded.task)
+        _quality(loaded, record, batches, data_task, teacher_loaded, device)
+        records.append(record)
+        if is_teacher and batches is not None:
+            teacher_loaded = loaded  # kept for the agreement of the others
+        else:
+            del loaded
+        _trim_heap()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    del teacher_loaded
+    baseline = records[0]["name"]
+    report = build_report(cfg, records, baseline=baseline, device=_device_name(device), device_type=device.type,
+                          versions=_versions(), notes=notes, data_info=data_info)
+    print_table(report)
+    if cfg.plot:
+        report["plot"] = write_plot(report, cfg.plot)
+    if cfg.out:
+        write_report(report, cfg.out)
+    return report

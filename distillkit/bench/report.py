@@ -1,0 +1,156 @@
+"""The bench report: ratios against the baseline, the rich table on stderr, the plot and the JSON file."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from distillkit.bench.config import BenchConfig
+from distillkit.errors import DependencyError, OutputError
+
+# Quality metrics the plot may use, best first, with the direction that is better.
+PLOT_METRICS = (("perplexity", "lower"), ("accuracy", "higher"), ("top1_agreement", "higher"),
+                ("embedding_cosine", "higher"), ("similarity_corr", "higher"))
+
+
+def _ratio(num: Any, den: Any) -> float | None:
+    if num is None or den is None or not math.isfinite(num) or not math.isfinite(den) or den == 0:
+        return None
+    return num / den
+
+
+def ratios(model: dict[str, Any], base: dict[str, Any]) -> dict[str, float | None]:
+    """How ``model`` compares with ``base``. Speedups are base/model (> 1 is faster); the others model/base."""
+    return {
+        "latency_speedup": _ratio(base["latency_ms_p50"], model["latency_ms_p50"]),
+        "throughput_ratio": _ratio(model["throughput"], base["throughput"]),
+        "decode_speedup": _ratio(base["decode_ms_per_token_p50"], model["decode_ms_per_token_p50"]),
+        "param_ratio": _ratio(model["params"], base["params"]),
+        "size_ratio": _ratio(model["file_size_bytes"], base["file_size_bytes"]),
+        "memory_ratio": _ratio(model["peak_memory_mb"], base["peak_memory_mb"]),
+    }
+
+
+def plot_metric(models: list[dict[str, Any]]) -> tuple[str, str] | None:
+    """The first quality metric every model has, or None."""
+    for key, better in PLOT_METRICS:
+        if models and all(key in (m.get("quality") or {}) for m in models):
+            return key, better
+    return None
+
+
+def build_report(cfg: BenchConfig, models: list[dict[str, Any]], *, baseline: str, device: str, device_type: str,
+                 versions: dict[str, str], notes: list[str], data_info: dict[str, Any] | None) -> dict[str, Any]:
+    base = next(m for m in models if m["name"] == baseline)
+    metric = plot_metric(models)
+    return {
+        "device": device,
+        "device_type": device_type,
+        "versions": versions,
+        "command": cfg.command,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "config": cfg.to_dict(),
+        "models": models,
+        "baseline": baseline,
+        "ratios": {m["name"]: ratios(m, base) for m in models if m["name"] != baseline},
+        "memory_method": base["memory_method"],
+        "quality_metric": metric[0] if metric else None,
+        "data": data_info,
+        "notes": notes,
+        "plot": None,
+    }
+
+
+def _fmt(v: Any, spec: str = ".3g") -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    return format(v, spec)
+
+
+def print_table(report: dict[str, Any]) -> None:
+    """A side-by-side table on stderr (people read stderr; stdout carries the JSON line)."""
+    from rich.table import Table
+
+    from distillkit.cli.options import stderr_console
+
+    models = report["models"]
+    quality_keys = sorted({k for m in models for k in (m.get("quality") or {}) if not k.startswith("eval_")})
+    table = Table(title=f"distillkit bench on {report['device']} (baseline: {report['baseline']})")
+    for col in ("model", "params", "size MB", "load s", "p50 ms", "p90 ms", "throughput", "decode ms/tok",
+                "mem MB", *quality_keys, "speedup"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for m in models:
+        r = report["ratios"].get(m["name"], {})
+        size = m["file_size_bytes"] / 1e6 if m["file_size_bytes"] is not None else None
+        table.add_row(
+            m["name"], f"{m['params']:,}", _fmt(size), _fmt(m["load_s"]), _fmt(m["latency_ms_p50"]),
+            _fmt(m["latency_ms_p90"]), f"{_fmt(m['throughput'])} {m['throughput_unit']}",
+            _fmt(m["decode_ms_per_token_p50"]), _fmt(m["peak_memory_mb"]),
+            *(_fmt((m.get("quality") or {}).get(k), ".4g") for k in quality_keys),
+            "baseline" if m["name"] == report["baseline"] else _fmt(r.get("latency_speedup"), ".2f") + "x",
+        )
+    console = stderr_console()
+    if not console.is_terminal:
+        console.width = max(console.width, 200)  # a log file has room; do not squeeze the numbers
+    console.print(table)
+    for note in report["notes"] + [f"{m['name']}: {n}" for m in models for n in m["notes"]]:
+        console.print(f"note: {note}", markup=False, highlight=False)
+
+
+def write_plot(report: dict[str, Any], path: str) -> str:
+    """Quality vs latency, one labelled point per model (parameters vs latency without quality)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise DependencyError("--plot needs matplotlib", hint="pip install 'distillkit[plot]'") from None
+    out = Path(path).expanduser().absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    models = report["models"]
+    metric = plot_metric(models)
+    xs = [m["latency_ms_p50"] for m in models]
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=100)
+    try:
+        if metric is not None:
+            key, better = metric
+            ys = [m["quality"][key] for m in models]
+            ax.set_ylabel(f"{key} ({better} is better)")
+            ax.set_title(f"quality vs latency on {report['device']}", fontsize=9)
+        else:
+            ys = [m["params"] for m in models]
+            ax.set_ylabel("parameters")
+            ax.set_title(f"parameters vs latency (no quality data: pass --data) on {report['device']}", fontsize=9)
+        ax.scatter(xs, ys)
+        for m, x, y in zip(models, xs, ys, strict=True):
+            ax.annotate(m["name"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        cfg = report["config"]
+        ax.set_xlabel(f"prefill latency p50 (ms) at batch {cfg['batch']}, seq {cfg['seq']}")
+        ax.grid(True, alpha=0.3)
+        fig.tight_layout()
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}{out.suffix}")
+        fig.savefig(tmp)
+        os.replace(tmp, out)
+    finally:
+        plt.close(fig)
+    return str(out)
+
+
+def write_report(report: dict[str, Any], path: str) -> str:
+    """``--out``: the same JSON as the stdout line, written atomically."""
+    out = Path(path).expanduser().absolute()
+    if out.is_dir():
+        raise OutputError(f"--out {out} is a directory", hint="pass a file name such as report.json")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(report, sort_keys=True, default=str) + "\n")
+        os.replace(tmp, out)
+    except OSError as e:
+        raise OutputError(f"cannot write {out}: {e.strerror}", hint="choose a writable --out") from None
+    return str(out)
