@@ -35,10 +35,21 @@ def ratios(model: dict[str, Any], base: dict[str, Any]) -> dict[str, float | Non
     }
 
 
-def plot_metric(models: list[dict[str, Any]]) -> tuple[str, str] | None:
-    """The first quality metric every model has, or None."""
+# Metrics measured against the reference model: the reference agrees with itself perfectly.
+SELF_VALUES = {"top1_agreement": 1.0, "embedding_cosine": 1.0, "similarity_corr": 1.0}
+
+
+def _quality(m: dict[str, Any], key: str, reference: str | None) -> float | None:
+    q = m.get("quality") or {}
+    if key in q:
+        return q[key]
+    return SELF_VALUES.get(key) if m["name"] == reference else None
+
+
+def plot_metric(models: list[dict[str, Any]], reference: str | None = None) -> tuple[str, str] | None:
+    """The first quality metric every model has (the reference's agreement with itself counts as 1), or None."""
     for key, better in PLOT_METRICS:
-        if models and all(key in (m.get("quality") or {}) for m in models):
+        if models and all(_quality(m, key, reference) is not None for m in models):
             return key, better
     return None
 
@@ -46,7 +57,7 @@ def plot_metric(models: list[dict[str, Any]]) -> tuple[str, str] | None:
 def build_report(cfg: BenchConfig, models: list[dict[str, Any]], *, baseline: str, device: str, device_type: str,
                  versions: dict[str, str], notes: list[str], data_info: dict[str, Any] | None) -> dict[str, Any]:
     base = next(m for m in models if m["name"] == baseline)
-    metric = plot_metric(models)
+    metric = plot_metric(models, baseline)
     return {
         "device": device,
         "device_type": device_type,
@@ -113,13 +124,14 @@ def write_plot(report: dict[str, Any], path: str) -> str:
     out = Path(path).expanduser().absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
     models = report["models"]
-    metric = plot_metric(models)
+    reference = report["baseline"]
+    metric = plot_metric(models, reference)
     xs = [m["latency_ms_p50"] for m in models]
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=100)
     try:
         if metric is not None:
             key, better = metric
-            ys = [m["quality"][key] for m in models]
+            ys = [_quality(m, key, reference) for m in models]
             ax.set_ylabel(f"{key} ({better} is better)")
             ax.set_title(f"quality vs latency on {report['device']}", fontsize=9)
         else:
@@ -127,8 +139,10 @@ def write_plot(report: dict[str, Any], path: str) -> str:
             ax.set_ylabel("parameters")
             ax.set_title(f"parameters vs latency (no quality data: pass --data) on {report['device']}", fontsize=9)
         ax.scatter(xs, ys)
-        for m, x, y in zip(models, xs, ys, strict=True):
-            ax.annotate(m["name"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        for i, (m, x, y) in enumerate(zip(models, xs, ys, strict=True)):
+            label = f"{m['name']} (reference)" if m["name"] == reference else m["name"]
+            # alternate above/below so that models with close numbers stay readable
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5 if i % 2 == 0 else -12), fontsize=8)
         cfg = report["config"]
         ax.set_xlabel(f"prefill latency p50 (ms) at batch {cfg['batch']}, seq {cfg['seq']}")
         ax.grid(True, alpha=0.3)

@@ -1,28 +1,10 @@
-"""Tiny models for the bench tests, built once per module; single-threaded torch so CPU CI is not oversubscribed."""
+"""Tiny models for the bench tests, built once per module."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-# Plain `pytest` puts only tests/ on sys.path, and these tests import `tests.tiny`.
-_ROOT = str(Path(__file__).resolve().parents[2])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-from tests import tiny  # noqa: E402
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from tests import tiny
 
 
 @pytest.fixture(scope="module")
