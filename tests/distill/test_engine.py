@@ -440,9 +440,28 @@ def test_masked_lm_eval_is_deterministic(tmp_path, text_file, capsys):
     from tests.tiny import tiny_bert_mlm
 
     _, mlm = tiny_bert_mlm(tmp_path / "mlm")
-    code, lines, err = run(["distill", "--teacher", str(mlm), "--student", "layers=1", "--data", str(text_file),
-                            "--steps", "4", "--eval-every", "2", "--max-length", "32", "--eval-split", "0.2",
-                            "--out", str(tmp_path / "s")], capsys)
+    code, lines, err = run(
+        [
+            "distill",
+            "--teacher",
+            str(mlm),
+            "--student",
+            "layers=1",
+            "--data",
+            str(text_file),
+            "--steps",
+            "4",
+            "--eval-every",
+            "2",
+            "--max-length",
+            "32",
+            "--eval-split",
+            "0.2",
+            "--out",
+            str(tmp_path / "s"),
+        ],
+        capsys,
+    )
     assert code == 0, err
     m = json.loads(lines[0])["metrics"]
     evals = [json.loads(x)["eval"] for x in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines() if "eval" in x]
@@ -656,3 +675,139 @@ def test_nan_resume_refused_without_checkpoint(llama_dir, text_file, tmp_path, c
         capsys,
     )
     assert code == 1 and "no checkpoint" in err
+
+
+def test_unwritable_output_is_refused_before_any_work(llama_dir, text_file, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    code, lines, err = run(
+        ["distill", "--teacher", str(llama_dir), "--data", str(text_file), "--out", str(blocker / "out")], capsys
+    )
+    assert code == 1 and lines == [] and "cannot write" in err
+    assert blocker.read_text() == "not a directory"
+
+
+def test_tensorboard_logs_go_into_the_artifact(llama_dir, text_file, tmp_path, capsys):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "tb"
+    code, lines, err = run(
+        [
+            "distill",
+            "--teacher",
+            str(llama_dir),
+            "--student",
+            "layers=1",
+            "--data",
+            str(text_file),
+            "--steps",
+            "3",
+            "--max-length",
+            "32",
+            "--log-to",
+            "tensorboard",
+            "--out",
+            str(out),
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    events = list((out / "logs").rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3]
+
+
+def test_image_classification_distillation(tmp_path, capsys):
+    from PIL import Image
+
+    from tests.tiny import tiny_vit
+
+    _, vit = tiny_vit(tmp_path / "vit")
+    colours = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (20, 40, 210)}
+    for i in range(8):
+        for name, rgb in colours.items():
+            d = tmp_path / "images" / name
+            d.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (32, 32), tuple(min(255, c + 3 * i) for c in rgb)).save(d / f"{i}.png")
+    code, lines, err = run(
+        [
+            "distill",
+            "--teacher",
+            vit,
+            "--student",
+            "layers=2",
+            "--data",
+            str(tmp_path / "images"),
+            "--steps",
+            "4",
+            "--batch-size",
+            "4",
+            "--eval-split",
+            "0.25",
+            "--alpha",
+            "0.3",
+            "--out",
+            str(tmp_path / "s"),
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    m = json.loads(lines[0])
+    assert m["task"] == "image-classification"
+    assert 0.0 <= m["metrics"]["student_accuracy"] <= 1.0 and 0.0 <= m["metrics"]["student_top1_agreement"] <= 1.0
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    assert AutoModelForImageClassification.from_pretrained(tmp_path / "s").config.num_hidden_layers == 2
+    assert AutoImageProcessor.from_pretrained(tmp_path / "s") is not None
+
+
+def test_student_from_stdin_continues_the_lineage(llama_dir, text_file, tmp_path, capsys, monkeypatch):
+    import io
+
+    first = tmp_path / "first"
+    code, lines, err = run(
+        [
+            "distill",
+            "--teacher",
+            str(llama_dir),
+            "--student",
+            "layers=2",
+            "--data",
+            str(text_file),
+            "--steps",
+            "2",
+            "--max-length",
+            "32",
+            "--out",
+            str(first),
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    monkeypatch.setattr("sys.stdin", io.StringIO(lines[0] + "\n"))
+    code, lines, err = run(
+        [
+            "distill",
+            "-",
+            "--teacher",
+            str(llama_dir),
+            "--data",
+            str(text_file),
+            "--steps",
+            "2",
+            "--max-length",
+            "32",
+            "--out",
+            str(tmp_path / "second"),
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    m = json.loads(lines[0])
+    assert [h["stage"] for h in m["history"]] == ["distill"] and m["history"][0]["path"] == str(first)
+    assert m["inputs"]["student"]["path"] == str(first) and m["inputs"]["student"]["stage"] == "distill"
+    s1, s2 = weights(first), weights(tmp_path / "second")
+    assert s1.keys() == s2.keys() and any(not torch.equal(s1[k], s2[k]) for k in s1)  # it trained further
