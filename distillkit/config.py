@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,6 +20,7 @@ T = TypeVar("T", bound="BaseConfig")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 STUDENT_INIT = ("teacher", "random")
 LOG_TO = ("none", "tensorboard")
+TEACHER_DTYPES = (None, "float32", "bfloat16", "float16")
 
 
 def _toml_load(path: Path) -> dict[str, Any]:
@@ -199,7 +200,6 @@ class DistillConfig(BaseConfig):
     # loading
     allow_pickle: bool = False
     trust_remote_code: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check(bool(self.teacher), "a teacher is required", "pass --teacher MODEL")
@@ -227,6 +227,11 @@ class DistillConfig(BaseConfig):
             self.mixed_precision in MIXED_PRECISION,
             f"mixed precision must be one of {', '.join(MIXED_PRECISION)} (got {self.mixed_precision})",
             "pass e.g. --mixed-precision bf16",
+        )
+        _check(
+            self.teacher_dtype in TEACHER_DTYPES,
+            f"teacher dtype must be one of {', '.join(TEACHER_DTYPES[1:])}",
+            "pass e.g. --teacher-dtype bfloat16",
         )
         _check(self.log_to in LOG_TO, f"--log-to must be one of {', '.join(LOG_TO)}", "pass --log-to tensorboard")
         for name, value, lo in (

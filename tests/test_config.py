@@ -28,6 +28,7 @@ def test_defaults_and_round_trip():
         ({"losses": ("nope",)}, "unknown loss 'nope'"),
         ({"losses": ("forward_kl:-1",)}, "positive"),
         ({"mixed_precision": "fp8"}, "mixed precision"),
+        ({"teacher_dtype": "int8"}, "teacher dtype"),
         ({"teacher": ""}, "teacher is required"),
     ],
 )
