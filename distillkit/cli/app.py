@@ -106,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         code = _fail(e.message, e.hint, e.exit_code)
     except exit_types as e:
         code = e.exit_code
+        if code == 130:  # Typer turns Ctrl-C into a silent Exit(130)
+            sys.stderr.write("interrupted\n")
     except usage_types as e:
         e.show()
         code = e.exit_code

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -362,10 +363,16 @@ def run_distill(cfg: DistillConfig, *, out: str, overwrite: bool = False, resume
     accelerator.wait_for_everyone()
     try:
         return _run(cfg, accelerator, out_path, wd, overwrite, resume, t_start)
-    except BaseException:
+    except BaseException as e:
         # a failed run keeps its work directory only if there is a checkpoint to resume from
-        if accelerator.is_main_process and not (wd / CHECKPOINT / STATE_FILE).is_file():
+        kept = (wd / CHECKPOINT / STATE_FILE).is_file()
+        if accelerator.is_main_process and not kept:
             shutil.rmtree(wd, ignore_errors=True)
+        if accelerator.is_main_process and kept and isinstance(e, KeyboardInterrupt):
+            sys.stderr.write(
+                f"the checkpoint of step {checkpoint_step(out_path)} is kept in {wd}; "
+                "rerun the same command with --resume to continue\n"
+            )
         raise
 
 

@@ -811,3 +811,38 @@ def test_student_from_stdin_continues_the_lineage(llama_dir, text_file, tmp_path
     assert m["inputs"]["student"]["path"] == str(first) and m["inputs"]["student"]["stage"] == "distill"
     s1, s2 = weights(first), weights(tmp_path / "second")
     assert s1.keys() == s2.keys() and any(not torch.equal(s1[k], s2[k]) for k in s1)  # it trained further
+
+
+def test_ctrl_c_exits_130_and_keeps_the_checkpoint(llama_dir, text_file, tmp_path):
+    out = tmp_path / "interrupted"
+    args = [
+        "distill",
+        "--teacher",
+        str(llama_dir),
+        "--student",
+        "layers=1",
+        "--data",
+        str(text_file),
+        "--steps",
+        "2000",
+        "--batch-size",
+        "4",
+        "--max-length",
+        "32",
+        "--save-every",
+        "10",
+        "--quiet",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.Popen(_cli(*args), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and (checkpoint_step(out) or 0) < 10:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "interrupted" in stderr and "--resume" in stderr and "Traceback" not in stderr
+    assert stdout == ""
+    assert not out.exists()
+    assert (checkpoint_step(out) or 0) >= 10  # --resume can continue from here
