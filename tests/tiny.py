@@ -246,6 +246,29 @@ def tiny_vit_model(save_dir: str | Path | None = None, *, seed: int = 0, **overr
     return _save(model, _image_processor(size), save_dir, "vit-model")
 
 
+def tiny_resnet(save_dir: str | Path | None = None, *, seed: int = 0, **overrides: Any) -> tuple[Any, str]:
+    """ResNetForImageClassification: 32x32 RGB, basic blocks, stem 16, stages [16, 32] of depths [1, 2], 3 labels.
+
+    The stem is as wide as stage 0, so their shortcut is the identity (residual-coupled channels);
+    ``layer_type="bottleneck", hidden_sizes=[32, 64]`` gives bottleneck blocks with projection shortcuts.
+    """
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    kwargs = dict(
+        num_channels=3,
+        embedding_size=16,
+        hidden_sizes=[16, 32],
+        depths=[1, 2],
+        layer_type="basic",
+        num_labels=3,
+        id2label={0: "cat", 1: "dog", 2: "bird"},
+        label2id={"cat": 0, "dog": 1, "bird": 2},
+    )
+    kwargs.update(overrides)
+    model = _build(ResNetForImageClassification, ResNetConfig(**kwargs), seed)
+    return _save(model, _image_processor(IMAGE_SIZE), save_dir, "resnet")
+
+
 def sample_inputs(model: Any, batch: int = 2, length: int = 8, seed: int = 0) -> dict[str, Any]:
     """Model inputs for ``model``'s family: ``input_ids``/``attention_mask`` [B, T] (the last row padded after
     ``length - 2`` tokens) or ``pixel_values`` [B, 3, S, S]."""
@@ -253,8 +276,8 @@ def sample_inputs(model: Any, batch: int = 2, length: int = 8, seed: int = 0) ->
 
     gen = torch.Generator().manual_seed(seed)
     cfg = model.config
-    if getattr(cfg, "model_type", None) == "vit":
-        size = cfg.image_size
+    if getattr(cfg, "model_type", None) in ("vit", "resnet"):
+        size = getattr(cfg, "image_size", IMAGE_SIZE)
         return {"pixel_values": torch.randn(batch, cfg.num_channels, size, size, generator=gen)}
     ids = torch.randint(5, cfg.vocab_size, (batch, length), generator=gen)
     mask = torch.ones(batch, length, dtype=torch.long)

@@ -242,10 +242,38 @@ def select_layers(teacher_layers: int, student_layers: int) -> list[int]:
     ]
 
 
-def _as_spec(spec: str | dict[str, int], teacher_config: Any) -> dict[str, int]:
+def _as_spec(spec: str | dict[str, int], teacher_config: Any, keep_head_dim: bool = False) -> dict[str, int]:
+    if keep_head_dim:
+        return _keep_head_dim_spec(spec, teacher_config)
     if isinstance(spec, str):
         return parse_student_spec(spec, teacher_config)
     return resolve_spec(dict(spec), teacher_config)
+
+
+def _keep_head_dim_spec(spec: str | dict[str, int], teacher_config: Any) -> dict[str, int]:
+    """A spec whose heads keep the teacher's head size whatever the hidden size (pruning, Llama-style only).
+
+    The config then carries an explicit ``head_dim``, so hidden and heads need not divide each other.
+    """
+    if arch.family(teacher_config) != "llama":
+        raise ConfigError(
+            f"only Llama-style configs can keep the head size apart from the hidden size, not {arch.family(teacher_config)}",
+            hint="their head size is hidden / heads; change hidden and heads together",
+        )
+    given = parse_student_spec(spec, teacher_config) if isinstance(spec, str) else dict(spec)
+    teacher = teacher_sizes(teacher_config)
+    full = {key: int(given.get(key, teacher[key])) for key in SPEC_KEYS}
+    for key, value in full.items():
+        if not 0 < value <= teacher[key]:
+            raise ConfigError(
+                f"{key}={value} is outside 1..{teacher[key]}", hint=f"use {key} between 1 and {teacher[key]}"
+            )
+    if full["heads"] % full["kv_heads"]:
+        raise ConfigError(
+            f"kv_heads={full['kv_heads']} does not divide heads={full['heads']}",
+            hint="choose kv_heads so that each key/value head serves the same number of query heads",
+        )
+    return full
 
 
 def _set(cfg: Any, names: tuple[str, ...], value: Any) -> None:
@@ -256,15 +284,24 @@ def _set(cfg: Any, names: tuple[str, ...], value: Any) -> None:
     setattr(cfg, names[0], value)
 
 
-def student_config(teacher_config: Any, spec: str | dict[str, int]) -> Any:
+def student_config(
+    teacher_config: Any,
+    spec: str | dict[str, int],
+    *,
+    layers: list[int] | None = None,
+    keep_head_dim: bool = False,
+) -> Any:
     """The teacher's config with only the spec's sizes changed (plus what must follow them).
 
     What follows: ``head_dim`` becomes hidden / heads when the teacher's head size was hidden / heads (an explicit
     decoupled ``head_dim``, as in Qwen3, is kept); per-layer ``layer_types`` keep the selected layers' entries;
     GPT-2 gets an explicit ``n_inner`` when its implicit 4 x hidden would no longer equal ``intermediate``; a ViT
     pooler as wide as the hidden size stays as wide.
+
+    ``layers`` names the teacher layers kept when they are not the evenly spread default (pruning by importance);
+    ``keep_head_dim`` (Llama-style only) writes the teacher's head size as an explicit ``head_dim``.
     """
-    spec = _as_spec(spec, teacher_config)
+    spec = _as_spec(spec, teacher_config, keep_head_dim)
     teacher = teacher_sizes(teacher_config)
     fam = arch.family(teacher_config)
     coupled = head_dim_coupled(teacher_config)
@@ -273,14 +310,17 @@ def student_config(teacher_config: Any, spec: str | dict[str, int]) -> Any:
         _set(cfg, ("num_hidden_layers", "n_layer"), spec["layers"])
         layer_types = getattr(teacher_config, "layer_types", None)
         if isinstance(layer_types, (list, tuple)) and len(layer_types) == teacher["layers"]:
-            cfg.layer_types = [layer_types[i] for i in select_layers(teacher["layers"], spec["layers"])]
+            kept = layers if layers is not None else select_layers(teacher["layers"], spec["layers"])
+            cfg.layer_types = [layer_types[i] for i in kept]
     if spec["hidden"] != teacher["hidden"]:
         _set(cfg, ("hidden_size", "n_embd"), spec["hidden"])
     if spec["heads"] != teacher["heads"]:
         _set(cfg, ("num_attention_heads", "n_head"), spec["heads"])
     if fam == "llama" and spec["kv_heads"] != teacher["kv_heads"]:
         cfg.num_key_value_heads = spec["kv_heads"]
-    if coupled and getattr(teacher_config, "head_dim", None) is not None:
+    if keep_head_dim:
+        cfg.head_dim = arch.head_dim(teacher_config)
+    elif coupled and getattr(teacher_config, "head_dim", None) is not None:
         if spec["hidden"] != teacher["hidden"] or spec["heads"] != teacher["heads"]:
             cfg.head_dim = spec["hidden"] // spec["heads"]
     if fam == "gpt2":
@@ -313,6 +353,23 @@ class StudentPlan:
     q_features: list[Any] = field(default_factory=list)
     kv_features: list[Any] = field(default_factory=list)
     mlp: list[Any] = field(default_factory=list)
+
+
+@dataclass
+class StructureScores:
+    """Importance of every prunable structure of a teacher (higher = keep), chosen outside this module (pruning).
+
+    Any field left None falls back to the weight-magnitude ranking of the module docs. ``layers`` ``[L]`` replaces
+    the evenly spread layer choice by the top-``layers`` blocks; ``hidden`` is ``[hidden]``; ``heads[l]``
+    ``[heads]`` and ``kv_heads[l]`` ``[kv_heads]`` (a group ranks by its kv score plus its query heads' scores;
+    zeros when only heads are scored); ``mlp[l]`` ``[intermediate]``. Per-layer lists are indexed by teacher layer.
+    """
+
+    hidden: Any = None
+    layers: Any = None
+    heads: list[Any] | None = None
+    kv_heads: list[Any] | None = None
+    mlp: list[Any] | None = None
 
 
 def _top(score: Any, k: int) -> Any:
@@ -376,14 +433,26 @@ def _hidden_scores(fam: str, state: dict[str, Any], hidden: int) -> Any:
     return score
 
 
-def _choose_heads(proj: dict[str, Any], t_heads: int, t_kv: int, d: int, s_heads: int, s_kv: int):
+def _choose_heads(
+    proj: dict[str, Any],
+    t_heads: int,
+    t_kv: int,
+    d: int,
+    s_heads: int,
+    s_kv: int,
+    q_score: Any = None,
+    kv_score: Any = None,
+):
     """Teacher query heads per student head and kv heads per student group, GQA-consistent."""
     import torch
 
-    q = proj["q"].reshape(t_heads, d, -1)
-    o = proj["o"].reshape(proj["o"].shape[0], t_heads, d)
-    q_score = q.pow(2).sum((1, 2)) + o.pow(2).sum((0, 2))
-    kv_score = proj["k"].reshape(t_kv, -1).pow(2).sum(1) + proj["v"].reshape(t_kv, -1).pow(2).sum(1)
+    if q_score is None:
+        q = proj["q"].reshape(t_heads, d, -1)
+        o = proj["o"].reshape(proj["o"].shape[0], t_heads, d)
+        q_score = q.pow(2).sum((1, 2)) + o.pow(2).sum((0, 2))
+    if kv_score is None:
+        kv_score = proj["k"].reshape(t_kv, -1).pow(2).sum(1) + proj["v"].reshape(t_kv, -1).pow(2).sum(1)
+    q_score, kv_score = q_score.float().cpu(), kv_score.float().cpu()
     group, s_group = t_heads // t_kv, s_heads // s_kv
     groups = _top(kv_score + q_score.reshape(t_kv, group).sum(1), s_kv).tolist()
     heads: list[int] = []
@@ -430,20 +499,35 @@ def _choose_head_dims(fam: str, proj: dict[str, Any], heads: list[int], d: int, 
     return torch.stack(rows)
 
 
-def plan_student(teacher_model: Any, spec: str | dict[str, int]) -> StudentPlan:
-    """Decide which teacher layers, channels and heads a teacher-initialised student keeps (see module docs)."""
+def plan_student(
+    teacher_model: Any,
+    spec: str | dict[str, int],
+    *,
+    scores: StructureScores | None = None,
+    keep_head_dim: bool = False,
+) -> StudentPlan:
+    """Decide which teacher layers, channels and heads a teacher-initialised student keeps (see module docs).
+
+    ``scores`` replaces the built-in weight-magnitude rankings where it has a field (pruning by importance);
+    ``keep_head_dim`` keeps every head whole (see :func:`student_config`).
+    """
     import torch
 
     cfg = teacher_model.config
-    spec = _as_spec(spec, cfg)
+    spec = _as_spec(spec, cfg, keep_head_dim)
+    scores = scores or StructureScores()
     fam = arch.family(cfg)
     teacher = teacher_sizes(cfg)
     t_d = arch.head_dim(cfg)
-    s_d = spec["hidden"] // spec["heads"] if head_dim_coupled(cfg) else t_d
+    s_d = spec["hidden"] // spec["heads"] if head_dim_coupled(cfg) and not keep_head_dim else t_d
     state = teacher_model.state_dict()
-    layers = select_layers(teacher["layers"], spec["layers"])
+    if scores.layers is not None:
+        layers = _top(scores.layers.float().cpu(), spec["layers"]).tolist()
+    else:
+        layers = select_layers(teacher["layers"], spec["layers"])
     if spec["hidden"] < teacher["hidden"]:
-        hidden = _top(_hidden_scores(fam, state, teacher["hidden"]), spec["hidden"])
+        h_score = scores.hidden if scores.hidden is not None else _hidden_scores(fam, state, teacher["hidden"])
+        hidden = _top(h_score.float().cpu(), spec["hidden"])
     else:
         hidden = torch.arange(teacher["hidden"])
     plan = StudentPlan(spec=spec, family=fam, layers=layers, hidden=hidden)
@@ -455,7 +539,14 @@ def plan_student(teacher_model: Any, spec: str | dict[str, int]) -> StudentPlan:
             heads, groups = list(range(teacher["heads"])), list(range(teacher["kv_heads"]))
         else:
             heads, groups = _choose_heads(
-                proj, teacher["heads"], teacher["kv_heads"], t_d, spec["heads"], spec["kv_heads"]
+                proj,
+                teacher["heads"],
+                teacher["kv_heads"],
+                t_d,
+                spec["heads"],
+                spec["kv_heads"],
+                q_score=scores.heads[t_layer] if scores.heads is not None else None,
+                kv_score=scores.kv_heads[t_layer] if scores.kv_heads is not None else None,
             )
         dims = _choose_head_dims(fam, proj, heads, t_d, s_d, teacher["heads"], teacher["kv_heads"])
         q_features = torch.cat([h * t_d + dims[s] for s, h in enumerate(heads)])
@@ -464,7 +555,10 @@ def plan_student(teacher_model: Any, spec: str | dict[str, int]) -> StudentPlan:
         else:
             kv_features = q_features
         if spec["intermediate"] < teacher["intermediate"]:
-            m_score = sum(u.pow(2).sum(1) for u in proj["ups"]) + proj["down"].pow(2).sum(0)
+            if scores.mlp is not None:
+                m_score = scores.mlp[t_layer].float().cpu()
+            else:
+                m_score = sum(u.pow(2).sum(1) for u in proj["ups"]) + proj["down"].pow(2).sum(0)
             mlp = _top(m_score, spec["intermediate"])
         else:
             mlp = torch.arange(teacher["intermediate"])
@@ -550,29 +644,38 @@ def _construct(cls: Any, cfg: Any, teacher_model: Any) -> Any:
     return cls(cfg, **kwargs)
 
 
-def build_student(teacher_model: Any, spec: str | dict[str, int], *, init: str = "teacher", seed: int = 0) -> Any:
+def build_student(
+    teacher_model: Any,
+    spec: str | dict[str, int],
+    *,
+    init: str = "teacher",
+    seed: int = 0,
+    plan: StudentPlan | None = None,
+    keep_head_dim: bool = False,
+) -> Any:
     """A model of the teacher's class, sized by ``spec`` and initialised from the teacher or at random.
 
     ``spec`` is a spec string or a dict with keys from :data:`~distillkit.models.spec.SPEC_KEYS`. ``init="random"``
     uses the class's own initialisation under ``torch.manual_seed(seed)`` (the caller's RNG state is restored).
-    The student is on the teacher's device and dtype, in the teacher's train/eval mode.
+    The student is on the teacher's device and dtype, in the teacher's train/eval mode. A ``plan`` from
+    :func:`plan_student` (e.g. with importance ``scores``) is used instead of the default one.
     """
     import torch
 
     if init not in INITS:
         raise ConfigError(f"unknown student init {init!r}", hint=f"choose one of: {', '.join(INITS)}")
     cfg = teacher_model.config
-    spec = _as_spec(spec, cfg)
+    spec = _as_spec(spec, cfg, keep_head_dim)
     fam = arch.family(cfg)
     if fam not in _LAYER_RULES:  # pragma: no cover - resolve_spec already refused it
         raise ConfigError(f"cannot build {fam} students", hint=f"supported: {', '.join(arch.SUPPORTED_FAMILIES)}")
-    s_cfg = student_config(cfg, spec)
+    s_cfg = student_config(cfg, spec, layers=plan.layers if plan is not None else None, keep_head_dim=keep_head_dim)
     param = next(teacher_model.parameters())
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         student = _construct(type(teacher_model), s_cfg, teacher_model)
     if init == "teacher":
-        plan = plan_student(teacher_model, spec)
+        plan = plan if plan is not None else plan_student(teacher_model, spec, keep_head_dim=keep_head_dim)
         with torch.no_grad():
             student.load_state_dict(_teacher_state_for(student, teacher_model, plan), strict=True)
     student.to(device=param.device, dtype=param.dtype)
@@ -583,6 +686,7 @@ def build_student(teacher_model: Any, spec: str | dict[str, int], *, init: str =
 __all__ = [
     "INITS",
     "SPEC_KEYS",
+    "StructureScores",
     "StudentPlan",
     "build_student",
     "plan_student",

@@ -1,0 +1,207 @@
+"""Channel pruning of HF ResNet-style CNNs (``ResNetModel``, ``ResNetForImageClassification``).
+
+Channels live in *spaces*: ``stem`` (the embedder's output), ``stage{s}`` (the residual stream of stage ``s``:
+every block's last conv, the shortcut projection, the next stage's input and the classifier share it, so its
+channels are pruned together) and ``inner{s}.{j}.{k}`` (the output of conv ``k`` inside block ``j``, read only by
+the next conv of the block). A conv weight ``[out, in, kh, kw]`` is sliced on its output space and its input space,
+a BatchNorm on its output space. Where a shortcut is the identity (stage 0 when the embedder is as wide as it and
+does not downsample), ``stem`` and ``stage0`` are one space.
+
+``ResNetConfig`` can express one width per stage (``hidden_sizes``), the stem width (``embedding_size``), and inner
+widths only as ``hidden_size // 4`` (bottleneck) or ``hidden_size`` (basic). So a ratio shrinks every stage and the
+stem uniformly, and every block's inner channels follow its stage's width; *which* inner channels are kept is chosen
+per block by importance.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from distillkit.errors import ConfigError
+
+_STEM = re.compile(r"(?:^|\.)embedder\.embedder\.(convolution|normalization)\.(\w+)$")
+_BLOCK = re.compile(
+    r"(?:^|\.)encoder\.stages\.(\d+)\.layers\.(\d+)\.(shortcut|layer\.(\d+))\.(convolution|normalization)\.(\w+)$"
+)
+_HEAD = re.compile(r"^classifier\.1\.(weight|bias)$")
+
+
+def _stem_coupled(cfg: Any) -> bool:
+    """Whether stage 0's first block adds the stem's output unchanged (identity shortcut)."""
+    return cfg.embedding_size == cfg.hidden_sizes[0] and not cfg.downsample_in_first_stage
+
+
+def _space(cfg: Any, name: str) -> str:
+    return "stage0" if name == "stem" and _stem_coupled(cfg) else name
+
+
+def spaces_of(cfg: Any, key: str) -> tuple[str | None, ...] | None:
+    """The channel space of each dimension of a parameter or buffer (None: kept whole); None for unknown keys."""
+    m = _STEM.search(key)
+    if m:
+        out = _space(cfg, "stem")
+        return (out, None, None, None) if m.group(1) == "convolution" else _bn(m.group(2), out)
+    m = _HEAD.search(key)
+    if m:
+        last = f"stage{len(cfg.hidden_sizes) - 1}"
+        return (None, last) if m.group(1) == "weight" else (None,)
+    m = _BLOCK.search(key)
+    if m is None:
+        return None
+    s, j, part, k, module, pname = int(m.group(1)), int(m.group(2)), m.group(3), m.group(4), m.group(5), m.group(6)
+    stage = f"stage{s}"
+    block_in = stage if j > 0 else (_space(cfg, "stem") if s == 0 else f"stage{s - 1}")
+    if part == "shortcut":
+        out, inp = stage, block_in
+    else:
+        k = int(k)
+        last = 2 if cfg.layer_type == "bottleneck" else 1
+        out = stage if k == last else f"inner{s}.{j}.{k}"
+        inp = block_in if k == 0 else f"inner{s}.{j}.{k - 1}"
+    return (out, inp, None, None) if module == "convolution" else _bn(pname, out)
+
+
+def _bn(pname: str, space: str) -> tuple[str | None, ...]:
+    return () if pname == "num_batches_tracked" else (space,)
+
+
+def space_sizes(cfg: Any) -> dict[str, int]:
+    """Width of every channel space of a config."""
+    sizes = {"stem": cfg.embedding_size} if not _stem_coupled(cfg) else {}
+    for s, (width, depth) in enumerate(zip(cfg.hidden_sizes, cfg.depths, strict=True)):
+        sizes[f"stage{s}"] = width
+        inner = width // 4 if cfg.layer_type == "bottleneck" else width
+        for j in range(depth):
+            for k in range(2 if cfg.layer_type == "bottleneck" else 1):
+                sizes[f"inner{s}.{j}.{k}"] = inner
+    return sizes
+
+
+def _kept(width: int, ratio: float, round_to: int, what: str) -> int:
+    if ratio == 0:
+        return width
+    raw = width * (1 - ratio)
+    k = int(round(raw / round_to)) * round_to if round_to > 1 else int(round(raw))
+    if k < 1:
+        raise ConfigError(
+            f"--channels {ratio} would remove every channel of {what} ({width} channels)",
+            hint="use a smaller ratio" + (" or a smaller --round-to" if round_to > 1 else ""),
+        )
+    return min(k, width)
+
+
+def pruned_config(cfg: Any, ratio: float, round_to: int = 1) -> Any:
+    """The config with every stage (and the stem) ``ratio`` narrower, rounded to ``round_to`` channels."""
+    import copy
+
+    new = copy.deepcopy(cfg)
+    new.hidden_sizes = [_kept(w, ratio, round_to, f"stage {s}") for s, w in enumerate(cfg.hidden_sizes)]
+    if cfg.layer_type == "bottleneck":
+        for s, w in enumerate(new.hidden_sizes):
+            if w // 4 < 1:
+                raise ConfigError(
+                    f"--channels {ratio} leaves stage {s} {w} channels, fewer than the 4 a bottleneck block needs",
+                    hint="use a smaller ratio",
+                )
+    new.embedding_size = new.hidden_sizes[0] if _stem_coupled(cfg) else _kept(cfg.embedding_size, ratio, 1, "the stem")
+    if _stem_coupled(new) != _stem_coupled(cfg):
+        raise ConfigError(
+            f"--channels {ratio} makes the stem and stage 0 equally wide ({new.embedding_size}), which would turn "
+            "their projection shortcut into an identity",
+            hint="use a slightly different ratio or --round-to",
+        )
+    return new
+
+
+def scores_from_saliency(model: Any, sal: dict[str, Any]) -> dict[str, Any]:
+    """Per-parameter saliency summed per channel space; every tensor's vote is normalised by its mean."""
+    import torch
+
+    cfg = model.config
+    out = {name: torch.zeros(n) for name, n in space_sizes(cfg).items()}
+    for key, s in sal.items():
+        roles = spaces_of(cfg, key)
+        if not roles or s.dim() != len(roles):
+            continue
+        for dim, space in enumerate(roles):
+            if space is None:
+                continue
+            v = s.detach().float().transpose(0, dim).reshape(s.shape[dim], -1).sum(1).cpu()
+            mean = v.mean()
+            if mean > 0:
+                out[space] += v / mean
+    return out
+
+
+def activation_scores(ctx: Any) -> dict[str, Any]:
+    """Mean |BatchNorm output| per channel over the calibration batches, summed per channel space."""
+    import torch
+
+    from distillkit.models.forward import model_inputs
+
+    model = ctx.model
+    cfg = model.config
+    out = {name: torch.zeros(n) for name, n in space_sizes(cfg).items()}
+    sums: dict[str, Any] = {}
+    handles = []
+
+    def hook(space: str, name: str):
+        def fn(_m: Any, _a: Any, output: Any) -> None:
+            sums[name] = sums.get(name, 0) + output.detach().float().abs().mean((0, 2, 3)).cpu()
+            spaces[name] = space
+
+        return fn
+
+    spaces: dict[str, str] = {}
+    try:
+        for name, module in model.named_modules():
+            if "BatchNorm" in type(module).__name__:
+                roles = spaces_of(cfg, f"{name}.weight")
+                if roles:
+                    handles.append(module.register_forward_hook(hook(roles[0], name)))
+        with torch.no_grad():
+            for batch in ctx.batches:
+                model(**model_inputs(model, batch, ctx.device))
+    finally:
+        for h in handles:
+            h.remove()
+    for name, v in sums.items():
+        mean = v.mean()
+        if mean > 0:
+            out[spaces[name]] += v / mean
+    return out
+
+
+def plan_channels(cfg: Any, new_cfg: Any, scores: dict[str, Any] | None) -> dict[str, Any]:
+    """Sorted kept indices of every channel space: the top channels by ``scores`` (all when none are removed)."""
+    import torch
+
+    from distillkit.models.student import _top
+
+    old, new = space_sizes(cfg), space_sizes(new_cfg)
+    keep = {}
+    for space, n in old.items():
+        k = new[space]
+        keep[space] = torch.arange(n) if k == n or scores is None else _top(scores[space].float().cpu(), k)
+    return keep
+
+
+def prune_resnet(model: Any, new_cfg: Any, keep: dict[str, Any]) -> Any:
+    """A model of ``model``'s class built from ``new_cfg``, holding the kept slices of every tensor."""
+    import torch
+
+    cfg = model.config
+    with torch.random.fork_rng(devices=[]):
+        pruned = type(model)(new_cfg)
+    state = {}
+    for key, tensor in model.state_dict().items():
+        roles = spaces_of(cfg, key)
+        if roles:
+            for dim, space in enumerate(roles):
+                if space is not None and keep[space].numel() != tensor.shape[dim]:
+                    tensor = tensor.index_select(dim, keep[space].to(tensor.device))
+        state[key] = tensor
+    pruned.load_state_dict(state, strict=True)
+    param = next(model.parameters())
+    return pruned.to(device=param.device, dtype=param.dtype).train(model.training)
