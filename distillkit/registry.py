@@ -80,3 +80,5 @@ class Registry:
 
 
 LOSSES = Registry("loss", modules=("distillkit.distill.losses",))
+IMPORTANCES = Registry("importance", modules=("distillkit.prune.importance",))
+SCORES = Registry("score", modules=("distillkit.search.scores",))
