@@ -42,13 +42,7 @@ def distill(
         str | None,
         typer.Option("--student-init", help="teacher (slice the teacher's weights) or random (train from scratch)."),
     ] = None,
-    task: Annotated[
-        str | None,
-        typer.Option(
-            "--task",
-            help="causal-lm, masked-lm, feature-extraction, sequence-classification, image-classification (default: from config.architectures).",
-        ),
-    ] = None,
+    task: o.Task = None,
     data: Annotated[
         str | None,
         typer.Option(
@@ -57,9 +51,7 @@ def distill(
             help="Training text: .txt, .jsonl/.json, .csv, .parquet, a `datasets` directory or hub name (default: the embedded corpus).",
         ),
     ] = None,
-    text_column: Annotated[
-        str | None, typer.Option("--text-column", help="Column holding the text (default: detected).")
-    ] = None,
+    text_column: o.TextColumn = None,
     label_column: Annotated[
         str | None, typer.Option("--label-column", help="Column holding class labels (classification).")
     ] = None,

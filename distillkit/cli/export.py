@@ -18,7 +18,7 @@ def export(
     opset: Annotated[int | None, typer.Option("--opset", help="ONNX opset (onnx only; default: the exporter's).")] = None,
     max_shard_size: Annotated[str | None, typer.Option("--max-shard-size", help="hf: split safetensors into shards of at most this size (default 2GB).")] = None,
     dtype: Annotated[str | None, typer.Option("--dtype", help="auto (hf keeps the checkpoint's dtype; onnx/torch-export use float32), float32, bfloat16, float16.")] = None,
-    task: Annotated[str | None, typer.Option("--task", help="causal-lm, masked-lm, feature-extraction, sequence-classification, image-classification (default: from config.architectures).")] = None,
+    task: o.Task = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed of the random parity-check inputs (default 0).")] = None,
     allow_pickle: o.AllowPickle = None,
     trust_remote_code: o.TrustRemoteCode = None,

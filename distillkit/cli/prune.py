@@ -87,13 +87,7 @@ def prune(
             help="A teacher whose soft targets give the taylor importance its loss (default: the task loss).",
         ),
     ] = None,
-    task: Annotated[
-        str | None,
-        typer.Option(
-            "--task",
-            help="causal-lm, masked-lm, feature-extraction, sequence-classification, image-classification (default: from config.architectures).",
-        ),
-    ] = None,
+    task: o.Task = None,
     data: Annotated[
         str | None,
         typer.Option(
@@ -102,9 +96,7 @@ def prune(
             help="Calibration and evaluation data, as for distill (default: the embedded corpus; random pixels for images).",
         ),
     ] = None,
-    text_column: Annotated[
-        str | None, typer.Option("--text-column", help="Column holding the text (default: detected).")
-    ] = None,
+    text_column: o.TextColumn = None,
     label_column: Annotated[str | None, typer.Option("--label-column", help="Column holding class labels.")] = None,
     eval_split: Annotated[
         float | None, typer.Option("--eval-split", help="Held-out fraction for quality before/after (default 0.05).")

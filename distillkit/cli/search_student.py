@@ -78,19 +78,12 @@ def search_student(
         float | None, typer.Option("--time-budget", help="Stop searching after this many seconds.")
     ] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed (default 0).")] = None,
-    task: Annotated[
-        str | None,
-        typer.Option(
-            "--task",
-            help="causal-lm, masked-lm, feature-extraction, sequence-classification, image-classification "
-            "(default: from config.architectures).",
-        ),
-    ] = None,
+    task: o.Task = None,
     data: Annotated[
         str | None,
         typer.Option("--data", "-d", help="Calibration data, as for distill (default: the embedded corpus)."),
     ] = None,
-    text_column: Annotated[str | None, typer.Option("--text-column", help="Column holding the text.")] = None,
+    text_column: o.TextColumn = None,
     label_column: Annotated[str | None, typer.Option("--label-column", help="Column holding class labels.")] = None,
     max_length: Annotated[
         int | None, typer.Option("--max-length", help="Tokens per calibration sequence (default 128).")
