@@ -58,7 +58,9 @@ class BenchConfig(BaseConfig):
         if self.dtype not in BENCH_DTYPES:
             raise ConfigError(f"unknown dtype {self.dtype!r}", hint=f"choose one of: {', '.join(BENCH_DTYPES)}")
         if self.plot is not None and Path(self.plot).suffix.lower() not in PLOT_SUFFIXES:
-            raise ConfigError(f"--plot {self.plot} must end in {', '.join(PLOT_SUFFIXES)}", hint="pass e.g. --plot bench.png")
+            raise ConfigError(
+                f"--plot {self.plot} must end in {', '.join(PLOT_SUFFIXES)}", hint="pass e.g. --plot bench.png"
+            )
         if self.task is not None:
             from distillkit.models.load import TASKS
 

@@ -144,8 +144,13 @@ def weight_file_bytes(path: str) -> int | None:
     p = Path(path)
     if not p.is_dir():
         return None
-    return sum(f.stat().st_size for f in p.rglob("*")
-               if f.is_file() and f.suffix in mf.WEIGHT_SUFFIXES and not any(part.startswith(".") for part in f.relative_to(p).parts))
+    return sum(
+        f.stat().st_size
+        for f in p.rglob("*")
+        if f.is_file()
+        and f.suffix in mf.WEIGHT_SUFFIXES
+        and not any(part.startswith(".") for part in f.relative_to(p).parts)
+    )
 
 
 def _model_name(src: mf.Source) -> str:
@@ -208,8 +213,15 @@ def _decode(model: Any, inputs: tuple[Any, ...], io: Any, n_tokens: int, device:
     eos, pad = first_set("eos_token_id"), first_set("pad_token_id")
     if pad is None:
         pad = eos[0] if isinstance(eos, list) else (eos if eos is not None else 0)
-    gen = GenerationConfig(max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=False, num_beams=1,
-                           use_cache=True, pad_token_id=pad, eos_token_id=eos)
+    gen = GenerationConfig(
+        max_new_tokens=n_tokens,
+        min_new_tokens=n_tokens,
+        do_sample=False,
+        num_beams=1,
+        use_cache=True,
+        pad_token_id=pad,
+        eos_token_id=eos,
+    )
     kwargs = dict(zip(io.input_names, inputs, strict=True))
     kwargs.pop("token_type_ids", None)
     stamps = Stamps(device)
@@ -222,7 +234,11 @@ def _decode(model: Any, inputs: tuple[Any, ...], io: Any, n_tokens: int, device:
     made = out.shape[1] - inputs[0].shape[1]
     if made != n_tokens:
         raise DistillkitError(f"generate produced {made} tokens instead of {n_tokens}")
-    per_token = ((stamps.times[-1] - stamps.times[0]) * 1000.0 / (n_tokens - 1)) if n_tokens > 1 and len(stamps.times) >= 2 else float("nan")
+    per_token = (
+        ((stamps.times[-1] - stamps.times[0]) * 1000.0 / (n_tokens - 1))
+        if n_tokens > 1 and len(stamps.times) >= 2
+        else float("nan")
+    )
     return total, per_token
 
 
@@ -241,8 +257,15 @@ def _quality_batches(cfg: BenchConfig, processor: Any, task: str) -> tuple[list[
 
     from distillkit.data import DataSpec, prepare_data
 
-    spec = DataSpec(data=cfg.data, text_column=cfg.text_column, label_column=cfg.label_column,
-                    max_length=cfg.seq, max_samples=cfg.max_samples, seed=cfg.seed, eval_split=0.5)
+    spec = DataSpec(
+        data=cfg.data,
+        text_column=cfg.text_column,
+        label_column=cfg.label_column,
+        max_length=cfg.seq,
+        max_samples=cfg.max_samples,
+        seed=cfg.seed,
+        eval_split=0.5,
+    )
     prepared = prepare_data(spec, processor, task)
     parts = [d for d in (prepared.train, prepared.eval) if d is not None and len(d) > 0]
     dataset = ConcatDataset(parts)
@@ -288,8 +311,14 @@ def load_for_bench(cfg: BenchConfig, src: mf.Source, device: Any) -> Any:
         return runtimes.load_onnx(src, cfg.task, device)
     if fmt == "torch-export":
         return runtimes.load_pt2(src, cfg.task, device)
-    return runtimes.load_pytorch(src, cfg.task, device, _bench_dtype(cfg, src, device), allow_pickle=cfg.allow_pickle,
-                                 trust_remote_code=cfg.trust_remote_code)
+    return runtimes.load_pytorch(
+        src,
+        cfg.task,
+        device,
+        _bench_dtype(cfg, src, device),
+        allow_pickle=cfg.allow_pickle,
+        trust_remote_code=cfg.trust_remote_code,
+    )
 
 
 def warm_up_process(cfg: BenchConfig, src: mf.Source, device: Any) -> None:
@@ -325,8 +354,10 @@ def measure(cfg: BenchConfig, src: mf.Source, name: str, device: Any) -> tuple[d
         load_s = time.perf_counter() - t0
         io = bm.io
         if io.kind == "text" and io.max_positions is not None and cfg.seq > io.max_positions:
-            raise ConfigError(f"--seq {cfg.seq} is longer than {name}'s {io.max_positions} positions",
-                              hint=f"pass --seq {io.max_positions} or less")
+            raise ConfigError(
+                f"--seq {cfg.seq} is longer than {name}'s {io.max_positions} positions",
+                hint=f"pass --seq {io.max_positions} or less",
+            )
         inputs = io.sample(cfg.batch, cfg.seq, seed=cfg.seed, device=device)
 
         def prefill() -> None:
@@ -389,8 +420,14 @@ def measure(cfg: BenchConfig, src: mf.Source, name: str, device: Any) -> tuple[d
     return record, bm
 
 
-def _quality(bm: Any, record: dict[str, Any], batches: list[dict[str, Any]] | None, data_task: str | None,
-             teacher: Any, device: Any) -> None:
+def _quality(
+    bm: Any,
+    record: dict[str, Any],
+    batches: list[dict[str, Any]] | None,
+    data_task: str | None,
+    teacher: Any,
+    device: Any,
+) -> None:
     from distillkit.evaluate import evaluate_quality
 
     if batches is None:
@@ -399,7 +436,9 @@ def _quality(bm: Any, record: dict[str, Any], batches: list[dict[str, Any]] | No
         record["notes"].append(f"quality skipped: task {bm.task} differs from the data's task {data_task}")
         return
     if bm.io.kind == "text" and _max_token_id(batches) >= bm.io.vocab_size:
-        record["notes"].append("quality skipped: the data's token ids exceed this model's vocabulary (another tokenizer?)")
+        record["notes"].append(
+            "quality skipped: the data's token ids exceed this model's vocabulary (another tokenizer?)"
+        )
         return
     teacher_model = None
     if teacher is not None and teacher is not bm:
@@ -408,14 +447,22 @@ def _quality(bm: Any, record: dict[str, Any], batches: list[dict[str, Any]] | No
         else:
             record["notes"].append(f"teacher comparison skipped: teacher task {teacher.task} differs")
     try:
-        quality = evaluate_quality(bm.model, batches, bm.task, teacher=teacher_model, pooling=bm.pooling,
-                                   teacher_pooling=teacher.pooling if teacher_model is not None else None,
-                                   device=device)
+        quality = evaluate_quality(
+            bm.model,
+            batches,
+            bm.task,
+            teacher=teacher_model,
+            pooling=bm.pooling,
+            teacher_pooling=teacher.pooling if teacher_model is not None else None,
+            device=device,
+        )
     except RuntimeError as e:
         if bm.runtime == "pytorch":
             raise
         # a static-shape torch.export program, or an ONNX graph, that cannot take the data's batch shapes
-        record["notes"].append(f"quality skipped: the {bm.runtime} model cannot run the data batches ({str(e).splitlines()[0][:200]})")
+        record["notes"].append(
+            f"quality skipped: the {bm.runtime} model cannot run the data batches ({str(e).splitlines()[0][:200]})"
+        )
         return
     record["quality"] = {k: float(v) for k, v in quality.items()}
 
@@ -484,8 +531,10 @@ def run_bench(cfg: BenchConfig, sources: list[Any] | None = None) -> dict[str, A
     names = _unique([_model_name(s) for s, _ in entries])
     notes: list[str] = []
     if cfg.data is None:
-        notes.append("quality not measured: pass --data FILE for perplexity/accuracy"
-                     + (" and agreement with --against" if cfg.against else ""))
+        notes.append(
+            "quality not measured: pass --data FILE for perplexity/accuracy"
+            + (" and agreement with --against" if cfg.against else "")
+        )
     elif cfg.against is None:
         notes.append("no --against: top-1 agreement, KL and embedding cosine need a teacher")
 
@@ -502,7 +551,9 @@ def run_bench(cfg: BenchConfig, sources: list[Any] | None = None) -> dict[str, A
         record["role"] = "teacher" if is_teacher else "model"
         if cfg.data is not None and batches is None:
             if loaded.processor is None:
-                notes.append(f"quality of {name} not measured: it has no tokenizer or image processor to read --data with")
+                notes.append(
+                    f"quality of {name} not measured: it has no tokenizer or image processor to read --data with"
+                )
             else:
                 data_task = loaded.task
                 batches, data_info = _quality_batches(cfg, loaded.processor, loaded.task)
@@ -517,8 +568,16 @@ def run_bench(cfg: BenchConfig, sources: list[Any] | None = None) -> dict[str, A
             torch.cuda.empty_cache()
     del teacher_loaded
     baseline = records[0]["name"]
-    report = build_report(cfg, records, baseline=baseline, device=_device_name(device), device_type=device.type,
-                          versions=_versions(), notes=notes, data_info=data_info)
+    report = build_report(
+        cfg,
+        records,
+        baseline=baseline,
+        device=_device_name(device),
+        device_type=device.type,
+        versions=_versions(),
+        notes=notes,
+        data_info=data_info,
+    )
     print_table(report)
     if cfg.plot:
         report["plot"] = write_plot(report, cfg.plot)

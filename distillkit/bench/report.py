@@ -13,8 +13,13 @@ from distillkit.bench.config import BenchConfig
 from distillkit.errors import DependencyError, OutputError
 
 # Quality metrics the plot may use, best first, with the direction that is better.
-PLOT_METRICS = (("perplexity", "lower"), ("accuracy", "higher"), ("top1_agreement", "higher"),
-                ("embedding_cosine", "higher"), ("similarity_corr", "higher"))
+PLOT_METRICS = (
+    ("perplexity", "lower"),
+    ("accuracy", "higher"),
+    ("top1_agreement", "higher"),
+    ("embedding_cosine", "higher"),
+    ("similarity_corr", "higher"),
+)
 
 
 def _ratio(num: Any, den: Any) -> float | None:
@@ -54,8 +59,17 @@ def plot_metric(models: list[dict[str, Any]], reference: str | None = None) -> t
     return None
 
 
-def build_report(cfg: BenchConfig, models: list[dict[str, Any]], *, baseline: str, device: str, device_type: str,
-                 versions: dict[str, str], notes: list[str], data_info: dict[str, Any] | None) -> dict[str, Any]:
+def build_report(
+    cfg: BenchConfig,
+    models: list[dict[str, Any]],
+    *,
+    baseline: str,
+    device: str,
+    device_type: str,
+    versions: dict[str, str],
+    notes: list[str],
+    data_info: dict[str, Any] | None,
+) -> dict[str, Any]:
     base = next(m for m in models if m["name"] == baseline)
     metric = plot_metric(models, baseline)
     return {
@@ -91,16 +105,33 @@ def print_table(report: dict[str, Any]) -> None:
     models = report["models"]
     quality_keys = sorted({k for m in models for k in (m.get("quality") or {}) if not k.startswith("eval_")})
     table = Table(title=f"distillkit bench on {report['device']} (baseline: {report['baseline']})")
-    for col in ("model", "params", "size MB", "load s", "p50 ms", "p90 ms", "throughput", "decode ms/tok",
-                "mem MB", *quality_keys, "speedup"):
+    for col in (
+        "model",
+        "params",
+        "size MB",
+        "load s",
+        "p50 ms",
+        "p90 ms",
+        "throughput",
+        "decode ms/tok",
+        "mem MB",
+        *quality_keys,
+        "speedup",
+    ):
         table.add_column(col, justify="left" if col == "model" else "right")
     for m in models:
         r = report["ratios"].get(m["name"], {})
         size = m["file_size_bytes"] / 1e6 if m["file_size_bytes"] is not None else None
         table.add_row(
-            m["name"], f"{m['params']:,}", _fmt(size), _fmt(m["load_s"]), _fmt(m["latency_ms_p50"]),
-            _fmt(m["latency_ms_p90"]), f"{_fmt(m['throughput'])} {m['throughput_unit']}",
-            _fmt(m["decode_ms_per_token_p50"]), _fmt(m["peak_memory_mb"]),
+            m["name"],
+            f"{m['params']:,}",
+            _fmt(size),
+            _fmt(m["load_s"]),
+            _fmt(m["latency_ms_p50"]),
+            _fmt(m["latency_ms_p90"]),
+            f"{_fmt(m['throughput'])} {m['throughput_unit']}",
+            _fmt(m["decode_ms_per_token_p50"]),
+            _fmt(m["peak_memory_mb"]),
             *(_fmt((m.get("quality") or {}).get(k), ".4g") for k in quality_keys),
             "baseline" if m["name"] == report["baseline"] else _fmt(r.get("latency_speedup"), ".2f") + "x",
         )

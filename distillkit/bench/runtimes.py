@@ -54,7 +54,9 @@ def export_format(src: mf.Source) -> str | None:
     return None
 
 
-def _export_io(src: mf.Source, task: str | None, input_names: list[str], output_name: str | None) -> tuple[Any, Any, ModelIO]:
+def _export_io(
+    src: mf.Source, task: str | None, input_names: list[str], output_name: str | None
+) -> tuple[Any, Any, ModelIO]:
     """(config, processor, io) of an exported artifact, from its config.json and manifest."""
     from transformers import AutoConfig
 
@@ -64,8 +66,10 @@ def _export_io(src: mf.Source, task: str | None, input_names: list[str], output_
     try:
         config = AutoConfig.from_pretrained(src.path)
     except (OSError, ValueError) as e:
-        raise ModelError(f"cannot read the config beside the export in {src.path}: {str(e).splitlines()[0]}",
-                         hint="bench reads config.json next to model.onnx / model.pt2, as distillkit export writes it") from None
+        raise ModelError(
+            f"cannot read the config beside the export in {src.path}: {str(e).splitlines()[0]}",
+            hint="bench reads config.json next to model.onnx / model.pt2, as distillkit export writes it",
+        ) from None
     task = task or (src.manifest.task if src.manifest is not None else None) or detect_task(config)
     if task not in TASKS:
         raise ModelError(f"unknown task {task!r} for {src.path}", hint=f"pass --task, one of: {', '.join(TASKS)}")
@@ -74,15 +78,36 @@ def _export_io(src: mf.Source, task: str | None, input_names: list[str], output_
     output = output_name or ("last_hidden_state" if task == "feature-extraction" else "logits")
     token_level = task in ("causal-lm", "masked-lm", "feature-extraction")
     if input_names == ["pixel_values"]:
-        io = ModelIO("vision", task, model_type, input_names, output, image_shape=_image_shape(config, processor),
-                     token_level=False)
+        io = ModelIO(
+            "vision",
+            task,
+            model_type,
+            input_names,
+            output,
+            image_shape=_image_shape(config, processor),
+            token_level=False,
+        )
     else:
         text_cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-        max_pos = next((v for k in ("max_position_embeddings", "n_positions", "n_ctx")
-                        if isinstance(v := getattr(config, k, None), int) and v > 0), None)
-        io = ModelIO("text", task, model_type, input_names, output, vocab_size=int(text_cfg.vocab_size),
-                     type_vocab_size=int(getattr(config, "type_vocab_size", 0) or 0), max_positions=max_pos,
-                     token_level=token_level)
+        max_pos = next(
+            (
+                v
+                for k in ("max_position_embeddings", "n_positions", "n_ctx")
+                if isinstance(v := getattr(config, k, None), int) and v > 0
+            ),
+            None,
+        )
+        io = ModelIO(
+            "text",
+            task,
+            model_type,
+            input_names,
+            output,
+            vocab_size=int(text_cfg.vocab_size),
+            type_vocab_size=int(getattr(config, "type_vocab_size", 0) or 0),
+            max_positions=max_pos,
+            token_level=token_level,
+        )
     return config, processor, io
 
 
@@ -96,8 +121,12 @@ def _adapter(io: ModelIO, config: Any, run: Any) -> Any:
             self.config = config
 
         def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, pixel_values=None):
-            given = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids,
-                     "pixel_values": pixel_values}
+            given = {
+                "input_ids": input_ids,
+                "attention_mask": attention_mask,
+                "token_type_ids": token_type_ids,
+                "pixel_values": pixel_values,
+            }
             if input_ids is not None:
                 # batches from the data module carry neither segment ids nor, sometimes, a mask
                 given["token_type_ids"] = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
@@ -114,7 +143,9 @@ def load_onnx(src: mf.Source, task: str | None, device: Any) -> BenchModel:
     except ImportError as e:
         from distillkit.errors import DependencyError
 
-        raise DependencyError(f"benchmarking an ONNX export needs {e.name}", hint="pip install 'distillkit[onnx]'") from None
+        raise DependencyError(
+            f"benchmarking an ONNX export needs {e.name}", hint="pip install 'distillkit[onnx]'"
+        ) from None
     import numpy as np
     import torch
 
@@ -129,8 +160,10 @@ def load_onnx(src: mf.Source, task: str | None, device: Any) -> BenchModel:
     names = [i.name for i in session.get_inputs()]
     config, processor, io = _export_io(src, task, extra.get("input_names", names), extra.get("output_name"))
     graph = onnx.load(str(path), load_external_data=False).graph
-    sizes = [(int(np.prod(t.dims)) if len(t.dims) else 1, onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize)
-             for t in graph.initializer]
+    sizes = [
+        (int(np.prod(t.dims)) if len(t.dims) else 1, onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize)
+        for t in graph.initializer
+    ]
     declared = set(names)
 
     def run(*inputs: Any) -> Any:
@@ -138,9 +171,20 @@ def load_onnx(src: mf.Source, task: str | None, device: Any) -> BenchModel:
         # back on the inputs' device, where evaluate_quality keeps labels and teacher outputs
         return torch.from_numpy(session.run([io.output_name], feed)[0]).to(inputs[0].device)
 
-    return BenchModel(model=_adapter(io, config, run), processor=processor, task=io.task, path=src.path,
-                      pooling=_pooling(src.path), io=io, runtime="onnxruntime", params=sum(n for n, _ in sizes),
-                      weights_bytes=sum(n * b for n, b in sizes), dtype="float32", forward=run, can_generate=False)
+    return BenchModel(
+        model=_adapter(io, config, run),
+        processor=processor,
+        task=io.task,
+        path=src.path,
+        pooling=_pooling(src.path),
+        io=io,
+        runtime="onnxruntime",
+        params=sum(n for n, _ in sizes),
+        weights_bytes=sum(n * b for n, b in sizes),
+        dtype="float32",
+        forward=run,
+        can_generate=False,
+    )
 
 
 def load_pt2(src: mf.Source, task: str | None, device: Any) -> BenchModel:
@@ -148,12 +192,17 @@ def load_pt2(src: mf.Source, task: str | None, device: Any) -> BenchModel:
 
     extra = src.manifest.extra if src.manifest is not None else {}
     program = torch.export.load(Path(src.path) / extra.get("file", PT2_FILE))
-    names = extra.get("input_names") or [s.arg.name for s in program.graph_signature.input_specs
-                                         if s.kind == torch.export.graph_signature.InputKind.USER_INPUT]
+    names = extra.get("input_names") or [
+        s.arg.name
+        for s in program.graph_signature.input_specs
+        if s.kind == torch.export.graph_signature.InputKind.USER_INPUT
+    ]
     config, processor, io = _export_io(src, task, list(names), extra.get("output_name"))
     module = program.module().to(device)
     # tied weights appear under several names but are one tensor
-    unique = {t.data_ptr(): t for n in program.graph_signature.parameters if (t := program.state_dict.get(n)) is not None}
+    unique = {
+        t.data_ptr(): t for n in program.graph_signature.parameters if (t := program.state_dict.get(n)) is not None
+    }
     params = list(unique.values())
 
     def run(*inputs: Any) -> Any:
@@ -161,23 +210,44 @@ def load_pt2(src: mf.Source, task: str | None, device: Any) -> BenchModel:
             return module(*(t.to(device) for t in inputs))
 
     dtype = str(params[0].dtype).replace("torch.", "") if params else "float32"
-    return BenchModel(model=_adapter(io, config, run), processor=processor, task=io.task, path=src.path,
-                      pooling=_pooling(src.path), io=io, runtime="torch.export", params=sum(p.numel() for p in params),
-                      weights_bytes=sum(p.numel() * p.element_size() for p in params), dtype=dtype, forward=run,
-                      can_generate=False)
+    return BenchModel(
+        model=_adapter(io, config, run),
+        processor=processor,
+        task=io.task,
+        path=src.path,
+        pooling=_pooling(src.path),
+        io=io,
+        runtime="torch.export",
+        params=sum(p.numel() for p in params),
+        weights_bytes=sum(p.numel() * p.element_size() for p in params),
+        dtype=dtype,
+        forward=run,
+        can_generate=False,
+    )
 
 
-def load_pytorch(src: mf.Source, task: str | None, device: Any, dtype: str, *, allow_pickle: bool,
-                 trust_remote_code: bool) -> BenchModel:
+def load_pytorch(
+    src: mf.Source, task: str | None, device: Any, dtype: str, *, allow_pickle: bool, trust_remote_code: bool
+) -> BenchModel:
     from distillkit.models.load import load_model
 
-    loaded = load_model(src, task=task, dtype=dtype, device=str(device), allow_pickle=allow_pickle,
-                        trust_remote_code=trust_remote_code)
+    loaded = load_model(
+        src, task=task, dtype=dtype, device=str(device), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
+    )
     model = loaded.model.eval()
     io = describe_io(model, loaded.task, loaded.processor, purpose="bench")
     params = list(model.parameters())
-    return BenchModel(model=model, processor=loaded.processor, task=loaded.task, path=loaded.path,
-                      pooling=loaded.pooling, io=io, runtime="pytorch", params=sum(p.numel() for p in params),
-                      weights_bytes=sum(p.numel() * p.element_size() for p in params),
-                      dtype=str(params[0].dtype).replace("torch.", "") if params else "float32", forward=io.wrap(model),
-                      can_generate=loaded.task == "causal-lm" and callable(getattr(model, "generate", None)))
+    return BenchModel(
+        model=model,
+        processor=loaded.processor,
+        task=loaded.task,
+        path=loaded.path,
+        pooling=loaded.pooling,
+        io=io,
+        runtime="pytorch",
+        params=sum(p.numel() for p in params),
+        weights_bytes=sum(p.numel() * p.element_size() for p in params),
+        dtype=str(params[0].dtype).replace("torch.", "") if params else "float32",
+        forward=io.wrap(model),
+        can_generate=loaded.task == "causal-lm" and callable(getattr(model, "generate", None)),
+    )

@@ -23,7 +23,13 @@ Preset = Annotated[
 ConfigFile = Annotated[
     Path | None, typer.Option("--config", help="A TOML or JSON config file (flags override it; it overrides --preset).")
 ]
-Task = Annotated[str | None, typer.Option("--task", help="causal-lm, masked-lm, feature-extraction, sequence-classification, image-classification (default: from config.architectures).")]
+Task = Annotated[
+    str | None,
+    typer.Option(
+        "--task",
+        help="causal-lm, masked-lm, feature-extraction, sequence-classification, image-classification (default: from config.architectures).",
+    ),
+]
 TextColumn = Annotated[str | None, typer.Option("--text-column", help="Column holding the text (default: detected).")]
 Device = Annotated[str | None, typer.Option("--device", help="auto (CUDA when present), cpu, cuda, cuda:N.")]
 AllowPickle = Annotated[

@@ -13,8 +13,17 @@ FORMATS = ("hf", "onnx", "torch-export")
 EXPORT_DTYPES = ("auto", "float32", "bfloat16", "float16")
 MIN_OPSET = 7
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 class ExportError(DistillkitError):
@@ -56,15 +65,20 @@ class ExportConfig(BaseConfig):
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise ConfigError(f"unknown export format {self.format!r}", hint=f"choose one of: {', '.join(FORMATS)}")
-        if isinstance(self.atol, bool) or not isinstance(self.atol, int | float) or not (
-                math.isfinite(self.atol) and self.atol > 0):
+        if (
+            isinstance(self.atol, bool)
+            or not isinstance(self.atol, int | float)
+            or not (math.isfinite(self.atol) and self.atol > 0)
+        ):
             raise ConfigError(f"--atol must be a positive number (got {self.atol})", hint="pass e.g. --atol 1e-4")
         if self.opset is not None:
             if self.format != "onnx":
                 raise ConfigError("--opset applies only to --format onnx", hint="drop --opset or pass --format onnx")
             if isinstance(self.opset, bool) or not isinstance(self.opset, int) or self.opset < MIN_OPSET:
-                raise ConfigError(f"--opset must be an integer >= {MIN_OPSET} (got {self.opset})",
-                                  hint="omit it to use the exporter's default opset")
+                raise ConfigError(
+                    f"--opset must be an integer >= {MIN_OPSET} (got {self.opset})",
+                    hint="omit it to use the exporter's default opset",
+                )
         parse_size(self.max_shard_size)
         if self.dtype not in EXPORT_DTYPES:
             raise ConfigError(f"unknown dtype {self.dtype!r}", hint=f"choose one of: {', '.join(EXPORT_DTYPES)}")

@@ -29,26 +29,44 @@ def _usage(fmt: str, extra: dict[str, Any], path: str) -> str:
     vision = inputs == ["pixel_values"]
     if vision:
         imp = "from transformers import AutoImageProcessor"
-        prep = [f'processor = AutoImageProcessor.from_pretrained("{path}")',
-                'batch = processor(images=[image], return_tensors="{rt}")']
+        prep = [
+            f'processor = AutoImageProcessor.from_pretrained("{path}")',
+            'batch = processor(images=[image], return_tensors="{rt}")',
+        ]
     else:
         imp = "from transformers import AutoTokenizer"
-        prep = [f'tokenizer = AutoTokenizer.from_pretrained("{path}")',
-                'batch = tokenizer(["hello world"], return_tensors="{rt}")']
+        prep = [
+            f'tokenizer = AutoTokenizer.from_pretrained("{path}")',
+            'batch = tokenizer(["hello world"], return_tensors="{rt}")',
+        ]
         if "token_type_ids" in inputs:
             prep.append("# one segment: token_type_ids are zeros, and tokenizers may leave them out")
             prep.append('batch["token_type_ids"] = 0 * batch["input_ids"]')
     if fmt == "onnx":
         cast = "" if vision else ".astype(np.int64)"
-        code = ["import numpy as np", "import onnxruntime as ort", imp, "",
-                f'session = ort.InferenceSession("{path}/model.onnx")', *(x.replace("{rt}", "np") for x in prep),
-                f"feed = {{i.name: batch[i.name]{cast} for i in session.get_inputs()}}",
-                f'{output} = session.run(["{output}"], feed)[0]']
-        tail = (f"Inputs {inputs} (dynamic axes {extra.get('dynamic_axes')}), output `{output}`; "
-                f"written by the {extra.get('exporter')} exporter, opset {extra.get('opset')}.")
+        code = [
+            "import numpy as np",
+            "import onnxruntime as ort",
+            imp,
+            "",
+            f'session = ort.InferenceSession("{path}/model.onnx")',
+            *(x.replace("{rt}", "np") for x in prep),
+            f"feed = {{i.name: batch[i.name]{cast} for i in session.get_inputs()}}",
+            f'{output} = session.run(["{output}"], feed)[0]',
+        ]
+        tail = (
+            f"Inputs {inputs} (dynamic axes {extra.get('dynamic_axes')}), output `{output}`; "
+            f"written by the {extra.get('exporter')} exporter, opset {extra.get('opset')}."
+        )
     else:
-        code = ["import torch", imp, "", f'module = torch.export.load("{path}/model.pt2").module()',
-                *(x.replace("{rt}", "pt") for x in prep), f"{output} = module(*(batch[name] for name in {inputs!r}))"]
+        code = [
+            "import torch",
+            imp,
+            "",
+            f'module = torch.export.load("{path}/model.pt2").module()',
+            *(x.replace("{rt}", "pt") for x in prep),
+            f"{output} = module(*(batch[name] for name in {inputs!r}))",
+        ]
         tail = f"Positional inputs {inputs}, output `{output}`; dynamic batch/sequence: {extra.get('dynamic_shapes')}."
     return "```python\n" + "\n".join(code) + "\n```\n\n" + tail
 
@@ -64,10 +82,21 @@ def _load(cfg: ExportConfig, source: mf.Source) -> Any:
 
     dtype = cfg.dtype
     if dtype == "auto":
-        dtype = _checkpoint_dtype(load_config(source, trust_remote_code=cfg.trust_remote_code,
-                                              allow_pickle=cfg.allow_pickle)[0]) if cfg.format == "hf" else "float32"
-    loaded = load_model(source, task=cfg.task, dtype=dtype, device="cpu", allow_pickle=cfg.allow_pickle,
-                        trust_remote_code=cfg.trust_remote_code)
+        dtype = (
+            _checkpoint_dtype(
+                load_config(source, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)[0]
+            )
+            if cfg.format == "hf"
+            else "float32"
+        )
+    loaded = load_model(
+        source,
+        task=cfg.task,
+        dtype=dtype,
+        device="cpu",
+        allow_pickle=cfg.allow_pickle,
+        trust_remote_code=cfg.trust_remote_code,
+    )
     loaded.model.eval()
     return loaded
 
@@ -97,8 +126,11 @@ def _export_hf(cfg: ExportConfig, loaded: Any, tmp: Path) -> dict[str, Any]:
     model.save_pretrained(tmp, max_shard_size=parse_size(cfg.max_shard_size))
     _save_sidecars(loaded, tmp)
     t1 = time.perf_counter()
-    extra: dict[str, Any] = {"max_shard_size": cfg.max_shard_size, "dtype": str(model.dtype).replace("torch.", ""),
-                             "shards": sorted(p.name for p in tmp.glob("*.safetensors"))}
+    extra: dict[str, Any] = {
+        "max_shard_size": cfg.max_shard_size,
+        "dtype": str(model.dtype).replace("torch.", ""),
+        "shards": sorted(p.name for p in tmp.glob("*.safetensors")),
+    }
     try:
         io = describe_io(model, loaded.task, loaded.processor, purpose="the hf reload check")
     except DistillkitError as e:
@@ -113,10 +145,15 @@ def _export_hf(cfg: ExportConfig, loaded: Any, tmp: Path) -> dict[str, Any]:
     diff = max_abs_diff(got, ref, io.valid_positions(inputs))
     t2 = time.perf_counter()
     if not diff <= cfg.atol:
-        raise ExportError(f"hf reload check failed: the saved model differs from the loaded one by {diff:.3g} > --atol {cfg.atol:g}",
-                          hint="the model may hold state save_pretrained does not write; check its custom code")
-    return {"metrics": {"hf_max_abs_diff": diff}, "extra": extra,
-            "timings": {"export_s": t1 - t0, "validate_s": t2 - t1}}
+        raise ExportError(
+            f"hf reload check failed: the saved model differs from the loaded one by {diff:.3g} > --atol {cfg.atol:g}",
+            hint="the model may hold state save_pretrained does not write; check its custom code",
+        )
+    return {
+        "metrics": {"hf_max_abs_diff": diff},
+        "extra": extra,
+        "timings": {"export_s": t1 - t0, "validate_s": t2 - t1},
+    }
 
 
 def _rewrite_card_usage(tmp: Path, fmt: str, extra: dict[str, Any], path: str) -> None:
@@ -148,8 +185,9 @@ def export_model(cfg: ExportConfig, source: str | mf.Source, out: str, overwrite
         if cfg.format == "hf":
             result = _export_hf(cfg, loaded, tmp)
         else:
-            io = describe_io(loaded.model, loaded.task, loaded.processor, purpose=f"--format {cfg.format}",
-                             error=ExportError)
+            io = describe_io(
+                loaded.model, loaded.task, loaded.processor, purpose=f"--format {cfg.format}", error=ExportError
+            )
             if cfg.format == "onnx":
                 from distillkit.export.onnx import export_onnx
 
@@ -161,8 +199,11 @@ def export_model(cfg: ExportConfig, source: str | mf.Source, out: str, overwrite
             _save_sidecars(loaded, tmp)
         # The exported model is the source model: its quality metrics still describe it (an earlier export's
         # parity numbers do not, and stay in the history).
-        previous = {k: v for k, v in (src.manifest.metrics if src.manifest is not None else {}).items()
-                    if not k.endswith("_max_abs_diff")}
+        previous = {
+            k: v
+            for k, v in (src.manifest.metrics if src.manifest is not None else {}).items()
+            if not k.endswith("_max_abs_diff")
+        }
         manifest = mf.Manifest(
             stage="export",
             path=str(final),

@@ -33,8 +33,10 @@ def _require_onnx() -> None:
         import onnxruntime  # noqa: F401
         import onnxscript  # noqa: F401
     except ImportError as e:
-        raise DependencyError(f"--format onnx needs onnx, onnxscript and onnxruntime ({e.name} is missing)",
-                              hint="pip install 'distillkit[onnx]'") from None
+        raise DependencyError(
+            f"--format onnx needs onnx, onnxscript and onnxruntime ({e.name} is missing)",
+            hint="pip install 'distillkit[onnx]'",
+        ) from None
 
 
 @contextlib.contextmanager
@@ -58,15 +60,23 @@ def _param_bytes(model: Any) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def _export_dynamo(wrapper: Any, io: ModelIO, args: tuple[Any, ...], path: Path, opset: int | None,
-                   external: bool) -> None:
+def _export_dynamo(
+    wrapper: Any, io: ModelIO, args: tuple[Any, ...], path: Path, opset: int | None, external: bool
+) -> None:
     import torch
 
     # The module (not a pre-traced program) goes in, so that the exporter names the dynamic axes batch/sequence.
     with torch.no_grad():
-        onnx_program = torch.onnx.export(wrapper, args, dynamo=True, dynamic_shapes=dynamic_shapes(io),
-                                         input_names=io.input_names, output_names=[io.output_name],
-                                         opset_version=opset, verbose=False)
+        onnx_program = torch.onnx.export(
+            wrapper,
+            args,
+            dynamo=True,
+            dynamic_shapes=dynamic_shapes(io),
+            input_names=io.input_names,
+            output_names=[io.output_name],
+            opset_version=opset,
+            verbose=False,
+        )
     onnx_program.save(path, external_data=external)
     written = _opset_of(path)
     if opset is not None and written != opset:
@@ -81,19 +91,29 @@ def _opset_of(path: Path) -> int | None:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
-def _export_torchscript(wrapper: Any, io: ModelIO, args: tuple[Any, ...], path: Path, opset: int | None,
-                        external: bool) -> None:
+def _export_torchscript(
+    wrapper: Any, io: ModelIO, args: tuple[Any, ...], path: Path, opset: int | None, external: bool
+) -> None:
     import torch
 
     with torch.no_grad():
-        torch.onnx.export(wrapper, args, str(path), dynamo=False, input_names=io.input_names,
-                          output_names=[io.output_name], dynamic_axes=io.dynamic_axes,
-                          opset_version=opset or TORCHSCRIPT_OPSET, do_constant_folding=True,
-                          external_data=external)
+        torch.onnx.export(
+            wrapper,
+            args,
+            str(path),
+            dynamo=False,
+            input_names=io.input_names,
+            output_names=[io.output_name],
+            dynamic_axes=io.dynamic_axes,
+            opset_version=opset or TORCHSCRIPT_OPSET,
+            do_constant_folding=True,
+            external_data=external,
+        )
 
 
-def export_onnx(model: Any, io: ModelIO, out_dir: Path, *, atol: float, opset: int | None = None,
-                seed: int = 0) -> dict[str, Any]:
+def export_onnx(
+    model: Any, io: ModelIO, out_dir: Path, *, atol: float, opset: int | None = None, seed: int = 0
+) -> dict[str, Any]:
     """Write ``out_dir/model.onnx``; returns ``{"metrics", "extra", "timings"}``.
 
     Raises :class:`ExportError` when neither exporter can trace the model, or when onnxruntime
@@ -128,20 +148,32 @@ def export_onnx(model: Any, io: ModelIO, out_dir: Path, *, atol: float, opset: i
     diff = validate_onnx(path, wrapper, io, shapes, seed=seed, exporter=exporter)
     t2 = time.perf_counter()
     if not diff <= atol:
-        raise ExportError(f"onnx parity check failed: onnxruntime differs from PyTorch by {diff:.3g} > --atol {atol:g}",
-                          hint="raise --atol if this difference is acceptable, or try another --opset or --format")
-    extra: dict[str, Any] = {"file": ONNX_NAME, "exporter": exporter, "opset": used_opset,
-                             "input_names": io.input_names, "output_name": io.output_name,
-                             "dynamic_axes": io.dynamic_axes, "parity_shapes": [list(s) for s in shapes],
-                             "external_data": external}
+        raise ExportError(
+            f"onnx parity check failed: onnxruntime differs from PyTorch by {diff:.3g} > --atol {atol:g}",
+            hint="raise --atol if this difference is acceptable, or try another --opset or --format",
+        )
+    extra: dict[str, Any] = {
+        "file": ONNX_NAME,
+        "exporter": exporter,
+        "opset": used_opset,
+        "input_names": io.input_names,
+        "output_name": io.output_name,
+        "dynamic_axes": io.dynamic_axes,
+        "parity_shapes": [list(s) for s in shapes],
+        "external_data": external,
+    }
     if notes:
         extra["note"] = "; ".join(notes)
-    return {"metrics": {"onnx_max_abs_diff": diff}, "extra": extra,
-            "timings": {"export_s": t1 - t0, "validate_s": t2 - t1}}
+    return {
+        "metrics": {"onnx_max_abs_diff": diff},
+        "extra": extra,
+        "timings": {"export_s": t1 - t0, "validate_s": t2 - t1},
+    }
 
 
-def validate_onnx(path: Path, wrapper: Any, io: ModelIO, shapes: list[tuple[int, int]], *, seed: int = 0,
-                  exporter: str = "dynamo") -> float:
+def validate_onnx(
+    path: Path, wrapper: Any, io: ModelIO, shapes: list[tuple[int, int]], *, seed: int = 0, exporter: str = "dynamo"
+) -> float:
     """Max abs difference between onnxruntime (CPU) and the PyTorch ``wrapper`` over ``shapes`` ([B, T] each)."""
     import numpy as np
     import onnxruntime as ort
@@ -163,6 +195,7 @@ def validate_onnx(path: Path, wrapper: Any, io: ModelIO, shapes: list[tuple[int,
             raise ExportError(
                 f"onnx cannot hold model type {io.model_type} ({io.task}) with dynamic axes: the {exporter}-exported graph "
                 f"fails in onnxruntime at batch {b}, sequence {s}: {first_line(e)}",
-                hint="its shapes were baked in while tracing; try --format torch-export or --format hf") from None
+                hint="its shapes were baked in while tracing; try --format torch-export or --format hf",
+            ) from None
         diffs.append(max_abs_diff(np.asarray(got), ref, io.valid_positions(inputs)))
     return max(diffs)

@@ -59,7 +59,7 @@ class ModelIO:
             ids = torch.randint(0, self.vocab_size, (batch, seq), generator=g)
             mask = torch.ones_like(ids)
             if pad and seq > 2:
-                mask[-1, seq - max(1, seq // 3):] = 0
+                mask[-1, seq - max(1, seq // 3) :] = 0
             for name in self.input_names:
                 if name == "input_ids":
                     out.append(ids)
@@ -103,8 +103,9 @@ def _image_shape(config: Any, processor: Any) -> tuple[int, int, int]:
     return channels, 224, 224
 
 
-def describe_io(model: Any, task: str, processor: Any = None, *, purpose: str = "this",
-                error: type[DistillkitError] = ModelError) -> ModelIO:
+def describe_io(
+    model: Any, task: str, processor: Any = None, *, purpose: str = "this", error: type[DistillkitError] = ModelError
+) -> ModelIO:
     """The :class:`ModelIO` of a loaded transformers model, or ``error`` naming ``purpose`` when the
     model takes inputs distillkit cannot build (audio ``input_values``, encoder-decoder, ...)."""
     config = model.config
@@ -112,16 +113,27 @@ def describe_io(model: Any, task: str, processor: Any = None, *, purpose: str = 
     params = _forward_params(model)
     main = getattr(model, "main_input_name", TEXT_INPUT)
     if getattr(config, "is_encoder_decoder", False) or "decoder_input_ids" in params:
-        raise error(f"{purpose} does not support encoder-decoder models ({model_type}, task {task})",
-                    hint="distillkit handles decoder-only and encoder-only text models and image classifiers")
+        raise error(
+            f"{purpose} does not support encoder-decoder models ({model_type}, task {task})",
+            hint="distillkit handles decoder-only and encoder-only text models and image classifiers",
+        )
     output = "last_hidden_state" if task == "feature-extraction" else "logits"
     token_level = task in ("causal-lm", "masked-lm", "feature-extraction")
     if main == VISION_INPUT:
-        return ModelIO("vision", task, model_type, [VISION_INPUT], output, image_shape=_image_shape(config, processor),
-                       token_level=False)
+        return ModelIO(
+            "vision",
+            task,
+            model_type,
+            [VISION_INPUT],
+            output,
+            image_shape=_image_shape(config, processor),
+            token_level=False,
+        )
     if main != TEXT_INPUT:
-        raise error(f"{purpose} cannot build inputs for model type {model_type} (task {task}): it takes {main!r}",
-                    hint="distillkit handles text models (input_ids) and vision models (pixel_values)")
+        raise error(
+            f"{purpose} cannot build inputs for model type {model_type} (task {task}): it takes {main!r}",
+            hint="distillkit handles text models (input_ids) and vision models (pixel_values)",
+        )
     names = ["input_ids"]
     if "attention_mask" in params:
         names.append("attention_mask")
@@ -135,16 +147,27 @@ def describe_io(model: Any, task: str, processor: Any = None, *, purpose: str = 
         text_cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
         vocab = int(getattr(text_cfg, "vocab_size", 0) or 0)
     if vocab <= 0:
-        raise error(f"{purpose} cannot tell the vocabulary size of model type {model_type}",
-                    hint="the model needs an input embedding or config.vocab_size")
+        raise error(
+            f"{purpose} cannot tell the vocabulary size of model type {model_type}",
+            hint="the model needs an input embedding or config.vocab_size",
+        )
     max_pos = None
     for key in ("max_position_embeddings", "n_positions", "n_ctx"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
             max_pos = value
             break
-    return ModelIO("text", task, model_type, names, output, vocab_size=vocab, type_vocab_size=type_vocab,
-                   max_positions=max_pos, token_level=token_level)
+    return ModelIO(
+        "text",
+        task,
+        model_type,
+        names,
+        output,
+        vocab_size=vocab,
+        type_vocab_size=type_vocab,
+        max_positions=max_pos,
+        token_level=token_level,
+    )
 
 
 def _make_wrapper(model: Any, io: ModelIO) -> Any:
@@ -161,6 +184,7 @@ def _make_wrapper(model: Any, io: ModelIO) -> Any:
 
     # Exporters read input names from the forward signature, so each input set gets its own class.
     if io.input_names == ["pixel_values"]:
+
         class VisionForward(torch.nn.Module):
             def __init__(self) -> None:
                 super().__init__()
@@ -171,6 +195,7 @@ def _make_wrapper(model: Any, io: ModelIO) -> Any:
 
         return VisionForward().eval()
     if io.input_names == ["input_ids"]:
+
         class IdsForward(torch.nn.Module):
             def __init__(self) -> None:
                 super().__init__()
@@ -181,6 +206,7 @@ def _make_wrapper(model: Any, io: ModelIO) -> Any:
 
         return IdsForward().eval()
     if io.input_names == ["input_ids", "attention_mask"]:
+
         class TextForward(torch.nn.Module):
             def __init__(self) -> None:
                 super().__init__()
@@ -191,6 +217,7 @@ def _make_wrapper(model: Any, io: ModelIO) -> Any:
 
         return TextForward().eval()
     if io.input_names == ["input_ids", "attention_mask", "token_type_ids"]:
+
         class TextTypesForward(torch.nn.Module):
             def __init__(self) -> None:
                 super().__init__()

@@ -92,17 +92,30 @@ def export_torch(model: Any, io: ModelIO, out_dir: Path, *, atol: float, seed: i
             inputs = io.sample(b, s, seed=seed + 1 + i, pad=True)
             ref = wrapper(*inputs)
             got = loaded(*inputs)
-            diffs.append(max_abs_diff(got.detach().cpu().float().numpy(), ref.detach().cpu().float().numpy(),
-                                      io.valid_positions(inputs)))
+            diffs.append(
+                max_abs_diff(
+                    got.detach().cpu().float().numpy(), ref.detach().cpu().float().numpy(), io.valid_positions(inputs)
+                )
+            )
     diff = max(diffs)
     t2 = time.perf_counter()
     if not diff <= atol:
-        raise ExportError(f"torch-export parity check failed: max abs diff {diff:.3g} > --atol {atol:g}",
-                          hint="raise --atol if this difference is acceptable, or export with --format hf")
-    extra: dict[str, Any] = {"file": PT2_NAME, "dynamic_shapes": dynamic, "input_names": io.input_names,
-                             "output_name": io.output_name, "parity_shapes": [list(s) for s in shapes],
-                             "dynamic_axes": io.dynamic_axes if dynamic else {}}
+        raise ExportError(
+            f"torch-export parity check failed: max abs diff {diff:.3g} > --atol {atol:g}",
+            hint="raise --atol if this difference is acceptable, or export with --format hf",
+        )
+    extra: dict[str, Any] = {
+        "file": PT2_NAME,
+        "dynamic_shapes": dynamic,
+        "input_names": io.input_names,
+        "output_name": io.output_name,
+        "parity_shapes": [list(s) for s in shapes],
+        "dynamic_axes": io.dynamic_axes if dynamic else {},
+    }
     if note:
         extra["note"] = note
-    return {"metrics": {"torch_export_max_abs_diff": diff}, "extra": extra,
-            "timings": {"export_s": t1 - t0, "validate_s": t2 - t1}}
+    return {
+        "metrics": {"torch_export_max_abs_diff": diff},
+        "extra": extra,
+        "timings": {"export_s": t1 - t0, "validate_s": t2 - t1},
+    }

@@ -15,13 +15,48 @@ from distillkit.errors import ConfigError
 
 FAST = ["--repeats", "2", "--warmup", "1", "--seq", "16", "--decode-tokens", "4"]
 MODEL_FIELDS = {
-    "name", "path", "stage", "role", "runtime", "task", "model_type", "dtype", "params", "weights_bytes", "file_size_bytes",
-    "load_s", "latency_ms_p50", "latency_ms_p90", "latency_ms", "throughput", "throughput_unit",
-    "decode_ms_per_token_p50", "decode_ms_per_token_p90", "generate_ms_per_token", "decode_tokens_per_s",
-    "peak_memory_mb", "memory_method", "quality", "notes",
+    "name",
+    "path",
+    "stage",
+    "role",
+    "runtime",
+    "task",
+    "model_type",
+    "dtype",
+    "params",
+    "weights_bytes",
+    "file_size_bytes",
+    "load_s",
+    "latency_ms_p50",
+    "latency_ms_p90",
+    "latency_ms",
+    "throughput",
+    "throughput_unit",
+    "decode_ms_per_token_p50",
+    "decode_ms_per_token_p90",
+    "generate_ms_per_token",
+    "decode_tokens_per_s",
+    "peak_memory_mb",
+    "memory_method",
+    "quality",
+    "notes",
 }
-REPORT_FIELDS = {"device", "device_type", "versions", "command", "created", "config", "models", "baseline", "ratios",
-                 "memory_method", "quality_metric", "data", "notes", "plot"}
+REPORT_FIELDS = {
+    "device",
+    "device_type",
+    "versions",
+    "command",
+    "created",
+    "config",
+    "models",
+    "baseline",
+    "ratios",
+    "memory_method",
+    "quality_metric",
+    "data",
+    "notes",
+    "plot",
+}
 RATIO_FIELDS = {"latency_speedup", "throughput_ratio", "decode_speedup", "param_ratio", "size_ratio", "memory_ratio"}
 
 
@@ -41,8 +76,19 @@ def llm_run(models, text_file, tmp_path_factory):
     """Teacher (4 layers) vs student (2 layers) with data, a plot and --out."""
     root = tmp_path_factory.mktemp("bench-llm")
     plot, out = root / "plot.png", root / "report.json"
-    args = ["bench", models["student"][1], "--against", models["teacher"][1], "--data", str(text_file),
-            "--plot", str(plot), "--out", str(out), *FAST]
+    args = [
+        "bench",
+        models["student"][1],
+        "--against",
+        models["teacher"][1],
+        "--data",
+        str(text_file),
+        "--plot",
+        str(plot),
+        "--out",
+        str(out),
+        *FAST,
+    ]
     code, lines, err = run_cli(args)
     return code, lines, err, plot, out
 
@@ -119,8 +165,9 @@ def test_bench_plot_is_a_png(llm_run):
 
 def test_bench_encoders_embedding_cosine_and_no_against(models, text_file, tmp_path):
     """Feature extractors get embedding cosine against --against; without --against the first model is the baseline."""
-    code, lines, err = run_cli(["bench", models["small-encoder"][1], "--against", models["encoder"][1],
-                                "--data", str(text_file), *FAST])
+    code, lines, err = run_cli(
+        ["bench", models["small-encoder"][1], "--against", models["encoder"][1], "--data", str(text_file), *FAST]
+    )
     assert code == 0, err
     report = json.loads(lines[0])
     teacher, student = report["models"]
@@ -161,9 +208,15 @@ def test_bench_errors(models, tmp_path):
 def test_bench_config_validation():
     cfg = BenchConfig(models=("a", "b"), against="t", repeats=2)
     assert BenchConfig.from_dict(cfg.to_dict()) == cfg
-    for bad in (dict(), dict(models=("a",), batch=0), dict(models=("a",), warmup=-1),
-                dict(models=("a",), decode_tokens=0), dict(models=("a",), dtype="int8"),
-                dict(models=("a",), task="translation"), dict(models=("a",), max_samples=0)):
+    for bad in (
+        dict(),
+        dict(models=("a",), batch=0),
+        dict(models=("a",), warmup=-1),
+        dict(models=("a",), decode_tokens=0),
+        dict(models=("a",), dtype="int8"),
+        dict(models=("a",), task="translation"),
+        dict(models=("a",), max_samples=0),
+    ):
         with pytest.raises(ConfigError):
             BenchConfig(**bad)
 
@@ -175,8 +228,9 @@ def test_bench_reads_an_onnx_export_from_stdin(models, text_file, tmp_path, monk
     code, lines, err = run_cli(["export", models["small-encoder"][1], "--format", "onnx", "--out", str(out)])
     assert code == 0, err
     monkeypatch.setattr("sys.stdin", io.StringIO(lines[0] + "\n"))
-    code, lines, err = run_cli(["bench", "-", models["small-encoder"][1], "--against", models["encoder"][1],
-                                "--data", str(text_file), *FAST])
+    code, lines, err = run_cli(
+        ["bench", "-", models["small-encoder"][1], "--against", models["encoder"][1], "--data", str(text_file), *FAST]
+    )
     assert code == 0, err
     report = json.loads(lines[0])
     teacher, exported, eager = report["models"]

