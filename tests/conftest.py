@@ -21,3 +21,42 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# Tiny teachers shared across test packages, built once per session. Tests must not modify them in place.
+from tests import tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def llama(tmp_path_factory):
+    return tiny.tiny_llama(tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="session")
+def gpt2(tmp_path_factory):
+    return tiny.tiny_gpt2(tmp_path_factory.mktemp("gpt2"))
+
+
+@pytest.fixture(scope="session")
+def bert(tmp_path_factory):
+    return tiny.tiny_bert(tmp_path_factory.mktemp("bert"))
+
+
+@pytest.fixture(scope="session")
+def bert_mlm(tmp_path_factory):
+    return tiny.tiny_bert_mlm(tmp_path_factory.mktemp("bert-mlm"))
+
+
+@pytest.fixture(scope="session")
+def bert_cls(tmp_path_factory):
+    return tiny.tiny_bert_cls(tmp_path_factory.mktemp("bert-cls"))
+
+
+@pytest.fixture(scope="session")
+def vit(tmp_path_factory):
+    return tiny.tiny_vit(tmp_path_factory.mktemp("vit"))
+
+
+@pytest.fixture(scope="session")
+def vit_model(tmp_path_factory):
+    return tiny.tiny_vit_model(tmp_path_factory.mktemp("vit-model"))

@@ -1,25 +1,10 @@
-"""Tiny models for the pruning tests, built once per session. Tests must not modify them in place."""
+"""ResNet models for the pruning tests (the transformer teachers come from tests/conftest.py); not to be modified."""
 
 from __future__ import annotations
 
 import pytest
 
 from tests import tiny
-
-
-@pytest.fixture(scope="session")
-def llama(tmp_path_factory):
-    return tiny.tiny_llama(tmp_path_factory.mktemp("llama"))
-
-
-@pytest.fixture(scope="session")
-def gpt2(tmp_path_factory):
-    return tiny.tiny_gpt2(tmp_path_factory.mktemp("gpt2"))
-
-
-@pytest.fixture(scope="session")
-def bert(tmp_path_factory):
-    return tiny.tiny_bert(tmp_path_factory.mktemp("bert"))
 
 
 @pytest.fixture(scope="session")
