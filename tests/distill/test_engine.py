@@ -53,6 +53,11 @@ def text_file(tmp_path_factory):
     return f
 
 
+def distill_cmd(teacher, data, student: str, *extra: str) -> list[str]:
+    """``distillkit distill`` arguments for a teacher, data file and student, plus ``extra``."""
+    return ["distill", "--teacher", str(teacher), "--student", student, "--data", str(data), *extra]
+
+
 def run(args: list[str], capsys) -> tuple[int, list[str], str]:
     code = main(args)
     cap = capsys.readouterr()
@@ -68,23 +73,9 @@ def test_distill_tiny_llama_writes_loadable_artifact(llama_dir, text_file, tmp_p
 
     out = tmp_path / "student"
     code, lines, err = run(
-        [
-            "distill",
-            "--teacher",
-            str(llama_dir),
-            "--student",
-            "layers=1",
-            "--data",
-            str(text_file),
-            "--steps",
-            "30",
-            "--lr",
-            "1e-3",
-            "--max-length",
-            "32",
-            "--out",
-            str(out),
-        ],
+        distill_cmd(
+            llama_dir, text_file, "layers=1", "--steps", "30", "--lr", "1e-3", "--max-length", "32", "--out", str(out)
+        ),
         capsys,
     )
     assert code == 0, err
@@ -187,22 +178,9 @@ def test_distillation_beats_training_without_teacher(tmp_path, capsys):
 
 
 def test_grad_accum_matches_larger_batch(llama_dir, text_file, tmp_path, capsys):
-    base = [
-        "distill",
-        "--teacher",
-        str(llama_dir),
-        "--student",
-        "layers=2",
-        "--data",
-        str(text_file),
-        "--steps",
-        "6",
-        "--max-length",
-        "32",
-        "--lr",
-        "1e-3",
-        "--quiet",
-    ]
+    base = distill_cmd(
+        llama_dir, text_file, "layers=2", "--steps", "6", "--max-length", "32", "--lr", "1e-3", "--quiet"
+    )
     assert main([*base, "--batch-size", "8", "--out", str(tmp_path / "a")]) == 0
     assert main([*base, "--batch-size", "4", "--grad-accum", "2", "--out", str(tmp_path / "b")]) == 0
     capsys.readouterr()
@@ -222,14 +200,10 @@ def _env() -> dict[str, str]:
 
 
 def test_resume_after_kill_reaches_the_same_weights_bitwise(llama_dir, text_file, tmp_path):
-    args = [
-        "distill",
-        "--teacher",
-        str(llama_dir),
-        "--student",
+    args = distill_cmd(
+        llama_dir,
+        text_file,
         "layers=2",
-        "--data",
-        str(text_file),
         "--steps",
         "400",
         "--batch-size",
@@ -239,7 +213,7 @@ def test_resume_after_kill_reaches_the_same_weights_bitwise(llama_dir, text_file
         "--save-every",
         "20",
         "--quiet",
-    ]
+    )
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
         _cli(*args, "--out", str(killed)), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
@@ -273,14 +247,10 @@ def test_resume_after_kill_reaches_the_same_weights_bitwise(llama_dir, text_file
 
 def test_two_processes_match_one_with_the_same_global_batch(llama_dir, text_file, tmp_path):
     """DDP over gloo on CPU: 2 processes x batch 4 == 1 process x batch 8 (tolerance 1e-5 abs on weights)."""
-    base = [
-        "distill",
-        "--teacher",
-        str(llama_dir),
-        "--student",
+    base = distill_cmd(
+        llama_dir,
+        text_file,
         "layers=2",
-        "--data",
-        str(text_file),
         "--steps",
         "5",
         "--max-length",
@@ -290,7 +260,7 @@ def test_two_processes_match_one_with_the_same_global_batch(llama_dir, text_file
         "--device",
         "cpu",
         "--quiet",
-    ]
+    )
     env = _env()
     r = subprocess.run(
         [
@@ -345,21 +315,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(llama_dir, text_file, tmp
     monkeypatch.setattr(functional, "forward_kl", flaky)
     out = tmp_path / "o"
     code, lines, err = run(
-        [
-            "distill",
-            "--teacher",
-            str(llama_dir),
-            "--student",
-            "layers=1",
-            "--data",
-            str(text_file),
-            "--steps",
-            "10",
-            "--max-length",
-            "32",
-            "--out",
-            str(out),
-        ],
+        distill_cmd(llama_dir, text_file, "layers=1", "--steps", "10", "--max-length", "32", "--out", str(out)),
         capsys,
     )
     assert code == 1 and lines == []
@@ -368,22 +324,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(llama_dir, text_file, tmp
     assert checkpoint_step(out) == 3
     monkeypatch.setattr(functional, "forward_kl", real)
     code, lines, err = run(
-        [
-            "distill",
-            "--teacher",
-            str(llama_dir),
-            "--student",
-            "layers=1",
-            "--data",
-            str(text_file),
-            "--steps",
-            "10",
-            "--max-length",
-            "32",
-            "--out",
-            str(out),
-            "--resume",
-        ],
+        distill_cmd(
+            llama_dir, text_file, "layers=1", "--steps", "10", "--max-length", "32", "--out", str(out), "--resume"
+        ),
         capsys,
     )
     assert code == 0, err
@@ -691,14 +634,10 @@ def test_tensorboard_logs_go_into_the_artifact(llama_dir, text_file, tmp_path, c
     pytest.importorskip("tensorboard")
     out = tmp_path / "tb"
     code, lines, err = run(
-        [
-            "distill",
-            "--teacher",
-            str(llama_dir),
-            "--student",
+        distill_cmd(
+            llama_dir,
+            text_file,
             "layers=1",
-            "--data",
-            str(text_file),
             "--steps",
             "3",
             "--max-length",
@@ -707,7 +646,7 @@ def test_tensorboard_logs_go_into_the_artifact(llama_dir, text_file, tmp_path, c
             "tensorboard",
             "--out",
             str(out),
-        ],
+        ),
         capsys,
     )
     assert code == 0, err
@@ -769,21 +708,7 @@ def test_student_from_stdin_continues_the_lineage(llama_dir, text_file, tmp_path
 
     first = tmp_path / "first"
     code, lines, err = run(
-        [
-            "distill",
-            "--teacher",
-            str(llama_dir),
-            "--student",
-            "layers=2",
-            "--data",
-            str(text_file),
-            "--steps",
-            "2",
-            "--max-length",
-            "32",
-            "--out",
-            str(first),
-        ],
+        distill_cmd(llama_dir, text_file, "layers=2", "--steps", "2", "--max-length", "32", "--out", str(first)),
         capsys,
     )
     assert code == 0, err
@@ -815,14 +740,10 @@ def test_student_from_stdin_continues_the_lineage(llama_dir, text_file, tmp_path
 
 def test_ctrl_c_exits_130_and_keeps_the_checkpoint(llama_dir, text_file, tmp_path):
     out = tmp_path / "interrupted"
-    args = [
-        "distill",
-        "--teacher",
-        str(llama_dir),
-        "--student",
+    args = distill_cmd(
+        llama_dir,
+        text_file,
         "layers=1",
-        "--data",
-        str(text_file),
         "--steps",
         "2000",
         "--batch-size",
@@ -834,7 +755,7 @@ def test_ctrl_c_exits_130_and_keeps_the_checkpoint(llama_dir, text_file, tmp_pat
         "--quiet",
         "--out",
         str(out),
-    ]
+    )
     proc = subprocess.Popen(_cli(*args), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None and (checkpoint_step(out) or 0) < 10:
