@@ -337,7 +337,28 @@ def checkpoint_step(out: str | os.PathLike) -> int | None:
 # The run
 
 
-def run_distill(cfg: DistillConfig, *, out: str, overwrite: bool = False, resume: bool = False) -> dict | None:
+@dataclass
+class StudentHooks:
+    """Ways for another stage to train through this loop (quantized distillation does).
+
+    ``prepare(student)`` runs on every process after the student is loaded and before training
+    (it may swap modules, e.g. fake-quantized Linear layers) and returns the model to train;
+    ``finish(student)`` runs on the main process with the trained, unwrapped student before it is
+    saved, and may convert it in place.
+    """
+
+    prepare: Any = None
+    finish: Any = None
+
+
+def run_distill(
+    cfg: DistillConfig,
+    *,
+    out: str,
+    overwrite: bool = False,
+    resume: bool = False,
+    hooks: StudentHooks | None = None,
+) -> dict | None:
     """Distil ``cfg.teacher`` into ``cfg.student``; write the artifact ``out``; return its manifest.
 
     Returns None on processes other than the main one in multi-process runs.
@@ -362,7 +383,7 @@ def run_distill(cfg: DistillConfig, *, out: str, overwrite: bool = False, resume
         wd.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     try:
-        return _run(cfg, accelerator, out_path, wd, overwrite, resume, t_start)
+        return _run(cfg, accelerator, out_path, wd, overwrite, resume, t_start, hooks or StudentHooks())
     except BaseException as e:
         # a failed run keeps its work directory only if there is a checkpoint to resume from
         kept = (wd / CHECKPOINT / STATE_FILE).is_file()
@@ -377,7 +398,14 @@ def run_distill(cfg: DistillConfig, *, out: str, overwrite: bool = False, resume
 
 
 def _run(
-    cfg: DistillConfig, accelerator: Any, out_path: Path, wd: Path, overwrite: bool, resume: bool, t_start: float
+    cfg: DistillConfig,
+    accelerator: Any,
+    out_path: Path,
+    wd: Path,
+    overwrite: bool,
+    resume: bool,
+    t_start: float,
+    hooks: StudentHooks,
 ) -> dict | None:
     from accelerate.utils import set_seed
 
@@ -407,6 +435,8 @@ def _run(
             "--student-init random applies to a student spec, not to an existing model",
             hint="pass --student layers=N,... or drop --student-init",
         )
+    if hooks.prepare is not None:
+        student = hooks.prepare(student)
     student.train()
     load_time = time.perf_counter() - t0
 
@@ -573,6 +603,8 @@ def _run(
         return None
 
     student_model = accelerator.unwrap_model(module).student
+    if hooks.finish is not None:
+        hooks.finish(student_model)
     metrics = {
         **{f"student_{k}" if not k.startswith("teacher_") else k: v for k, v in final_eval.items()},
         **{f"initial_student_{k}": v for k, v in initial_eval.items() if not k.startswith("teacher_")},

@@ -1,0 +1,1 @@
+"""Block-sparse attention: naive reference, mask builders and the Triton kernels."""
