@@ -82,3 +82,4 @@ class Registry:
 LOSSES = Registry("loss", modules=("distillkit.distill.losses",))
 IMPORTANCES = Registry("importance", modules=("distillkit.prune.importance",))
 SCORES = Registry("score", modules=("distillkit.search.scores",))
+SCHEMES = Registry("quantization scheme", modules=("distillkit.quantize.schemes",))

@@ -41,9 +41,9 @@ def build_app() -> typer.Typer:
     ) -> None:
         """distillkit: one CLI for distillation, and the artifacts that chain its stages."""
 
-    from distillkit.cli import bench, distill, export, prune, search_student
+    from distillkit.cli import bench, distill, export, prune, quantize, search_student
 
-    for module in (distill, search_student, prune, export, bench):
+    for module in (distill, search_student, prune, quantize, export, bench):
         module.register(app)
     return app
 

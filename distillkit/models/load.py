@@ -234,6 +234,16 @@ def load_model(
     kwargs["dtype"] = torch_dtype if torch_dtype is not None else torch.float32
     if src.kind != "hub" and allow_pickle:
         kwargs["use_safetensors"] = None
+    from distillkit.quantize.format import is_quantized_dir
+
+    if src.kind != "hub" and is_quantized_dir(src.path):
+        from distillkit.quantize.format import load_quantized
+
+        model = load_quantized(src.path, task, dtype=torch_dtype, device=resolve_device(device))
+        processor = load_processor(src.path, task, trust_remote_code=trust_remote_code)
+        return LoadedModel(
+            model=model, processor=processor, task=task, path=src.path, source=src, pooling=_pooling(src.path)
+        )
     try:
         model = auto_class(task).from_pretrained(src.path, config=config, **kwargs)
     except ValueError as e:

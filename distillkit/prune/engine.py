@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from distillkit import manifest as mf
-from distillkit.errors import ConfigError, DataError, ModelError
+from distillkit.errors import ConfigError
 from distillkit.prune.config import STRUCTURES, PruneConfig
 
 TRANSFORMER_FAMILIES = ("llama", "gpt2", "bert", "vit")
@@ -116,71 +116,16 @@ def _param_count(build: Callable[[], Any]) -> int:
 # Data
 
 
-def _image_size(processor: Any) -> int:
-    size = getattr(processor, "size", None) or {}
-    if isinstance(size, dict):
-        return int(size.get("height") or size.get("shortest_edge") or 224)
-    return int(size) if isinstance(size, int) else 224
-
-
 def _batches(cfg: PruneConfig, loaded: Any) -> tuple[list[dict], list[dict], dict[str, Any]]:
-    """Calibration batches (from the train split) and held-out evaluation batches, materialised once."""
-    import torch
+    from distillkit.data.calibration import calibration_batches
 
-    from distillkit.data import DataSpec, prepare_data
-
-    task = loaded.task
-    if task == "image-classification" and cfg.data is None:
-        # No image data given: random pixels still rank channels and measure agreement with the original.
-        gen = torch.Generator().manual_seed(cfg.seed)
-        s = _image_size(loaded.processor)
-        channels = getattr(loaded.config, "num_channels", 3)
-
-        def make(n: int) -> list[dict]:
-            return [{"pixel_values": torch.randn(cfg.batch_size, channels, s, s, generator=gen)} for _ in range(n)]
-
-        return make(cfg.calib_batches), make(cfg.eval_batches), {"source": "random pixels", "image_size": s}
-    if loaded.processor is None:
-        raise ModelError(
-            f"{loaded.path} has no tokenizer or image processor saved with it",
-            hint="save one with the model (tokenizer.save_pretrained(dir))",
-        )
-    data = prepare_data(
-        DataSpec(
-            data=cfg.data,
-            text_column=cfg.text_column,
-            label_column=cfg.label_column,
-            eval_split=cfg.eval_split,
-            max_length=cfg.max_length,
-            max_samples=cfg.max_samples,
-            seed=cfg.seed,
-        ),
-        loaded.processor,
-        task,
-    )
-    if len(data.train) == 0:
-        raise DataError("the calibration data is empty", hint="give more --data or a smaller --eval-split")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)  # masked-LM masking: the same batches every run
-        order = torch.randperm(len(data.train)).tolist()
-        b = cfg.batch_size
-        calib = [
-            data.collate_fn([data.train[i] for i in order[j : j + b]])
-            for j in range(0, min(len(order), cfg.calib_batches * b), b)
-        ]
-        evals = [
-            data.collate_fn([data.eval[i] for i in range(j, min(j + b, len(data.eval)))])
-            for j in range(0, min(len(data.eval), cfg.eval_batches * b), b)
-        ]
-    return calib, evals, data.info
+    return calibration_batches(cfg, loaded)
 
 
 def _quality(model: Any, batches: list[dict], loaded: Any, reference: Any, device: Any) -> dict[str, float]:
-    from distillkit.evaluate import evaluate_quality
+    from distillkit.data.calibration import held_out_quality
 
-    if not batches:
-        return {}
-    return evaluate_quality(model, batches, loaded.task, teacher=reference, pooling=loaded.pooling, device=device)
+    return held_out_quality(model, batches, loaded, reference, device)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,123 @@
+"""What ``distillkit quantize`` does: the frozen, validated :class:`QuantizeConfig` (no torch import here)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from distillkit.config import BaseConfig, _check, parse_loss_spec
+from distillkit.errors import ConfigError
+
+METHODS = ("rtn", "gptq")
+QUANTIZERS = ("ste", "lsq", "dq")
+ACT_BITS = (4, 8)
+
+
+@dataclass(frozen=True)
+class QuantizeConfig(BaseConfig):
+    """Everything that defines a quantization run (``distillkit quantize``)."""
+
+    scheme: str = "int4"
+    group_size: int | None = None  # None: the scheme's default; 0 = per output channel
+    symmetric: bool | None = None  # None: the scheme's default
+    method: str | None = None  # None: gptq for packed schemes
+    skip: tuple[str, ...] = ()
+    embeddings: bool = True
+    damp: float = 0.01
+    task: str | None = None
+    # quantized distillation
+    teacher: str | None = None
+    qat_steps: int = 0
+    qat_lr: float = 2e-5
+    quantizer: str = "lsq"
+    act_bits: int | None = None
+    losses: tuple[str, ...] = ()
+    temperature: float = 2.0
+    # data
+    data: str | None = None
+    text_column: str | None = None
+    label_column: str | None = None
+    eval_split: float = 0.05
+    max_length: int = 128
+    max_samples: int | None = None
+    calib_batches: int = 16
+    batch_size: int = 8
+    eval_batches: int = 20
+    seed: int = 0
+    device: str = "auto"
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        from distillkit.quantize.schemes import SCHEMES, check_bits, check_group_size
+
+        m = re.fullmatch(r"int(\d+)", self.scheme)
+        if m and self.scheme not in SCHEMES:
+            check_bits(int(m.group(1)))
+        scheme = SCHEMES.get(self.scheme).obj
+        if self.group_size is not None:
+            check_group_size(self.group_size)
+        if self.act_bits is not None and self.act_bits not in ACT_BITS:
+            raise ConfigError(
+                f"{self.act_bits}-bit activations are not supported",
+                hint=f"valid --act-bits: {', '.join(map(str, ACT_BITS))}",
+            )
+        if self.method is not None and self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}", hint=f"choose one of: {', '.join(METHODS)}")
+        if self.quantizer not in QUANTIZERS:
+            raise ConfigError(f"unknown quantizer {self.quantizer!r}", hint=f"choose one of: {', '.join(QUANTIZERS)}")
+        if scheme.format == "bnb":
+            for flag, given in (
+                ("--group-size", self.group_size is not None),
+                ("--symmetric/--asymmetric", self.symmetric is not None),
+                ("--method", self.method is not None),
+                ("--act-bits", self.act_bits is not None),
+            ):
+                if given:
+                    raise ConfigError(
+                        f"{flag} does not apply to the bitsandbytes scheme {self.scheme}",
+                        hint="bitsandbytes fixes its own layout; drop the flag or use --scheme int8/int4/int2",
+                    )
+        if scheme.format == "dynamic":
+            if (self.group_size or 0) != 0 or self.symmetric is False:
+                raise ConfigError(
+                    "dynamic-int8 uses per-channel symmetric int8 weights", hint="drop --group-size/--asymmetric"
+                )
+        if self.qat_steps:
+            _check(self.qat_steps > 0, "--qat-steps must be positive", "give a number of steps, e.g. 300")
+            if not scheme.qat:
+                raise ConfigError(
+                    f"quantized distillation cannot target the {self.scheme} scheme",
+                    hint="use --scheme int8, int4 or int2 with --qat-steps",
+                )
+            if not self.teacher:
+                raise ConfigError(
+                    "quantized distillation (--qat-steps) needs a full-precision teacher",
+                    hint="pass --teacher DIR (it can be the unquantized model itself)",
+                )
+            _check(self.qat_lr > 0, "--qat-lr must be positive", "e.g. 2e-5")
+        elif self.act_bits is not None:
+            raise ConfigError(
+                "--act-bits is trained with quantized distillation", hint="add --qat-steps N and --teacher DIR"
+            )
+        if self.quantizer == "dq" and scheme.format != "packed":
+            raise ConfigError(
+                "--quantizer dq stores a codebook, which only the packed schemes hold", hint="use int4 or int2"
+            )
+        for spec in self.losses:
+            parse_loss_spec(spec)
+        _check(self.damp > 0, "--damp must be positive", "GPTQ's usual dampening is 0.01")
+        _check(0 <= self.eval_split <= 0.5, "--eval-split must be in [0, 0.5]", "e.g. 0.05")
+        for name in ("calib_batches", "batch_size", "max_length"):
+            _check(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive", "give a positive number")
+        _check(self.eval_batches >= 0, "--eval-batches must be >= 0", "0 skips the quality measurement")
+
+    # resolved defaults ------------------------------------------------------------------------------------------
+    def resolved(self) -> dict:
+        from distillkit.quantize.schemes import get_scheme
+
+        s = get_scheme(self.scheme)
+        group = s.group_size if self.group_size is None else self.group_size
+        sym = s.symmetric if self.symmetric is None else self.symmetric
+        method = self.method or ("gptq" if s.format in ("packed", "dynamic") else "bnb")
+        return {"format": s.format, "bits": s.bits, "group_size": group, "symmetric": sym, "method": method}

@@ -1,0 +1,443 @@
+"""``quantize_model``: load, calibrate (GPTQ or round-to-nearest), optionally distil with fake-quantized weights
+(quantized distillation, Polino et al. 2018), convert to real low-bit modules, measure, and write the artifact.
+
+Quantized distillation runs through the ``distill`` engine: a :class:`~distillkit.distill.engine.StudentHooks`
+``prepare`` swaps the student's layers for fake-quant ones (started from the post-training quantization, so QAT
+refines it), and ``finish`` reads the learned codes back. The teacher is the full-precision model given with
+``--teacher``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from distillkit import manifest as mf
+from distillkit.errors import ConfigError, DataError, DependencyError, ModelError
+from distillkit.quantize.config import QuantizeConfig
+
+
+def _require_bitsandbytes() -> None:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise DependencyError(
+            "this scheme needs bitsandbytes, which is not installed",
+            hint="pip install 'distillkit[bnb]' (or pip install bitsandbytes)",
+        ) from None
+
+
+def _source_dtype(path: str) -> Any:
+    import torch
+
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return torch.float32
+    d = cfg.get("dtype") or cfg.get("torch_dtype")
+    d = getattr(torch, d, None) if isinstance(d, str) else None
+    return d if d in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+
+
+def _weight_bytes(path: str | Path) -> int:
+    p = Path(path)
+    return sum(f.stat().st_size for f in p.glob("*.safetensors")) or sum(f.stat().st_size for f in p.glob("*.bin"))
+
+
+def _refuse_quantized(path: str) -> None:
+    try:
+        qc = json.loads((Path(path) / "config.json").read_text()).get("quantization_config")
+    except (OSError, json.JSONDecodeError):
+        return
+    if qc:
+        raise ModelError(
+            f"{path} is already quantized ({qc.get('quant_method', 'unknown method')})",
+            hint="quantize the full-precision model instead",
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Post-training quantization
+
+
+def gptq_states(model: Any, targets: list, batches: list[dict], r: dict, damp: float, device: Any) -> dict:
+    """GPTQ every Linear target, block by block in model order.
+
+    The inputs of a layer's Linears are collected with every earlier layer already quantized (sequential GPTQ), so
+    later layers correct for the error of earlier ones. Embeddings and tied outputs get round-to-nearest.
+    """
+    import torch
+
+    from distillkit.models.forward import model_inputs
+    from distillkit.quantize import functional as qf
+    from distillkit.quantize.gptq import HessianAccumulator, gptq_quantize
+    from distillkit.quantize.surgery import weight_of
+
+    bits, group, sym = r["bits"], r["group_size"], r["symmetric"]
+    states = {}
+    for t in targets:
+        if t.kind == "embedding":
+            states[t.name] = qf.quantize_rtn(weight_of(model, t).detach(), bits, group, sym)
+    linears = [t for t in targets if t.kind in ("linear", "conv1d")]
+    # one stage per parent block (the module holding the Linears), in model order
+    stages: list[list] = []
+    for t in linears:
+        parent = _block_of(t.name)
+        if stages and _block_of(stages[-1][0].name) == parent:
+            stages[-1].append(t)
+        else:
+            stages.append([t])
+    originals = {t.name: weight_of(model, t).detach().clone() for t in linears}
+    try:
+        for stage in _progress(stages, "GPTQ"):
+            accs = {t.name: HessianAccumulator(t.in_features, device) for t in stage}
+            hooks = []
+            for t in stage:
+                mod = model.get_submodule(t.name)
+                hooks.append(mod.register_forward_pre_hook(lambda m, args, _a=accs[t.name]: _a.add(args[0])))
+            try:
+                with torch.no_grad():
+                    for b in batches:
+                        model(**model_inputs(model, b, device))
+            finally:
+                for h in hooks:
+                    h.remove()
+            for t in stage:
+                st = gptq_quantize(
+                    weight_of(model, t), accs[t.name].H, bits=bits, group_size=group, symmetric=sym, damp=damp
+                )
+                states[t.name] = st
+                _set_weight(model, t, st.dequantize(torch.float32))
+    finally:
+        for t in linears:  # the caller quantizes from the states; the float model is left as it was
+            _set_weight(model, t, originals[t.name])
+    return states
+
+
+def _block_of(name: str) -> str:
+    # "model.layers.3.mlp.up_proj" -> "model.layers.3": the numbered container is the block
+    parts = name.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i].isdigit():
+            return ".".join(parts[: i + 1])
+    return parts[0]
+
+
+def _set_weight(model: Any, t: Any, w: Any) -> None:
+    import torch
+
+    m = model.get_submodule(t.name)
+    with torch.no_grad():
+        m.weight.copy_(w.t() if t.kind == "conv1d" else w)
+
+
+def _progress(items: list, what: str):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from distillkit.cli.options import stderr_console
+
+    with Progress(
+        TextColumn(f"[bold]{what}[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=stderr_console(),
+        transient=True,
+    ) as bar:
+        task = bar.add_task(what, total=len(items))
+        for it in items:
+            yield it
+            bar.advance(task)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Quantized distillation
+
+
+def _qat(cfg: QuantizeConfig, src: mf.Source, loaded: Any, r: dict, init: dict, final: Path) -> tuple[Any, dict, dict]:
+    """Distil the teacher into the fake-quantized model for ``qat_steps``; returns (model, states, summary)."""
+    from distillkit.config import DistillConfig
+    from distillkit.distill.engine import StudentHooks, run_distill
+    from distillkit.quantize.surgery import fake_to_plain_, find_targets, to_fake_quant_
+
+    holder: dict[str, Any] = {}
+
+    def prepare(student: Any) -> Any:
+        targets = find_targets(student, cfg.skip, embeddings=cfg.embeddings and r["format"] == "packed")
+        holder["targets"] = targets
+        return to_fake_quant_(
+            student,
+            targets,
+            bits=r["bits"],
+            group_size=r["group_size"],
+            symmetric=r["symmetric"],
+            quantizer=cfg.quantizer,
+            act_bits=cfg.act_bits,
+            init=init,
+        )
+
+    def finish(student: Any) -> None:
+        holder["states"] = fake_to_plain_(student, holder["targets"])
+        holder["model"] = student
+
+    dcfg = DistillConfig(
+        teacher=cfg.teacher,
+        student=src.path,
+        task=loaded.task,
+        data=cfg.data,
+        text_column=cfg.text_column,
+        label_column=cfg.label_column,
+        eval_split=cfg.eval_split,
+        max_length=cfg.max_length,
+        max_samples=cfg.max_samples,
+        losses=cfg.losses,
+        temperature=cfg.temperature,
+        steps=cfg.qat_steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.qat_lr,
+        seed=cfg.seed,
+        device=cfg.device,
+        mixed_precision="no",
+        eval_batches=cfg.eval_batches,
+        allow_pickle=cfg.allow_pickle,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    work = Path(tempfile.mkdtemp(prefix=f".{final.name}.qat-", dir=final.parent))
+    try:
+        result = run_distill(dcfg, out=str(work / "qat"), hooks=StudentHooks(prepare=prepare, finish=finish)) or {}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    summary = {
+        "steps": cfg.qat_steps,
+        "lr": cfg.qat_lr,
+        "quantizer": cfg.quantizer,
+        "act_bits": cfg.act_bits,
+        "losses": result.get("config", {}).get("resolved_losses"),
+        "final_train_loss": result.get("metrics", {}).get("final_train_loss"),
+        "train_s": result.get("timings", {}).get("train_s"),
+    }
+    model = holder["model"].eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, holder["states"], summary
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run
+
+
+def quantize_model(cfg: QuantizeConfig, source: str | mf.Source, out: str, overwrite: bool = False) -> dict[str, Any]:
+    """Quantize ``source`` as ``cfg`` says into the artifact directory ``out``; returns its manifest dict.
+
+    Metrics: ``quality_before`` (the float model) and ``quality_after`` (the quantized one) from
+    :func:`distillkit.evaluate.evaluate_quality` on held-out data against the teacher (or the float model), with
+    ``quality_ptq`` (the starting point) when quantized distillation ran; weight SQNR per layer (mean/min, dB);
+    file sizes and their ratio.
+    """
+    import torch
+
+    from distillkit.data.calibration import calibration_batches, held_out_quality
+    from distillkit.models.load import load_model, resolve_device
+    from distillkit.quantize import functional as qf
+    from distillkit.quantize.format import FORMAT_VERSION, QUANT_METHOD, save_quantized, to_dynamic_int8_
+    from distillkit.quantize.surgery import (
+        check_group_size,
+        find_targets,
+        quantize_states_rtn,
+        to_quantized_,
+        weight_of,
+    )
+
+    t_start = time.perf_counter()
+    src = source if isinstance(source, mf.Source) else mf.read_source(source)
+    final = mf.check_output(out, overwrite)
+    r = cfg.resolved()
+    if r["format"] == "bnb":
+        _require_bitsandbytes()
+    device = resolve_device(cfg.device)
+    if r["format"] == "dynamic" and device.type != "cpu":
+        raise ConfigError("dynamic-int8 runs on the CPU", hint="pass --device cpu, or use --scheme int8 on a GPU")
+    if src.kind != "hub":
+        _refuse_quantized(src.path)
+    loaded = load_model(
+        src,
+        task=cfg.task,
+        dtype="float32",
+        device=str(device),
+        allow_pickle=cfg.allow_pickle,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    model = loaded.model.eval()
+    if loaded.task == "image-classification" and cfg.qat_steps and cfg.data is None:
+        raise DataError("quantized distillation of an image model needs images", hint="pass --data IMAGE_FOLDER")
+    save_dtype = _source_dtype(src.path) if src.kind != "hub" else torch.float32
+    targets = []
+    if r["format"] != "bnb":
+        targets = find_targets(model, cfg.skip, embeddings=cfg.embeddings and r["format"] == "packed")
+        if not targets:
+            raise ConfigError("nothing to quantize: every layer is skipped", hint="loosen --skip")
+        check_group_size(targets, r["group_size"])
+    teacher = None
+    if cfg.teacher:
+        teacher = load_model(
+            cfg.teacher,
+            task=loaded.task,
+            dtype="float32",
+            device=str(device),
+            allow_pickle=cfg.allow_pickle,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+        teacher.model.eval().requires_grad_(False)
+    t_loaded = time.perf_counter()
+
+    calib, evals, data_info = calibration_batches(cfg, loaded)
+    # the float model is quantized in place, so without a teacher the reference is a copy of it
+    reference = teacher.model if teacher is not None else copy.deepcopy(model)
+    metrics: dict[str, Any] = {}
+    timings: dict[str, float] = {"load_s": t_loaded - t_start}
+    extra: dict[str, Any] = {"calibration": data_info, "pooling": loaded.pooling}
+
+    with torch.random.fork_rng(devices=[]):
+        metrics["quality_before"] = held_out_quality(model, evals, loaded, reference, device)
+
+    t0 = time.perf_counter()
+    if r["format"] == "bnb":
+        from distillkit.quantize.bnb import quantize_bnb
+
+        qmodel = quantize_bnb(src.path, loaded.task, cfg.scheme, device, trust_remote_code=cfg.trust_remote_code)
+        layout = None
+    else:
+        originals = {t.name: weight_of(model, t).detach().clone() for t in targets if t.kind != "tied"}
+        if r["method"] == "gptq":
+            if not calib:
+                raise DataError(
+                    "GPTQ needs calibration data, and there is none", hint="give --data or use --method rtn"
+                )
+            states = gptq_states(model, targets, calib, r, cfg.damp, device)
+        else:
+            states = quantize_states_rtn(model, targets, r["bits"], r["group_size"], r["symmetric"])
+        timings["calibrate_s"] = time.perf_counter() - t0
+        qmodel = model
+        if cfg.qat_steps:
+            ptq = copy.deepcopy(model)
+            to_quantized_(ptq, targets, states)
+            with torch.random.fork_rng(devices=[]):
+                metrics["quality_ptq"] = held_out_quality(ptq, evals, loaded, reference, device)
+            del ptq
+            t_qat = time.perf_counter()
+            qmodel, states, extra["qat"] = _qat(cfg, src, loaded, r, states, final)
+            qmodel.to(device)
+            timings["qat_s"] = time.perf_counter() - t_qat
+        sq = [qf.sqnr_db(originals[n], st.dequantize()) for n, st in states.items()]
+        metrics["weight_sqnr_db_mean"] = sum(sq) / len(sq)
+        metrics["weight_sqnr_db_min"] = min(sq)
+        layout = to_quantized_(qmodel, targets, states, act_bits=cfg.act_bits)
+        n_q = sum(t.in_features * t.out_features for t in targets if t.kind != "tied")
+        metrics["quantized_params"] = n_q
+    timings["quantize_s"] = time.perf_counter() - t0
+
+    eval_model = qmodel
+    if r["format"] == "dynamic":
+        eval_model = to_dynamic_int8_(copy.deepcopy(qmodel).cpu())
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        metrics["quality_after"] = held_out_quality(eval_model, evals, loaded, reference, device)
+    for stage in ("before", "ptq", "after"):
+        for k, v in metrics.get(f"quality_{stage}", {}).items():
+            metrics[f"{stage}_{k}"] = v
+
+    qc = None
+    if layout is not None:
+        qc = {
+            "quant_method": QUANT_METHOD,
+            "format_version": FORMAT_VERSION,
+            "scheme": cfg.scheme,
+            "act_bits": cfg.act_bits,
+            "runtime": "dynamic-int8" if r["format"] == "dynamic" else "dequant",
+            "modules": layout,
+        }
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with mf.atomic_artifact(final, overwrite) as tmp:
+        if qc is not None:
+            save_quantized(qmodel, tmp, qc, save_dtype)
+        else:
+            qmodel.save_pretrained(tmp, safe_serialization=True)
+        if loaded.processor is not None:
+            loaded.processor.save_pretrained(tmp)
+        _copy_sentence_transformers(src.path, tmp)
+        metrics["source_bytes"] = _weight_bytes(src.path) if src.kind != "hub" else None
+        metrics["artifact_bytes"] = _weight_bytes(tmp)
+        if metrics["source_bytes"]:
+            metrics["size_ratio"] = metrics["artifact_bytes"] / metrics["source_bytes"]
+        manifest = mf.Manifest(
+            stage="quantize",
+            path=str(final),
+            task=loaded.task,
+            model_type=getattr(loaded.config, "model_type", None),
+            inputs={
+                "model": mf.describe_input(src.path, src.manifest),
+                **({"teacher": mf.describe_input(teacher.path, None)} if teacher is not None else {}),
+            },
+            config={**cfg.to_dict(), "resolved": r},
+            metrics=metrics,
+            timings={**timings, "total_s": time.perf_counter() - t_start},
+            history=mf.history_of(src),
+            extra=extra,
+        )
+        mf.finalize_artifact(tmp, manifest, final)
+    _report(manifest)
+    return manifest.to_dict()
+
+
+def _copy_sentence_transformers(src: str, directory: Path) -> None:
+    from distillkit.distill.engine import _ST_FILES
+
+    s = Path(src)
+    if not (s.is_dir() and (s / "modules.json").is_file()):
+        return
+    for name in _ST_FILES:
+        if (s / name).is_file():
+            shutil.copy(s / name, directory / name)
+    for sub in s.iterdir():
+        if sub.is_dir() and sub.name.startswith("1_Pooling"):
+            shutil.copytree(sub, directory / sub.name)
+
+
+def _report(manifest: mf.Manifest) -> None:
+    from rich.table import Table
+
+    from distillkit.cli.options import stderr_console
+
+    m = manifest.metrics
+    t = Table(title=f"quantize {manifest.config['scheme']} -> {manifest.path}", title_justify="left")
+    t.add_column("")
+    t.add_column("before", justify="right")
+    if "quality_ptq" in m:
+        t.add_column("post-training", justify="right")
+    t.add_column("after", justify="right")
+    keys = sorted(set(m.get("quality_before", {})) | set(m.get("quality_after", {})))
+    for k in keys:
+        if k.startswith("teacher_"):
+            continue
+        row = [k, _fmt(m.get("quality_before", {}).get(k))]
+        if "quality_ptq" in m:
+            row.append(_fmt(m["quality_ptq"].get(k)))
+        row.append(_fmt(m.get("quality_after", {}).get(k)))
+        t.add_row(*row)
+    if m.get("source_bytes"):
+        row = ["weights MB", f"{m['source_bytes'] / 1e6:.2f}"]
+        if "quality_ptq" in m:
+            row.append("")
+        row.append(f"{m['artifact_bytes'] / 1e6:.2f} ({m['size_ratio']:.2f}x)")
+        t.add_row(*row)
+    stderr_console().print(t)
+
+
+def _fmt(v: Any) -> str:
+    return "" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
