@@ -1,0 +1,367 @@
+"""The one door to the attention kernels: block-sparse attention on the best backend for the device.
+
+``block_sparse_attention(q, k, v, mask, block_size=...)`` runs the Triton op on CUDA, and FlexAttention or the
+naive fp32 reference elsewhere. On top of it sit the integrations: a transformers attention implementation
+(``attn_implementation="distillkit_block_sparse"``, registered by :func:`register_transformers_attention`) and a
+diffusers attention processor (:class:`BlockSparseAttnProcessor`). Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import TYPE_CHECKING, Any
+
+from distillkit.errors import ConfigError, ModelError
+
+if TYPE_CHECKING:
+    import torch
+
+BACKENDS = ("auto", "triton", "flex", "naive")
+TRANSFORMERS_IMPLEMENTATION = "distillkit_block_sparse"
+# Where the mask spec and block size live on a transformers config (saved into config.json with the model).
+CONFIG_SPEC_KEY = "distillkit_sparse_attention"
+CONFIG_BLOCK_KEY = "distillkit_sparse_block_size"
+
+
+def _pow2(n: int) -> bool:
+    return n >= 16 and not n & (n - 1)
+
+
+def _triton_usable(q: torch.Tensor, block_size: int) -> bool:
+    if not (_pow2(q.shape[-1]) and _pow2(block_size)):
+        return False
+    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(q: torch.Tensor, block_size: int, backend: str = "auto") -> str:
+    """The backend a call with ``q`` on its device would use: ``auto`` picks Triton on CUDA (for power-of-two head
+    dims and block sizes >= 16), the naive reference on CPU, FlexAttention on other accelerators."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown attention backend {backend!r}", f"use one of {', '.join(BACKENDS)}")
+    if backend == "triton" and not _triton_usable(q, block_size):
+        raise ConfigError(
+            "the Triton block-sparse kernel needs triton, a CUDA device (or TRITON_INTERPRET=1 on CPU) and "
+            f"power-of-two head dim and block size >= 16 (got D={q.shape[-1]}, block {block_size}, {q.device})",
+            "use backend='auto' to fall back to FlexAttention or the naive reference",
+        )
+    if backend != "auto":
+        return backend
+    if q.device.type == "cuda":
+        return "triton" if _triton_usable(q, block_size) else "flex"
+    return "naive" if q.device.type == "cpu" else "flex"
+
+
+def flex_block_mask(mask: torch.Tensor, seq_len: int, block_size: int, causal: bool = False):
+    """A FlexAttention ``BlockMask`` that keeps exactly the blocks of ``mask [B or 1, H or 1, nb, nb]``.
+
+    Kept blocks off the diagonal (all of them without ``causal``) are passed as full blocks, so FlexAttention
+    skips ``mask_mod`` there; with ``causal`` the diagonal blocks are partial with a causal ``mask_mod``.
+    """
+    import torch
+    from torch.nn.attention.flex_attention import BlockMask
+
+    nb = mask.shape[-1]
+    if causal:
+        tri = torch.ones(nb, nb, dtype=torch.bool, device=mask.device)
+        mask = mask & tri.tril()
+        partial = mask & torch.eye(nb, dtype=torch.bool, device=mask.device)
+        full = mask & ~partial
+    else:
+        partial, full = torch.zeros_like(mask), mask
+
+    def lists(m):
+        cnt = m.sum(-1, dtype=torch.int32)
+        idx = torch.sort(m.to(torch.uint8), dim=-1, descending=True, stable=True).indices.to(torch.int32)
+        return cnt.contiguous(), idx.contiguous()
+
+    p_cnt, p_idx = lists(partial)
+    f_cnt, f_idx = lists(full)
+
+    # mask_mod must agree with the block lists: the fused kernels skip it on full blocks, but the unfused
+    # (eager, CPU) path applies only mask_mod, over every position.
+    B_, H_ = mask.shape[:2]
+
+    def block_mod(b, h, q_idx, kv_idx):
+        keep = mask[b if B_ > 1 else 0, h if H_ > 1 else 0, q_idx // block_size, kv_idx // block_size]
+        return keep & (q_idx >= kv_idx) if causal else keep
+
+    return BlockMask.from_kv_blocks(
+        p_cnt,
+        p_idx,
+        f_cnt,
+        f_idx,
+        BLOCK_SIZE=block_size,
+        mask_mod=block_mod,
+        seq_lengths=(seq_len, seq_len),
+    )
+
+
+def _flex(q, k, v, mask, block_size, causal, scale):
+    import torch
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if q.device.type == "cpu" and any(t.requires_grad for t in (q, k, v)):
+        raise ConfigError(
+            "FlexAttention has no backward on CPU", "use backend='naive' (or 'triton' under TRITON_INTERPRET=1)"
+        )
+    bm = flex_block_mask(mask, q.shape[2], block_size, causal)
+    out = flex_attention(q, k, v, block_mask=bm, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    # FlexAttention leaves rows with no kept key at zero already; nan_to_num guards older releases.
+    return torch.nan_to_num(out)
+
+
+@functools.lru_cache(maxsize=64)
+def _static_index(spec: Any, seq_len: int, block_size: int, causal: bool, device: str) -> Any:
+    import torch
+
+    from distillkit.kernels.block_sparse_attention.masks import block_index
+
+    meta = torch.empty(1, 1, seq_len, 1, device=device)  # static builders read only the length and device
+    return block_index(spec.build(meta, meta, block_size, causal=causal), causal=causal)
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: Any,
+    *,
+    block_size: int,
+    causal: bool = False,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Block-sparse attention on the backend for q's device (see :func:`resolve_backend`).
+
+    ``q [B, H, T, D]``, ``k, v [B, Hkv, T, D]``; ``mask`` a bool block mask ``[B or 1, H or 1, nb, nb]`` with
+    ``nb = ceil(T / block_size)``, a ``MaskSpec`` or a spec string (``"topk:0.1"``, ``"window:256"``...).
+    Returns ``[B, H, T, D]`` in q's dtype. FlexAttention has no backward on CPU; ``auto`` never picks it there.
+    """
+    from distillkit.kernels.block_sparse_attention.masks import MaskSpec, check_block_mask, parse_mask_spec
+
+    name = resolve_backend(q, block_size, backend)
+    if isinstance(mask, str):
+        mask = parse_mask_spec(mask)
+    if name == "triton":
+        from distillkit.kernels.block_sparse_attention.op import block_sparse_attention as triton_op
+
+        if isinstance(mask, MaskSpec) and not mask.adaptive:
+            # Static masks depend only on the length: compress once, not in every layer of every step.
+            mask = _static_index(mask, q.shape[2], block_size, causal, str(q.device))
+        return triton_op(q, k, v, mask, block_size=block_size, causal=causal, scale=scale)
+    if isinstance(mask, MaskSpec):
+        mask = mask.build(q, k, block_size, causal=causal)
+    mask = check_block_mask(mask, q.shape[0], q.shape[1], q.shape[2], block_size).to(q.device)
+    if name == "flex":
+        return _flex(q, k, v, mask, block_size, causal, scale)
+    from distillkit.kernels.block_sparse_attention.naive import naive_block_sparse_attention
+
+    return naive_block_sparse_attention(q, k, v, mask, block_size=block_size, causal=causal, scale=scale)
+
+
+# ----------------------------------------------------------------------------------------------- transformers
+
+
+def sparse_settings(config: Any) -> tuple[str, int] | None:
+    """``(spec, block_size)`` recorded on a transformers config (public keys, or the ``_``-prefixed runtime ones)."""
+    spec = getattr(config, CONFIG_SPEC_KEY, None) or getattr(config, "_" + CONFIG_SPEC_KEY, None)
+    if not spec:
+        return None
+    block = getattr(config, CONFIG_BLOCK_KEY, None) or getattr(config, "_" + CONFIG_BLOCK_KEY, None) or 64
+    return str(spec), int(block)
+
+
+def _padding_is_harmless(attention_mask: torch.Tensor, causal: bool) -> bool:
+    """True when the model's mask adds nothing beyond (causal) block-sparse attention for the real query tokens:
+    no mask at all, or right padding under a causal mask (real tokens never see the pads that follow them)."""
+    import torch
+
+    keep = (
+        attention_mask
+        if attention_mask.dtype == torch.bool
+        else attention_mask > torch.finfo(attention_mask.dtype).min / 2
+    )
+    Tq, Tk = keep.shape[-2:]
+    expected = torch.ones(Tq, Tk, dtype=torch.bool, device=keep.device)
+    if causal:
+        expected = expected.tril()
+    real_query = keep.diagonal(dim1=-2, dim2=-1)[..., None]  # a pad query does not attend itself
+    return bool(((keep == expected) | ~real_query).all())
+
+
+def transformers_block_sparse_attention(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function: ``query [B, H, T, D]``, ``key, value [B, Hkv, S, D]`` -> ``([B, T, H, D],
+    None)``. The mask spec and block size come from ``module.config`` (see :func:`sparse_settings`).
+
+    Decoding steps (``T != S``, with a KV cache) run dense SDPA: the block pattern is defined for square
+    self-attention. Left padding or a non-causal padding mask cannot be expressed by block lists and is refused.
+    """
+    import torch
+
+    settings = sparse_settings(getattr(module, "config", None))
+    if settings is None:
+        raise ConfigError(
+            f"attn_implementation={TRANSFORMERS_IMPLEMENTATION!r} needs a mask spec on the model config",
+            f"set config.{CONFIG_SPEC_KEY} = 'topk:0.25' (and {CONFIG_BLOCK_KEY})",
+        )
+    spec, block_size = settings
+    causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
+    if dropout and module.training:
+        raise ConfigError(
+            "block-sparse attention has no attention dropout", "set the model's attention dropout to 0 to use it"
+        )
+    if query.shape[2] != key.shape[2]:
+        if attention_mask is not None and attention_mask.dtype != torch.bool:
+            attention_mask = attention_mask > torch.finfo(attention_mask.dtype).min / 2
+        Tq, Tk = query.shape[2], key.shape[2]
+        if attention_mask is None and causal and Tq > 1:
+            # New queries sit at the end of the cached keys: causal aligned bottom-right, not SDPA's top-left.
+            attention_mask = torch.ones(Tq, Tk, dtype=torch.bool, device=query.device).tril(Tk - Tq)
+        rep = query.shape[1] // key.shape[1]
+        k, v = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1)
+        out = torch.nn.functional.scaled_dot_product_attention(query, k, v, attn_mask=attention_mask, scale=scaling)
+        return out.transpose(1, 2).contiguous(), None
+    if attention_mask is not None and not _padding_is_harmless(attention_mask, causal):
+        raise ModelError(
+            "block-sparse attention cannot apply this padding mask (left padding, or padding in a bidirectional model)",
+            "pad on the right with a causal model, or pass unpadded sequences of one length",
+        )
+    out = block_sparse_attention(query, key, value, spec, block_size=block_size, causal=causal, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_transformers_attention() -> str:
+    """Register ``distillkit_block_sparse`` with transformers (attention function + its mask function); idempotent.
+    Returns the implementation name to pass as ``attn_implementation``."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(TRANSFORMERS_IMPLEMENTATION, transformers_block_sparse_attention)
+    try:
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+        # A bool mask (or None when it is purely causal) is what the padding check above understands.
+        ALL_MASK_ATTENTION_FUNCTIONS.register(TRANSFORMERS_IMPLEMENTATION, sdpa_mask)
+    except ImportError:  # older transformers build masks without a per-implementation registry
+        pass
+    return TRANSFORMERS_IMPLEMENTATION
+
+
+def enable_sparse_attention(model: Any, spec: str, block_size: int = 64) -> Any:
+    """Switch a loaded transformers model to block-sparse attention with ``spec`` (recorded on its config, so
+    ``save_pretrained`` writes it into config.json). Returns the model."""
+    from distillkit.kernels.block_sparse_attention.masks import parse_mask_spec
+
+    parse_mask_spec(spec)
+    name = register_transformers_attention()
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "set_attn_implementation"):
+        raise ModelError(
+            f"{type(model).__name__} is not a transformers model with selectable attention",
+            "--sparse-attention works with transformers models that support attn_implementation",
+        )
+    setattr(config, CONFIG_SPEC_KEY, spec)
+    setattr(config, CONFIG_BLOCK_KEY, int(block_size))
+    try:
+        model.set_attn_implementation(name)
+    except (ValueError, KeyError) as exc:
+        raise ModelError(
+            f"{type(model).__name__} cannot switch to block-sparse attention: {exc}",
+            "use a model whose attention goes through transformers' AttentionInterface (Llama, Qwen, Mistral...)",
+        ) from None
+    return model
+
+
+# -------------------------------------------------------------------------------------------------- diffusers
+
+
+class BlockSparseAttnProcessor:
+    """diffusers attention processor: block-sparse self-attention with ``spec`` (see ``parse_mask_spec``).
+
+    Use ``unet.set_attn_processor(BlockSparseAttnProcessor("topk:0.25", block_size=16))``. Self-attention over
+    the image/video tokens runs block-sparse; cross-attention (text context) and calls with an attention mask run
+    dense SDPA, since a short text context is cheap and has no block structure worth skipping.
+    """
+
+    def __init__(self, spec: str, block_size: int = 64, backend: str = "auto"):
+        from distillkit.kernels.block_sparse_attention.masks import parse_mask_spec
+
+        if block_size < 1:
+            raise ConfigError(f"block size must be >= 1 (got {block_size})", "pass e.g. block_size=64")
+        if backend not in BACKENDS:
+            raise ConfigError(f"unknown attention backend {backend!r}", f"use one of {', '.join(BACKENDS)}")
+        self.mask_spec = parse_mask_spec(spec)
+        self.spec = spec
+        self.block_size = int(block_size)
+        self.backend = backend
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        self_attention = encoder_hidden_states is None
+        batch, src_len, _ = hidden_states.shape if self_attention else encoder_hidden_states.shape
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, src_len, batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if self_attention and attention_mask is None:
+            out = block_sparse_attention(
+                query, key, value, self.mask_spec, block_size=self.block_size, scale=attn.scale, backend=self.backend
+            )
+        else:
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=attn.scale)
+        hidden_states = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
