@@ -1,0 +1,403 @@
+"""diffusers denoisers: detect and load a teacher, call it one way, build its student, sample with DDIM.
+
+What distillkit accepts as a diffusers teacher (``--teacher DIR``):
+
+- a **pipeline directory**: ``model_index.json`` with the denoiser in ``unet/`` or ``transformer/`` and the
+  scheduler in ``scheduler/`` (e.g. ``DDPMPipeline.save_pretrained``); other components (``vae``, ...) are
+  copied into the output unchanged. A pipeline with a ``vae`` is a latent model: samples are compared in
+  latent space and never decoded.
+- a **model directory**: ``config.json`` whose ``_class_name`` is ``UNet2DModel``, ``UNet2DConditionModel``,
+  ``DiTTransformer2DModel`` or ``Transformer2DModel``, with its scheduler in ``DIR/scheduler/`` or as
+  ``DIR/scheduler_config.json`` beside the model config.
+
+Conditioning is by class label only: ``UNet2DModel`` / ``UNet2DConditionModel`` with ``num_class_embeds`` and
+DiT (``num_embeds_ada_norm`` classes). Text-conditioned (cross-attention) denoisers are refused. The null
+(unconditional) class of classifier-free guidance is DiT's extra label row (id ``num_embeds_ada_norm``) and,
+for a class-conditional UNet, its last embedding (id ``num_class_embeds - 1``), which then is not sampled as a
+class; the UNet must have been trained with that label dropout for guidance to mean anything.
+
+Sampling here is deterministic DDIM (eta 0) with ``trailing`` timestep spacing, so that a few-step run starts
+from pure noise; :func:`ddim_step` reproduces ``DDIMScheduler.step`` (clip_sample included) for any pair of
+timesteps per sample, which training needs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distillkit.errors import ConfigError, ModelError
+
+MODEL_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel", "Transformer2DModel")
+DENOISER_FOLDERS = ("unet", "transformer")
+SCHEDULER_DIR = "scheduler"
+SCHEDULER_CONFIG = "scheduler_config.json"
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def is_diffusers_dir(path: str | Path) -> bool:
+    """True for a diffusers pipeline or supported model directory; reads at most two small JSON files (no torch)."""
+    p = Path(path)
+    if not p.is_dir():
+        return False
+    if (p / "model_index.json").is_file():
+        return True
+    cfg = _read_json(p / "config.json") if (p / "config.json").is_file() else None
+    return bool(cfg) and cfg.get("_class_name") in MODEL_CLASSES
+
+
+def is_diffusers_teacher(arg: str) -> bool:
+    """Cheap check (no torch) for the CLI: is ``arg`` a diffusers pipeline/model dir or an artifact of one?"""
+    if arg == "-":
+        return False
+    p = Path(arg).expanduser()
+    if p.is_file() and p.name.endswith(".json"):
+        p = p.parent
+    return is_diffusers_dir(p)
+
+
+@dataclass
+class DiffusionModel:
+    """A loaded denoiser and what is needed to sample from it.
+
+    ``sample_shape`` is ``(C, H, W)`` of one sample; ``num_classes`` is None for an unconditional model;
+    ``null_class`` is the label id of "no class" for classifier-free guidance (None when there is none).
+    """
+
+    model: Any
+    scheduler: Any
+    path: str
+    layout: str  # "pipeline" | "model"
+    class_name: str
+    subfolder: str | None  # the denoiser's folder inside a pipeline
+    sample_shape: tuple[int, int, int]
+    num_classes: int | None = None
+    null_class: int | None = None
+    space: str = "pixel"  # "pixel" | "latent"
+    pipeline_index: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes is not None
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.prediction_type
+
+
+def _model_class(name: str) -> Any:
+    import diffusers
+
+    return getattr(diffusers, name)
+
+
+def _denoiser_dir(path: Path) -> tuple[str, Path, str | None, dict[str, Any]]:
+    """(class name, directory, pipeline subfolder, model_index) of the denoiser under ``path``."""
+    index = _read_json(path / "model_index.json") if (path / "model_index.json").is_file() else None
+    if index is not None:
+        for sub in DENOISER_FOLDERS:
+            cfg = _read_json(path / sub / "config.json")
+            if cfg is not None and cfg.get("_class_name") in MODEL_CLASSES:
+                return cfg["_class_name"], path / sub, sub, index
+        raise ModelError(
+            f"the pipeline {path} has no supported denoiser in unet/ or transformer/",
+            hint=f"distillkit distils {', '.join(MODEL_CLASSES)}",
+        )
+    cfg = _read_json(path / "config.json")
+    name = (cfg or {}).get("_class_name")
+    if name not in MODEL_CLASSES:
+        raise ModelError(
+            f"{path} is not a diffusers pipeline or a supported diffusers model (config _class_name {name!r})",
+            hint=f"pass a pipeline directory (model_index.json) or a model directory of {', '.join(MODEL_CLASSES)}",
+        )
+    return name, path, None, {}
+
+
+def _scheduler_dir(path: Path, layout: str) -> Path:
+    if (path / SCHEDULER_DIR / SCHEDULER_CONFIG).is_file():
+        return path / SCHEDULER_DIR
+    if layout == "model" and (path / SCHEDULER_CONFIG).is_file():
+        return path
+    raise ModelError(
+        f"{path} has no scheduler (looked for {SCHEDULER_DIR}/{SCHEDULER_CONFIG} and {SCHEDULER_CONFIG})",
+        hint="save the teacher's scheduler with scheduler.save_pretrained(DIR / 'scheduler')",
+    )
+
+
+def load_diffusion(path: str | Path, *, device: Any = "cpu") -> DiffusionModel:
+    """Load the denoiser (float32, eval mode) and scheduler of a diffusers pipeline or model directory."""
+    import torch
+
+    path = Path(path)
+    name, model_dir, sub, index = _denoiser_dir(path)
+    layout = "pipeline" if index else "model"
+    sched_dir = _scheduler_dir(path, layout)
+    try:
+        model = _model_class(name).from_pretrained(str(model_dir), torch_dtype=torch.float32)
+        sched_name = (_read_json(sched_dir / SCHEDULER_CONFIG) or {}).get("_class_name", "DDPMScheduler")
+        scheduler = _model_class(sched_name).from_pretrained(str(sched_dir))
+    except (OSError, ValueError, AttributeError) as e:
+        raise ModelError(f"cannot load the diffusers model in {path}: {str(e).splitlines()[0]}") from None
+    cfg = model.config
+    if getattr(scheduler.config, "thresholding", False):
+        raise ModelError(
+            f"the scheduler of {path} uses dynamic thresholding, which distillkit's DDIM solver does not reproduce",
+            hint="set thresholding=false in its scheduler_config.json",
+        )
+    if getattr(scheduler.config, "prediction_type", None) not in ("epsilon", "v_prediction", "sample"):
+        raise ModelError(
+            f"the scheduler of {path} has no epsilon / v_prediction / sample prediction type",
+            hint="distillkit distils DDPM/DDIM-family models",
+        )
+    num_classes = null_class = None
+    if name in ("UNet2DModel", "UNet2DConditionModel"):
+        blocks = [*cfg.down_block_types, *cfg.up_block_types, str(getattr(cfg, "mid_block_type", "") or "")]
+        if any("CrossAttn" in b for b in blocks):
+            raise ModelError(
+                f"{path} is a text-conditioned (cross-attention) UNet, which distillkit does not distil yet",
+                hint="class-conditional (num_class_embeds) and unconditional UNets are supported",
+            )
+        if getattr(cfg, "class_embed_type", None) is not None:
+            raise ModelError(
+                f"{path} uses class_embed_type={cfg.class_embed_type!r}",
+                hint="only label embeddings (num_class_embeds) are supported",
+            )
+        if cfg.num_class_embeds:
+            num_classes = int(cfg.num_class_embeds)
+            null_class = num_classes - 1 if name == "UNet2DConditionModel" and num_classes > 1 else None
+        channels, size = int(cfg.in_channels), cfg.sample_size
+    else:
+        if getattr(cfg, "cross_attention_dim", None) or getattr(cfg, "patch_size", None) is None:
+            raise ModelError(
+                f"{path} is a {name} that is not a class-conditional DiT (patched, ada_norm_zero)",
+                hint="distillkit distils DiT-style transformers",
+            )
+        num_classes = int(cfg.num_embeds_ada_norm)
+        null_class = num_classes  # DiT's label embedding has one extra row for dropped labels
+        channels, size = int(cfg.in_channels), cfg.sample_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    model.to(device).eval().requires_grad_(False)
+    return DiffusionModel(
+        model=model,
+        scheduler=scheduler,
+        path=str(path.resolve()),
+        layout=layout,
+        class_name=name,
+        subfolder=sub,
+        sample_shape=(channels, int(h), int(w)),
+        num_classes=num_classes,
+        null_class=null_class,
+        space="latent" if "vae" in index else "pixel",
+        pipeline_index=index,
+    )
+
+
+def label_range(dm: DiffusionModel) -> int:
+    """How many labels are real classes (the null class of a UNet is its last id and is excluded)."""
+    if dm.num_classes is None:
+        return 0
+    if dm.null_class is not None and dm.null_class < dm.num_classes:
+        return dm.num_classes - 1
+    return dm.num_classes
+
+
+# --------------------------------------------------------------------------------------------
+# One call for every denoiser
+
+
+def denoise(model: Any, x: Any, t: Any, labels: Any = None, timestep_cond: Any = None) -> Any:
+    """The raw model output for noisy samples ``x`` [B, C, H, W] at integer timesteps ``t`` [B].
+
+    ``labels`` [B] (int64) for class-conditional models; ``timestep_cond`` [B, time_cond_proj_dim] for a
+    guidance-distilled UNet2DConditionModel. Returns [B, C, H, W] in the scheduler's prediction type (a DiT
+    that learns its variance returns 2C channels; the variance half is dropped, as DiTPipeline does).
+    """
+    name = type(model).__name__
+    if name == "UNet2DModel":
+        out = model(x, t, class_labels=labels).sample
+    elif name == "UNet2DConditionModel":
+        # no cross-attention blocks (checked at load), so the encoder states are never read
+        states = x.new_zeros(x.shape[0], 1, model.config.cross_attention_dim or 1)
+        out = model(x, t, encoder_hidden_states=states, class_labels=labels, timestep_cond=timestep_cond).sample
+    else:
+        out = model(x, timestep=t, class_labels=labels).sample
+    if out.shape[1] == 2 * x.shape[1]:
+        out = out[:, : x.shape[1]]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# DDIM on the scheduler's noise schedule
+
+
+class NoiseSchedule:
+    """The scheduler's ``alphas_cumprod`` and prediction type, with DDIM arithmetic for per-sample timesteps.
+
+    ``alpha(t)`` is ``alphas_cumprod[t]`` for ``t >= 0`` and the scheduler's final alpha for ``t < 0`` (the
+    step past the last one), exactly as ``DDIMScheduler.step`` indexes it.
+    """
+
+    def __init__(self, scheduler: Any, device: Any = "cpu"):
+        import torch
+
+        cfg = scheduler.config
+        self.num_train_timesteps = int(cfg.num_train_timesteps)
+        self.prediction_type = cfg.prediction_type
+        self.clip = float(cfg.clip_sample_range) if getattr(cfg, "clip_sample", False) else None
+        ac = scheduler.alphas_cumprod.to(torch.float32)
+        final = 1.0 if getattr(cfg, "set_alpha_to_one", True) else float(ac[0])
+        self.table = torch.cat([ac, torch.tensor([final])]).to(device)  # index -1 -> final alpha
+
+    def alpha(self, t: Any) -> Any:
+        """``[B]`` alphas_cumprod at integer timesteps ``t`` [B] (negative: the final alpha), as [B, 1, 1, 1]."""
+        idx = t.long().clone()
+        idx[idx < 0] = -1
+        return self.table[idx].view(-1, 1, 1, 1)
+
+    def x0_eps(self, out: Any, x: Any, t: Any) -> tuple[Any, Any]:
+        """(x0, eps) predicted from the model output ``out`` at ``x``, ``t`` ([B, C, H, W] each); x0 is clipped
+        when the scheduler clips, eps is not (``use_clipped_model_output=False``, the DDIM default)."""
+        a = self.alpha(t)
+        sa, sb = a.sqrt(), (1 - a).sqrt()
+        if self.prediction_type == "epsilon":
+            x0, eps = (x - sb * out) / sa, out
+        elif self.prediction_type == "v_prediction":
+            x0, eps = sa * x - sb * out, sa * out + sb * x
+        else:
+            x0, eps = out, (x - sa * out) / sb
+        if self.clip is not None:
+            x0 = x0.clamp(-self.clip, self.clip)
+        return x0, eps
+
+    def ddim(self, x0: Any, eps: Any, s: Any) -> Any:
+        """The deterministic DDIM state at timestep ``s`` [B] from predictions (x0, eps)."""
+        a = self.alpha(s)
+        return a.sqrt() * x0 + (1 - a).sqrt() * eps
+
+    def add_noise(self, x0: Any, noise: Any, t: Any) -> Any:
+        a = self.alpha(t)
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
+def ddim_pairs(num_train_timesteps: int, steps: int) -> list[tuple[int, int]]:
+    """The ``(t, prev)`` timesteps of a ``steps``-step DDIM run with trailing spacing, as DDIMScheduler makes them:
+    ``t`` from ``round(arange(T, 0, -T/steps)) - 1`` and ``prev = t - T // steps`` (negative: the final alpha)."""
+    ratio = num_train_timesteps / steps
+    # Python's round is half-to-even, like numpy's, so the grid is the scheduler's own
+    ts = [round(num_train_timesteps - i * ratio) - 1 for i in range(steps)]
+    return [(t, t - num_train_timesteps // steps) for t in ts]
+
+
+def ddim_sampler_config(scheduler: Any) -> dict[str, Any]:
+    """The DDIMScheduler config that :func:`ddim_sample` reproduces: the teacher's schedule, trailing spacing."""
+    from diffusers import DDIMScheduler
+
+    return dict(DDIMScheduler.from_config(scheduler.config, timestep_spacing="trailing").config)
+
+
+def ddim_sample(
+    model: Any,
+    schedule: NoiseSchedule,
+    noise: Any,
+    steps: int,
+    labels: Any = None,
+    *,
+    guidance: tuple[float, int] | None = None,
+    timestep_cond: Any = None,
+) -> Any:
+    """``steps`` deterministic DDIM steps from ``noise`` [B, C, H, W]; returns x0 [B, C, H, W].
+
+    ``guidance=(w, null_class)`` runs classifier-free guidance (two evaluations per step:
+    ``out = out_null + w * (out_cond - out_null)``); ``timestep_cond`` is passed to a guidance-distilled UNet.
+    """
+    import torch
+
+    x = noise
+    b = x.shape[0]
+    for t, prev in ddim_pairs(schedule.num_train_timesteps, steps):
+        tt = torch.full((b,), t, device=x.device, dtype=torch.long)
+        out = guided_output(model, x, tt, labels, guidance, timestep_cond)
+        x0, eps = schedule.x0_eps(out, x, tt)
+        x = schedule.ddim(x0, eps, torch.full((b,), prev, device=x.device, dtype=torch.long))
+    return x
+
+
+def guided_output(model: Any, x: Any, t: Any, labels: Any, guidance: tuple[float, int] | None, timestep_cond=None):
+    """The model output, with classifier-free guidance when ``guidance=(w, null_class)`` is given."""
+    import torch
+
+    if guidance is None:
+        return denoise(model, x, t, labels, timestep_cond)
+    w, null = guidance
+    both = denoise(
+        model, torch.cat([x, x]), torch.cat([t, t]), torch.cat([torch.full_like(labels, null), labels]), None
+    )
+    out_null, out_cond = both.chunk(2)
+    return out_null + w * (out_cond - out_null)
+
+
+def guidance_embedding(w: Any, dim: int) -> Any:
+    """Sinusoidal embedding [B, dim] of guidance scales ``w`` [B], the ``timestep_cond`` of a guidance-distilled
+    UNet: the same features diffusers' latent-consistency pipelines compute (of ``(w - 1) * 1000``), so the saved
+    UNet is driven the same way there."""
+    import torch
+
+    half = dim // 2
+    scale = math.log(10000.0) / max(half - 1, 1)
+    freqs = torch.exp(-scale * torch.arange(half, dtype=torch.float32, device=w.device))
+    arg = ((w.float() - 1.0) * 1000.0)[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(arg), torch.cos(arg)], dim=1)
+    if dim % 2:
+        emb = torch.nn.functional.pad(emb, (0, 1))
+    return emb
+
+
+# --------------------------------------------------------------------------------------------
+# Students
+
+
+def copy_student(dm: DiffusionModel, *, time_cond_proj_dim: int | None = None) -> Any:
+    """A trainable float32 copy of the teacher's denoiser (step distillation keeps the architecture).
+
+    With ``time_cond_proj_dim`` (guidance distillation, UNet2DConditionModel only) the copy gains diffusers'
+    own ``timestep_cond`` projection, zero-initialised so that the student starts as the teacher's
+    conditional model; the saved student then reloads with plain ``from_pretrained``.
+    """
+    import copy
+
+    import torch
+
+    if time_cond_proj_dim is None:
+        student = copy.deepcopy(dm.model)
+    else:
+        if dm.class_name != "UNet2DConditionModel":
+            raise ConfigError(
+                f"guidance distillation stores the guidance embedding in UNet2DConditionModel's time_cond_proj_dim; "
+                f"a {dm.class_name} has no such input",
+                hint="use a class-conditional UNet2DConditionModel teacher",
+            )
+        cls = type(dm.model)
+        config = {k: v for k, v in dict(dm.model.config).items() if not k.startswith("_")}
+        config["time_cond_proj_dim"] = time_cond_proj_dim
+        student = cls.from_config(config)
+        missing, unexpected = student.load_state_dict(dm.model.state_dict(), strict=False)
+        extra = [k for k in missing if "cond_proj" not in k]
+        if extra or unexpected:
+            raise ModelError(f"cannot initialise the guidance student from the teacher: {extra or unexpected}")
+        with torch.no_grad():
+            student.time_embedding.cond_proj.weight.zero_()
+    student.float().requires_grad_(True)
+    # eval mode while training: DiT's label embedding drops labels in train mode, and the student must see
+    # the labels the teacher saw; the tiny and real denoisers here have no dropout otherwise
+    student.eval()
+    return student
