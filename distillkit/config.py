@@ -21,6 +21,9 @@ MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 STUDENT_INIT = ("teacher", "random")
 LOG_TO = ("none", "tensorboard")
 TEACHER_DTYPES = (None, "float32", "bfloat16", "float16")
+DISTILL_MODES = ("offline", "on-policy", "sequence")
+CROSS_TOKENIZER = (None, "uld")
+DIFFUSION_METHODS = ("progressive", "consistency", "guidance")
 
 
 def _toml_load(path: Path) -> dict[str, Any]:
@@ -200,6 +203,29 @@ class DistillConfig(BaseConfig):
     # loading
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    # LLM modes (on-policy, sequence, teacher cache, cross-tokenizer)
+    mode: str = "offline"
+    student_data_fraction: float = 0.5
+    gen_temperature: float = 1.0
+    max_new_tokens: int = 32
+    prompt_length: int | None = None
+    sequence_cache: str | None = None
+    sequence_shard_size: int = 64
+    teacher_cache: str | None = None
+    cache_topk: int = 64
+    cross_tokenizer: str | None = None
+    # diffusion
+    method: str | None = None
+    target_steps: int | None = None
+    teacher_steps: int = 32
+    guidance_scale: float = 3.0
+    labels: str | None = None
+    eval_samples: int = 16
+    # sparse attention: the student trains with block-sparse attention (mask spec, e.g. "topk:0.25")
+    sparse_attention: str | None = None
+    sparse_block_size: int = 64
+    # fused loss: causal-LM logit divergences from hidden states without logits (distillkit.distill.fused)
+    fused_loss: str = "auto"
 
     def __post_init__(self) -> None:
         _check(bool(self.teacher), "a teacher is required", "pass --teacher MODEL")
@@ -272,6 +298,117 @@ class DistillConfig(BaseConfig):
         _check(self.max_samples is None or self.max_samples > 0, "max samples must be > 0", "omit it to use all data")
         for spec in self.losses:
             parse_loss_spec(spec)
+        self._check_llm_modes()
+        self._check_diffusion()
+        self._check_sparse_attention()
+        _check(
+            self.fused_loss in ("auto", "on", "off"),
+            f"fused loss must be auto, on or off (got {self.fused_loss!r})",
+            "pass --fused-loss auto, on or off",
+        )
+
+    def _check_sparse_attention(self) -> None:
+        if self.sparse_attention is not None:
+            from distillkit.kernels.block_sparse_attention.masks import parse_mask_spec  # torch-free
+
+            parse_mask_spec(self.sparse_attention)
+        _check(
+            isinstance(self.sparse_block_size, int)
+            and self.sparse_block_size >= 16
+            and not self.sparse_block_size & (self.sparse_block_size - 1),
+            f"sparse block size must be a power of two >= 16 (got {self.sparse_block_size})",
+            "pass e.g. --sparse-block-size 64",
+        )
+
+    def _check_llm_modes(self) -> None:
+        _check(
+            self.mode in DISTILL_MODES,
+            f"mode must be one of {', '.join(DISTILL_MODES)} (got {self.mode})",
+            "pass --mode offline, on-policy or sequence",
+        )
+        _check(
+            0.0 <= self.student_data_fraction <= 1.0,
+            f"student data fraction must be in [0, 1] (got {self.student_data_fraction})",
+            "it is the probability that a batch is the student's own generations; pass e.g. 0.5",
+        )
+        _check(
+            self.gen_temperature > 0 and math.isfinite(self.gen_temperature),
+            f"generation temperature must be > 0 (got {self.gen_temperature})",
+            "pass e.g. --gen-temperature 1.0",
+        )
+        for name, value in (
+            ("max new tokens", self.max_new_tokens),
+            ("sequence shard size", self.sequence_shard_size),
+            ("cache top-k", self.cache_topk),
+        ):
+            _check(
+                isinstance(value, int) and value >= 1,
+                f"{name} must be an integer >= 1 (got {value})",
+                f"pass a {name} of at least 1",
+            )
+        _check(
+            self.prompt_length is None
+            or (isinstance(self.prompt_length, int) and 1 <= self.prompt_length < self.max_length),
+            f"prompt length must be in [1, max length) (got {self.prompt_length})",
+            "omit --prompt-length to use half of --max-length",
+        )
+        _check(
+            self.cross_tokenizer in CROSS_TOKENIZER,
+            f"cross-tokenizer method must be one of {', '.join(CROSS_TOKENIZER[1:])} (got {self.cross_tokenizer})",
+            "pass --cross-tokenizer uld",
+        )
+        _check(
+            self.teacher_cache is None or self.mode == "offline",
+            f"--teacher-cache replays fixed data and cannot score {self.mode} batches",
+            "drop --teacher-cache, or use --mode offline",
+        )
+        _check(
+            self.cross_tokenizer is None or self.mode == "offline",
+            f"--cross-tokenizer works with --mode offline only (got {self.mode})",
+            "use --mode offline",
+        )
+        _check(
+            self.cross_tokenizer is None or self.teacher_cache is None,
+            "--cross-tokenizer needs the live teacher (its logits are on its own tokens)",
+            "drop --teacher-cache",
+        )
+        _check(
+            self.mode != "on-policy" or self.alpha == 0,
+            "--alpha mixes a hard-label loss, which the student's own generations do not have",
+            "use --alpha 0 with --mode on-policy",
+        )
+
+    def _check_diffusion(self) -> None:
+        _check(
+            self.method is None or self.method in DIFFUSION_METHODS,
+            f"--method must be one of {', '.join(DIFFUSION_METHODS)} (got {self.method})",
+            "pass --method progressive, consistency or guidance",
+        )
+        _check(
+            isinstance(self.teacher_steps, int) and self.teacher_steps >= 2,
+            f"teacher steps must be an integer >= 2 (got {self.teacher_steps})",
+            "pass e.g. --teacher-steps 32",
+        )
+        _check(
+            self.target_steps is None or (isinstance(self.target_steps, int) and self.target_steps >= 1),
+            f"target steps must be an integer >= 1 (got {self.target_steps})",
+            "pass e.g. --target-steps 4",
+        )
+        _check(
+            self.target_steps is None or self.target_steps < self.teacher_steps,
+            f"--target-steps {self.target_steps} is not below the teacher's {self.teacher_steps} steps",
+            "pass a --target-steps smaller than --teacher-steps",
+        )
+        _check(
+            self.guidance_scale >= 1 and math.isfinite(self.guidance_scale),
+            f"guidance scale must be >= 1 (got {self.guidance_scale})",
+            "pass e.g. --guidance-scale 3.0",
+        )
+        _check(self.eval_samples >= 1, f"eval samples must be >= 1 (got {self.eval_samples})", "pass e.g. 16")
+
+    def prompt_tokens(self) -> int:
+        """Prompt prefix length for on-policy and sequence generation (default: half of max_length)."""
+        return self.prompt_length if self.prompt_length is not None else max(1, self.max_length // 2)
 
     def loss_specs(self, task: str) -> list[tuple[str, float]]:
         """The resolved (name, weight) list: the given losses, or the task's default."""

@@ -283,3 +283,142 @@ def sample_inputs(model: Any, batch: int = 2, length: int = 8, seed: int = 0) ->
     mask = torch.ones(batch, length, dtype=torch.long)
     mask[-1, length - 2 :] = 0
     return {"input_ids": ids, "attention_mask": mask}
+
+
+# --------------------------------------------------------------------------------------------
+# diffusers denoisers, saved as a model directory with their scheduler in ``scheduler/``
+
+
+def _tiny_scheduler(prediction_type: str) -> Any:
+    from diffusers import DDIMScheduler
+
+    # clip_sample off: a random teacher's x0 estimates are not in [-1, 1], and clipping would saturate every
+    # sample into the same corners, which would make "the student is close to the teacher" trivially true
+    return DDIMScheduler(
+        num_train_timesteps=1000, beta_schedule="linear", prediction_type=prediction_type, clip_sample=False
+    )
+
+
+def _diffusers_model(cls: Any, kwargs: dict[str, Any], seed: int, prediction_type: str, save_dir: Any, name: str):
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = cls(**kwargs)
+    _perturb(model, seed)
+    model.eval()
+    path = _out_dir(save_dir, name)
+    model.save_pretrained(path)
+    _tiny_scheduler(prediction_type).save_pretrained(path / "scheduler")
+    return model, str(path)
+
+
+def _unet_kwargs(overrides: dict[str, Any]) -> dict[str, Any]:
+    kwargs: dict[str, Any] = dict(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        norm_num_groups=8,
+        attention_head_dim=8,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+def tiny_unet(
+    save_dir: str | Path | None = None, *, seed: int = 0, prediction_type: str = "v_prediction", **overrides: Any
+) -> tuple[Any, str]:
+    """Unconditional UNet2DModel on 3x8x8 pixels: blocks (16, 32), self-attention at 4x4; DDIM scheduler."""
+    from diffusers import UNet2DModel
+
+    kwargs = _unet_kwargs(
+        dict(down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+    )
+    kwargs.update(overrides)
+    return _diffusers_model(UNet2DModel, kwargs, seed, prediction_type, save_dir, "unet")
+
+
+def tiny_unet_class_cond(
+    save_dir: str | Path | None = None, *, seed: int = 0, prediction_type: str = "v_prediction", **overrides: Any
+) -> tuple[Any, str]:
+    """Class-conditional UNet2DConditionModel on 3x8x8 pixels, 5 class embeddings (4 classes plus the null class
+    4 that classifier-free guidance uses), no cross-attention: blocks (16, 32) with self-attention; DDIM scheduler."""
+    from diffusers import UNet2DConditionModel
+
+    kwargs = _unet_kwargs(
+        dict(
+            down_block_types=("DownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "UpBlock2D"),
+            mid_block_type="UNetMidBlock2D",
+            num_class_embeds=5,
+            cross_attention_dim=16,
+        )
+    )
+    kwargs.update(overrides)
+    return _diffusers_model(UNet2DConditionModel, kwargs, seed, prediction_type, save_dir, "unet-cond")
+
+
+def tiny_dit(
+    save_dir: str | Path | None = None, *, seed: int = 0, prediction_type: str = "v_prediction", **overrides: Any
+) -> tuple[Any, str]:
+    """Class-conditional DiTTransformer2DModel on 4x8x8 latents: patch 2 (16 tokens), 2 layers of 2 heads x 16,
+    4 classes (null class 4, as DiT's label embedding adds one); DDIM scheduler."""
+    from diffusers import DiTTransformer2DModel
+
+    kwargs: dict[str, Any] = dict(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        num_layers=2,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        num_embeds_ada_norm=4,
+        norm_num_groups=8,
+    )
+    kwargs.update(overrides)
+    return _diffusers_model(DiTTransformer2DModel, kwargs, seed, prediction_type, save_dir, "dit")
+
+
+# --------------------------------------------------------------------------------------------
+# a causal LM with a second, different vocabulary (cross-tokenizer distillation)
+
+
+def tiny_llama_other_vocab(
+    save_dir: str | Path | None = None, *, seed: int = 0, vocab_size: int = 96, **overrides: Any
+) -> tuple[Any, str]:
+    """Tiny Llama (hidden 32, 2 layers) whose tokenizer has another vocabulary than ``tiny_llama``/``tiny_gpt2``.
+
+    WordLevel over the same frequent words but in reverse alphabetical order and cut to ``vocab_size`` ids, so the
+    same word has a different id, some words are ``<unk>`` here only, and the specials sit at 0..3 as before.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    words = list(specials.values()) + sorted(set(_WORDS), reverse=True)
+    words += [f"v{i}" for i in range(max(0, vocab_size - len(words)))]
+    vocab = {w: i for i, w in enumerate(words[:vocab_size])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=MAX_POSITIONS, **specials)
+    kwargs = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=MAX_POSITIONS,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    kwargs.update(overrides)
+    model = _build(LlamaForCausalLM, LlamaConfig(**kwargs), seed)
+    return _save(model, fast, save_dir, "llama-other-vocab")

@@ -147,6 +147,110 @@ def distill(
         typer.Option("--resume", help="Continue from the last checkpoint of an interrupted run with the same --out."),
     ] = False,
     quiet: o.Quiet = False,
+    # LLM modes (on-policy, sequence, teacher cache, cross-tokenizer)
+    mode: Annotated[
+        str | None,
+        typer.Option(
+            "--mode",
+            help="Causal LMs: offline (fixed data, default), on-policy (GKD: mix in the student's own generations) "
+            "or sequence (train on cached teacher completions).",
+        ),
+    ] = None,
+    student_data_fraction: Annotated[
+        float | None,
+        typer.Option(
+            "--student-data-fraction", help="On-policy: probability that a batch is the student's generations (0.5)."
+        ),
+    ] = None,
+    gen_temperature: Annotated[
+        float | None, typer.Option("--gen-temperature", help="Sampling temperature of generations (default 1.0).")
+    ] = None,
+    max_new_tokens: Annotated[
+        int | None, typer.Option("--max-new-tokens", help="Tokens generated per prompt (default 32).")
+    ] = None,
+    prompt_length: Annotated[
+        int | None,
+        typer.Option("--prompt-length", help="Prompt prefix tokens taken from each block (default max-length / 2)."),
+    ] = None,
+    sequence_cache: Annotated[
+        str | None,
+        typer.Option("--sequence-cache", help="Sequence mode: where teacher completions are cached (resumable)."),
+    ] = None,
+    sequence_shard_size: Annotated[
+        int | None,
+        typer.Option("--sequence-shard-size", help="Examples per generated / cached shard (default 64)."),
+    ] = None,
+    teacher_cache: Annotated[
+        str | None,
+        typer.Option(
+            "--teacher-cache", help="Train from top-k teacher logits written by --cache-teacher (no teacher weights)."
+        ),
+    ] = None,
+    cache_topk: Annotated[
+        int | None, typer.Option("--cache-topk", help="Logits kept per position by --cache-teacher (default 64).")
+    ] = None,
+    cross_tokenizer: Annotated[
+        str | None,
+        typer.Option(
+            "--cross-tokenizer",
+            help="uld: Universal Logit Distillation for a student with its own tokenizer (another vocabulary).",
+        ),
+    ] = None,
+    cache_teacher: Annotated[
+        str | None,
+        typer.Option(
+            "--cache-teacher", help="Only write the teacher's top-k logits on the training data to DIR and exit."
+        ),
+    ] = None,
+    # diffusion
+    method: Annotated[
+        str | None,
+        typer.Option(
+            "--method",
+            help="diffusers teachers: progressive (halve DDIM steps per round), consistency (LCM) or guidance "
+            "(classifier-free guidance in one pass).",
+        ),
+    ] = None,
+    target_steps: Annotated[
+        int | None,
+        typer.Option("--target-steps", help="Diffusion: the student's sampling steps (below --teacher-steps)."),
+    ] = None,
+    teacher_steps: Annotated[
+        int | None,
+        typer.Option("--teacher-steps", help="Diffusion: the teacher's many-step reference DDIM count (default 32)."),
+    ] = None,
+    guidance_scale: Annotated[
+        float | None,
+        typer.Option("--guidance-scale", help="Diffusion: classifier-free guidance scale w (default 3.0)."),
+    ] = None,
+    labels: Annotated[
+        str | None,
+        typer.Option("--labels", help="Diffusion: class ids to sample, one per line (default: every class)."),
+    ] = None,
+    eval_samples: Annotated[
+        int | None, typer.Option("--eval-samples", help="Diffusion: samples compared with the teacher (default 16).")
+    ] = None,
+    # sparse attention
+    sparse_attention: Annotated[
+        str | None,
+        typer.Option(
+            "--sparse-attention",
+            help="Train the student with block-sparse attention: causal, window:TOKENS, strided:S[,G], "
+            "tiles:F,H,W[:TF,TH,TW], topk:FRACTION or cdf:THRESHOLD (transformers students).",
+        ),
+    ] = None,
+    sparse_block_size: Annotated[
+        int | None, typer.Option("--sparse-block-size", help="Block size of --sparse-attention (default 64).")
+    ] = None,
+    # fused loss
+    fused_loss: Annotated[
+        str | None,
+        typer.Option(
+            "--fused-loss",
+            help="Causal LMs: compute the logit divergence from hidden states in chunks, never holding the "
+            "logits. auto (when the loss allows; default), on (error when it does not), off.",
+        ),
+    ] = None,
 ) -> None:
     """Distil a teacher into a smaller student and write it as a loadable artifact."""
     from distillkit.config import DistillConfig
@@ -190,6 +294,25 @@ def distill(
         log_to=log_to,
         allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code,
+        mode=mode,
+        student_data_fraction=student_data_fraction,
+        gen_temperature=gen_temperature,
+        max_new_tokens=max_new_tokens,
+        prompt_length=prompt_length,
+        sequence_cache=sequence_cache,
+        sequence_shard_size=sequence_shard_size,
+        teacher_cache=teacher_cache,
+        cache_topk=cache_topk,
+        cross_tokenizer=cross_tokenizer,
+        method=method,
+        target_steps=target_steps,
+        teacher_steps=teacher_steps,
+        guidance_scale=guidance_scale,
+        labels=labels,
+        eval_samples=eval_samples,
+        sparse_attention=sparse_attention,
+        sparse_block_size=sparse_block_size,
+        fused_loss=fused_loss,
     )
     cfg = DistillConfig.resolve(
         preset=preset, config_file=str(config) if config else None, overrides=flags, section="distill"
@@ -201,6 +324,20 @@ def distill(
             "multi-process runs need an explicit --out (every process must name the same one)", hint="pass --out DIR"
         )
 
+    if cache_teacher is not None:
+        from distillkit.distill.teacher_cache import write_teacher_cache
+
+        o.emit(write_teacher_cache(cfg, cache_teacher, overwrite=overwrite), quiet)
+        return
+    from distillkit.models.diffusion import is_diffusers_teacher
+
+    if cfg.method is not None or is_diffusers_teacher(cfg.teacher):
+        from distillkit.distill.diffusion import run_diffusion_distill
+
+        if resume:
+            raise ConfigError("--resume is not supported for diffusion distillation", hint="drop --resume")
+        o.emit(run_diffusion_distill(cfg, out=str(out or o.default_out("distill")), overwrite=overwrite), quiet)
+        return
     manifest = run_distill(cfg, out=str(out or o.default_out("distill")), overwrite=overwrite, resume=resume)
     if manifest is not None:  # other ranks of a multi-process run print nothing
         o.emit(manifest, quiet)

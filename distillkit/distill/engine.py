@@ -71,6 +71,8 @@ class DistillModule(nn.Module):
         self.student_blocks = sorted({b for _, _, loss in losses for b in loss.layers()[0]})
 
     def forward(self, batch: dict[str, Any], teacher_features: Any, progress: float) -> tuple[torch.Tensor, dict]:
+        if getattr(self, "fused", None) is not None:  # --fused-loss: no logits (distillkit.distill.fused)
+            return self.fused(self.student, batch, teacher_features, progress)
         feats, hard = student_features(
             self.student, batch, self.task, self.needs, self.student_blocks, self.pooling, with_labels=self.alpha > 0
         )
@@ -92,7 +94,8 @@ def loss_mask(batch: dict[str, Any], task: str) -> Any:
     """Positions that count for token-level losses ([B, T]); None for one prediction per example."""
     if task in ("sequence-classification", "image-classification"):
         return None
-    return batch.get("attention_mask")
+    # on-policy and cross-tokenizer batches count only generated / aligned positions
+    return batch.get("kd_mask", batch.get("attention_mask"))
 
 
 def student_features(
@@ -109,6 +112,10 @@ def student_features(
     from distillkit.models.capture import capture_qkv, pool
     from distillkit.models.forward import model_inputs
 
+    if "fused_hidden" in needs:  # --fused-loss: the last hidden state instead of logits
+        from distillkit.distill.fused import last_hidden_features
+
+        return last_hidden_features(model, batch), None
     inputs = model_inputs(model, batch)
     if with_labels and "labels" in batch:
         inputs["labels"] = batch["labels"]
@@ -165,7 +172,8 @@ class EpochBatches:
             self.epoch, self.index, self._order = self.epoch + 1, 0, None
         order = self._epoch_order()
         start = self.index * self.global_batch + self.rank * self.batch_size
-        items = [self.dataset[i] for i in order[start : start + self.batch_size]]
+        self.last_indices = order[start : start + self.batch_size]  # the teacher cache is keyed by example
+        items = [self.dataset[i] for i in self.last_indices]
         self.index += 1
         return self.collate_fn(items)
 
@@ -238,6 +246,10 @@ def load_student(cfg: DistillConfig, teacher: Any, device: Any) -> tuple[Any, di
     from distillkit.models.spec import is_spec, parse_student_spec
     from distillkit.models.student import build_student
 
+    if is_spec(cfg.student) and cfg.teacher_cache:
+        from distillkit.distill.teacher_cache import spec_student_without_weights
+
+        return spec_student_without_weights(cfg, teacher, device), {"spec": cfg.student, "init": cfg.student_init}, None
     if is_spec(cfg.student):
         spec = parse_student_spec(cfg.student, teacher.config)
         model = build_student(teacher.model, spec, init=cfg.student_init, seed=cfg.seed).to(device).float()
@@ -251,7 +263,8 @@ def load_student(cfg: DistillConfig, teacher: Any, device: Any) -> tuple[Any, di
         allow_pickle=cfg.allow_pickle,
         trust_remote_code=cfg.trust_remote_code,
     )
-    check_vocab(teacher.config, loaded.config)
+    if not cfg.cross_tokenizer:
+        check_vocab(teacher.config, loaded.config)
     return loaded.model, describe_input(src.path, src.manifest), src
 
 
@@ -419,16 +432,24 @@ def _run(
     # models
     t0 = time.perf_counter()
     teacher_src = read_source(cfg.teacher)
-    teacher = load_model(
-        teacher_src,
-        task=cfg.task,
-        dtype=_teacher_dtype(cfg, accelerator.mixed_precision),
-        device=str(device),
-        allow_pickle=cfg.allow_pickle,
-        trust_remote_code=cfg.trust_remote_code,
-    )
+    if cfg.teacher_cache:  # LLM modes: top-k logits on disk stand in for the teacher's weights
+        from distillkit.distill.teacher_cache import load_teacher_skeleton
+
+        teacher = load_teacher_skeleton(cfg, teacher_src, _teacher_dtype(cfg, accelerator.mixed_precision))
+    else:
+        teacher = load_model(
+            teacher_src,
+            task=cfg.task,
+            dtype=_teacher_dtype(cfg, accelerator.mixed_precision),
+            device=str(device),
+            allow_pickle=cfg.allow_pickle,
+            trust_remote_code=cfg.trust_remote_code,
+        )
     teacher.model.eval().requires_grad_(False)
     task = teacher.task
+    from distillkit.distill.modes import check_modes
+
+    check_modes(cfg, task)
     student, student_desc, student_src = load_student(cfg, teacher, device)
     if cfg.student_init == "random" and student_src is not None:
         raise ConfigError(
@@ -437,11 +458,19 @@ def _run(
         )
     if hooks.prepare is not None:
         student = hooks.prepare(student)
+    if cfg.sparse_attention:  # sparsity-aware distillation: train with the attention the student will run with
+        from distillkit.attention import enable_sparse_attention
+
+        student = enable_sparse_attention(student, cfg.sparse_attention, cfg.sparse_block_size)
     student.train()
     load_time = time.perf_counter() - t0
 
     # data: the teacher's tokenizer, since the vocabularies are shared
     processor = teacher.processor
+    if cfg.cross_tokenizer:  # the data is tokenised for the student; the teacher re-tokenises its text
+        from distillkit.distill.cross_tokenizer import student_tokenizer
+
+        processor = student_tokenizer(cfg, student_src, task)
     if processor is None:
         raise ModelError(
             f"the teacher {teacher.path} has no tokenizer or image processor saved with it",
@@ -474,13 +503,26 @@ def _run(
             "--alpha needs labels, and a feature-extraction model has no label head", hint="use --alpha 0"
         )
 
-    losses = build_losses(cfg, task, student.config, teacher.config)
+    if cfg.mode == "sequence":  # train on teacher completions cached on disk
+        from distillkit.distill.sequence import sequence_data
+
+        data = sequence_data(cfg, teacher, processor, data, wd, device)
+    if cfg.cross_tokenizer:
+        from distillkit.distill.cross_tokenizer import build_cross_losses
+
+        losses = build_cross_losses(cfg, task)
+    else:
+        losses = build_losses(cfg, task, student.config, teacher.config)
     module = DistillModule(student, losses, task, teacher.pooling, cfg.alpha).to(device)
+    from distillkit.distill.fused import attach_fused_loss
+
+    fused_loss = attach_fused_loss(module, cfg, task, teacher.model)
     teacher_blocks = sorted({b for _, _, loss in losses for b in loss.layers()[1]})
 
     decay, no_decay = [], []
     for n, p in module.named_parameters():
-        (no_decay if p.ndim < 2 or "norm" in n.lower() or n.endswith(".bias") else decay).append(p)
+        skip = p.ndim < 2 or "norm" in n.lower() or n.endswith(".bias") or getattr(p, "_no_weight_decay", False)
+        (no_decay if skip else decay).append(p)
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
     )
@@ -491,6 +533,9 @@ def _run(
     batches = EpochBatches(
         data.train, data.collate_fn, cfg.batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes
     )
+    from distillkit.distill.modes import build_feed
+
+    feed = build_feed(cfg, task=task, teacher=teacher, device=device, data=data, processor=processor, module=module)
 
     state = TrainerState()
     if resume:
@@ -517,7 +562,7 @@ def _run(
                 accelerator.unwrap_model(module).student,
                 eval_loader(),
                 task,
-                teacher=teacher.model,
+                teacher=feed.eval_teacher(),
                 pooling=teacher.pooling,
                 device=device,
                 max_batches=cfg.eval_batches,
@@ -543,10 +588,10 @@ def _run(
             optimizer.zero_grad(set_to_none=True)
             step_loss, parts_sum, step_tokens = 0.0, {}, 0
             for micro in range(cfg.grad_accum):
-                batch = _to(batches.next(), device)
+                batch = feed.next_batch(batches, state.step, micro)
                 with torch.no_grad(), accelerator.autocast():
-                    t_feats, _ = student_features(
-                        teacher.model, batch, task, module_needs(module, accelerator), teacher_blocks, teacher.pooling
+                    t_feats = feed.teacher_features(
+                        batch, module_needs(module, accelerator), teacher_blocks, teacher.pooling
                     )
                 sync = micro == cfg.grad_accum - 1
                 ctx = accelerator.no_sync(module) if not sync and accelerator.num_processes > 1 else _null()
@@ -614,6 +659,7 @@ def _run(
         "teacher_params": n_params_t,
         "student_params": n_params_s,
         "param_ratio": n_params_s / n_params_t,
+        **feed.metrics(),
     }
     manifest = Manifest(
         stage="distill",
@@ -624,6 +670,7 @@ def _run(
         config={
             **cfg.to_dict(),
             "resolved_losses": [[n, w] for n, w, _ in losses],
+            "resolved_fused_loss": fused_loss,
             "world_size": accelerator.num_processes,
             "mixed_precision": accelerator.mixed_precision,
         },
