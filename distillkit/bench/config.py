@@ -41,6 +41,7 @@ class BenchConfig(BaseConfig):
     dtype: str = "auto"
     task: str | None = None
     seed: int = 0
+    diffusion_steps: int | None = None
     allow_pickle: bool = False
     trust_remote_code: bool = False
     command: str = ""
@@ -55,6 +56,8 @@ class BenchConfig(BaseConfig):
         _positive_int("--warmup", self.warmup, 0, "pass e.g. --warmup 3 (0 disables warm-up)")
         if self.max_samples is not None:
             _positive_int("--max-samples", self.max_samples, 1, "omit it to use the whole file")
+        if self.diffusion_steps is not None:
+            _positive_int("--diffusion-steps", self.diffusion_steps, 1, "pass e.g. --diffusion-steps 4")
         if self.dtype not in BENCH_DTYPES:
             raise ConfigError(f"unknown dtype {self.dtype!r}", hint=f"choose one of: {', '.join(BENCH_DTYPES)}")
         if self.plot is not None and Path(self.plot).suffix.lower() not in PLOT_SUFFIXES:

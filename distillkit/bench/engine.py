@@ -311,7 +311,7 @@ def load_for_bench(cfg: BenchConfig, src: mf.Source, device: Any) -> Any:
         return runtimes.load_onnx(src, cfg.task, device)
     if fmt == "torch-export":
         return runtimes.load_pt2(src, cfg.task, device)
-    return runtimes.load_pytorch(
+    bench_model = runtimes.load_pytorch(
         src,
         cfg.task,
         device,
@@ -319,6 +319,12 @@ def load_for_bench(cfg: BenchConfig, src: mf.Source, device: Any) -> Any:
         allow_pickle=cfg.allow_pickle,
         trust_remote_code=cfg.trust_remote_code,
     )
+    from distillkit.attention import enable_sparse_attention, sparse_settings
+
+    sparse = sparse_settings(getattr(bench_model.model, "config", None))
+    if sparse is not None:  # a student distilled with --sparse-attention is measured with the attention it trained with
+        enable_sparse_attention(bench_model.model, *sparse)
+    return bench_model
 
 
 def warm_up_process(cfg: BenchConfig, src: mf.Source, device: Any) -> None:
@@ -529,6 +535,12 @@ def run_bench(cfg: BenchConfig, sources: list[Any] | None = None) -> dict[str, A
         if teacher_src is None or s.path != teacher_src.path:
             entries.append((s, False))
     names = _unique([_model_name(s) for s, _ in entries])
+    from distillkit.bench import diffusion
+
+    if diffusion.check_kinds(entries, names):  # diffusers denoisers: images/s and samples against the baseline
+        return diffusion.run_diffusion_bench(cfg, entries, names, device)
+    if cfg.diffusion_steps is not None:
+        raise ConfigError("--diffusion-steps applies to diffusers models only", hint="drop --diffusion-steps")
     notes: list[str] = []
     if cfg.data is None:
         notes.append(

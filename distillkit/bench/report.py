@@ -19,6 +19,7 @@ PLOT_METRICS = (
     ("top1_agreement", "higher"),
     ("embedding_cosine", "higher"),
     ("similarity_corr", "higher"),
+    ("mse", "lower"),  # diffusers models: MSE of their samples against the baseline's
 )
 
 
@@ -105,6 +106,9 @@ def print_table(report: dict[str, Any]) -> None:
     models = report["models"]
     quality_keys = sorted({k for m in models for k in (m.get("quality") or {}) if not k.startswith("eval_")})
     table = Table(title=f"distillkit bench on {report['device']} (baseline: {report['baseline']})")
+    # diffusers models sample in steps instead of decoding tokens
+    steps = any("steps" in m for m in models)
+    step_cols = ("steps", "ms/eval") if steps else ("decode ms/tok",)
     for col in (
         "model",
         "params",
@@ -113,7 +117,7 @@ def print_table(report: dict[str, Any]) -> None:
         "p50 ms",
         "p90 ms",
         "throughput",
-        "decode ms/tok",
+        *step_cols,
         "mem MB",
         *quality_keys,
         "speedup",
@@ -130,7 +134,11 @@ def print_table(report: dict[str, Any]) -> None:
             _fmt(m["latency_ms_p50"]),
             _fmt(m["latency_ms_p90"]),
             f"{_fmt(m['throughput'])} {m['throughput_unit']}",
-            _fmt(m["decode_ms_per_token_p50"]),
+            *(
+                (str(m.get("steps", "-")), _fmt(m.get("eval_ms_p50")))
+                if steps
+                else (_fmt(m["decode_ms_per_token_p50"]),)
+            ),
             _fmt(m["peak_memory_mb"]),
             *(_fmt((m.get("quality") or {}).get(k), ".4g") for k in quality_keys),
             "baseline" if m["name"] == report["baseline"] else _fmt(r.get("latency_speedup"), ".2f") + "x",
@@ -175,7 +183,8 @@ def write_plot(report: dict[str, Any], path: str) -> str:
             # alternate above/below so that models with close numbers stay readable
             ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5 if i % 2 == 0 else -12), fontsize=8)
         cfg = report["config"]
-        ax.set_xlabel(f"prefill latency p50 (ms) at batch {cfg['batch']}, seq {cfg['seq']}")
+        what = "sampling latency p50 (ms) at batch" if "diffusion" in report else "prefill latency p50 (ms) at batch"
+        ax.set_xlabel(f"{what} {cfg['batch']}" + ("" if "diffusion" in report else f", seq {cfg['seq']}"))
         ax.grid(True, alpha=0.3)
         fig.tight_layout()
         tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}{out.suffix}")

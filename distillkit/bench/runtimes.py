@@ -237,6 +237,7 @@ def load_pytorch(
     model = loaded.model.eval()
     io = describe_io(model, loaded.task, loaded.processor, purpose="bench")
     params = list(model.parameters())
+    n_params, n_bytes = weight_footprint(model)
     return BenchModel(
         model=model,
         processor=loaded.processor,
@@ -245,9 +246,48 @@ def load_pytorch(
         pooling=loaded.pooling,
         io=io,
         runtime="pytorch",
-        params=sum(p.numel() for p in params),
-        weights_bytes=sum(p.numel() * p.element_size() for p in params),
+        params=n_params,
+        weights_bytes=n_bytes,
         dtype=str(params[0].dtype).replace("torch.", "") if params else "float32",
         forward=io.wrap(model),
         can_generate=loaded.task == "causal-lm" and callable(getattr(model, "generate", None)),
     )
+
+
+def weight_footprint(model: Any) -> tuple[int, int]:
+    """(parameters, bytes) of a model's weights, quantized ones included.
+
+    Quantized layers (distillkit's packed modules, bitsandbytes, torch dynamic int8) keep their weights in buffers or
+    packed parameters, so they count as ``in x out`` logical parameters; bytes are what the weights occupy in memory.
+    """
+
+    count, nbytes, seen = 0, 0, set()
+
+    def add_tensor(t: Any) -> int:
+        key = (t.data_ptr(), t.numel(), t.dtype)
+        if key in seen or t.numel() == 0:
+            return 0
+        seen.add(key)
+        return t.numel() * t.element_size()
+
+    for m in model.modules():
+        name = type(m).__name__
+        if name in ("TiedQuantLinear", "LinearPackedParams"):
+            continue  # a tied head reads its embedding's table; packed params are counted with their Linear
+        if type(m).__module__.startswith("torch.ao.nn.quantized"):
+            w, bias = m._weight_bias()
+            count += w.numel() + (bias.numel() if bias is not None else 0)
+            nbytes += w.numel() * (1 if w.is_quantized else w.element_size())
+            nbytes += bias.numel() * bias.element_size() if bias is not None else 0
+            continue
+        quantized = name in ("QuantLinear", "QuantEmbedding", "Linear4bit", "Linear8bitLt")
+        if quantized:
+            count += m.in_features * m.out_features if hasattr(m, "in_features") else m.num_embeddings * m.embedding_dim
+        for p in m.parameters(recurse=False):
+            if not quantized or p.ndim == 1:  # a quantized layer's own weight was counted as in x out above
+                count += p.numel()
+            nbytes += add_tensor(p)
+        if quantized:
+            for b in m.buffers(recurse=False):
+                nbytes += add_tensor(b)
+    return count, nbytes

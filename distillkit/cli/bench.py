@@ -12,6 +12,12 @@ import typer
 from distillkit.cli import options as o
 
 
+def _kernel_help() -> str:
+    from distillkit.bench.kernels import kernel_help
+
+    return kernel_help()
+
+
 def bench(
     models: Annotated[
         list[str] | None,
@@ -79,15 +85,77 @@ def bench(
     ] = None,
     task: o.Task = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed of the random inputs (default 0).")] = None,
+    diffusion_steps: Annotated[
+        int | None,
+        typer.Option(
+            "--diffusion-steps",
+            help="diffusers models: sampling steps of every MODEL (default: the artifact's num_inference_steps, "
+            "else 50); the --against baseline keeps its own count (its manifest's, else the --teacher-steps its "
+            "students were distilled with).",
+        ),
+    ] = None,
     allow_pickle: o.AllowPickle = None,
     trust_remote_code: o.TrustRemoteCode = None,
     preset: o.Preset = None,
     config: o.ConfigFile = None,
+    kernel: Annotated[
+        str | None,
+        typer.Option("--kernel", help=f"Benchmark a GPU kernel instead of models (needs CUDA): {_kernel_help()}."),
+    ] = None,
+    speculative: Annotated[
+        str | None,
+        typer.Option(
+            "--speculative",
+            help="Teacher for speculative decoding: measure each MODEL as its draft (acceptance rate, speedup).",
+        ),
+    ] = None,
+    search_correlation: Annotated[
+        str | None,
+        typer.Option(
+            "--search-correlation",
+            metavar="TEACHER",
+            help="Instead of models: score --candidates students of TEACHER with every search-student score, distil "
+            "each for --steps steps and report Kendall tau / Spearman rho between each score and the distilled "
+            "quality (uses --data, --seq as tokens per sequence, --seed, --out).",
+        ),
+    ] = None,
+    candidates: Annotated[
+        int | None,
+        typer.Option("--candidates", help="With --search-correlation: students scored and distilled (default 12)."),
+    ] = None,
+    steps: Annotated[
+        int | None,
+        typer.Option("--steps", help="With --search-correlation: distillation steps per student (default 40)."),
+    ] = None,
 ) -> None:
     """Measure models side by side (latency, decode, throughput, memory, quality) and print one JSON report."""
     import json
 
     from distillkit.bench import BenchConfig, run_bench
+
+    if search_correlation is not None:
+        report = _search_correlation(search_correlation, models, candidates, steps, data, seq, seed, report_out)
+        sys.stdout.write(json.dumps(report, sort_keys=True, default=str) + "\n")
+        sys.stdout.flush()
+        return
+    if candidates is not None or steps is not None:
+        from distillkit.errors import ConfigError
+
+        raise ConfigError(
+            "--candidates and --steps belong to --search-correlation", hint="add --search-correlation TEACHER"
+        )
+
+    if kernel is not None:
+        from distillkit.bench.kernels import run_kernel_bench
+        from distillkit.errors import ConfigError
+
+        if models:
+            raise ConfigError("--kernel benchmarks a kernel, not models", hint="drop the MODEL arguments")
+        report = run_kernel_bench(kernel, command=shlex.join(sys.argv))
+        if report_out:
+            report_out.write_text(json.dumps(report, sort_keys=True, default=str) + "\n")
+        sys.stdout.write(json.dumps(report, sort_keys=True, default=str) + "\n")
+        return
 
     flags = dict(
         models=tuple(models) if models else None,
@@ -107,6 +175,7 @@ def bench(
         dtype=dtype,
         task=task,
         seed=seed,
+        diffusion_steps=diffusion_steps,
         allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code,
         command=shlex.join(sys.argv),
@@ -115,8 +184,54 @@ def bench(
         preset=preset, config_file=str(config) if config else None, overrides=flags, section="bench"
     )
     report = run_bench(cfg)
+    if speculative is not None:
+        from distillkit.bench.speculative import measure_speculative
+
+        report["speculative"] = [measure_speculative(cfg, m, speculative) for m in cfg.models]
+        if cfg.out:
+            from distillkit.bench.report import write_report
+
+            write_report(report, cfg.out)
     sys.stdout.write(json.dumps(report, sort_keys=True, default=str) + "\n")
     sys.stdout.flush()
+
+
+def _search_correlation(
+    teacher: str,
+    models: list[str] | None,
+    candidates: int | None,
+    steps: int | None,
+    data: str | None,
+    seq: int | None,
+    seed: int | None,
+    report_out: Path | None,
+) -> dict:
+    """``--search-correlation``: run :mod:`distillkit.search.correlation` and return its result (table on stderr)."""
+    import json
+    import tempfile
+
+    from distillkit.errors import ConfigError
+    from distillkit.search.correlation import build_parser, run_benchmark
+
+    if models:
+        raise ConfigError("--search-correlation draws its own students", hint="drop the MODEL arguments")
+    if candidates is not None and candidates < 2:
+        raise ConfigError(f"--candidates {candidates} gives no rank correlation", hint="pass --candidates 2 or more")
+    if steps is not None and steps < 1:
+        raise ConfigError(f"--steps {steps} trains nothing", hint="pass --steps 1 or more")
+    argv = ["--teacher", teacher]
+    for flag, value in (("--candidates", candidates), ("--steps", steps), ("--data", data), ("--max-length", seq)):
+        if value is not None:
+            argv += [flag, str(value)]
+    if seed is not None:
+        argv += ["--seed", str(seed)]
+    # The distilled students are scratch work: they go to a temporary directory, only the report is kept.
+    with tempfile.TemporaryDirectory(prefix="distillkit-search-corr-") as tmp:
+        report = run_benchmark(build_parser().parse_args([*argv, "--out", tmp]))
+    report["config"].pop("out", None)
+    if report_out:
+        report_out.write_text(json.dumps(report, sort_keys=True, default=str) + "\n")
+    return report
 
 
 def register(app: typer.Typer) -> None:

@@ -1,0 +1,472 @@
+"""``distillkit bench`` for diffusers denoisers: sampling speed (images/s) and sample quality against the baseline.
+
+Per model (a diffusers pipeline or model directory, e.g. a ``distill --method ...`` artifact): parameters, weight
+file size, load time, the sampling step count, latency of sampling one ``--batch`` of images (p50/p90; per image
+and per denoiser evaluation too), images/s, peak memory (the transformers bench's method: load plus one sampled
+batch), and the MSE / PSNR of its samples against the baseline's samples from the same noise and labels.
+
+Sampling reuses distillkit's own solvers (:mod:`distillkit.models.diffusion`, :mod:`distillkit.distill.diffusion`):
+deterministic DDIM with trailing timestep spacing, the consistency sampler for LCM students, classifier-free
+guidance (two evaluations per step) for a baseline that a guidance-distilled student is compared with, and the
+guidance embedding (one evaluation per step) for that student.
+
+Step counts, per model: ``--diffusion-steps`` for the MODEL arguments; else the artifact's manifest
+``extra.num_inference_steps``; else, for the baseline, the ``--teacher-steps`` that students distilled from it
+recorded in their manifests; else :data:`DEFAULT_STEPS`. Quality uses :data:`QUALITY_SAMPLES` fixed noises drawn
+with ``--seed + 1`` (the draw of ``distill``'s own evaluation, so a student benched against its teacher with the
+distill seed reproduces the manifest's ``student_mse``); timing uses one batch drawn with ``--seed``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from distillkit import manifest as mf
+from distillkit.bench.config import BenchConfig
+from distillkit.errors import ConfigError, ModelError
+
+DEFAULT_STEPS = 50  # diffusers' DDIM pipelines sample in 50 steps by default
+QUALITY_SAMPLES = 16  # distill's default --eval-samples, so its evaluation noise is reproduced
+
+
+def is_diffusers_source(src: mf.Source) -> bool:
+    """Cheap (two small JSON reads, no torch): is ``src`` a local diffusers pipeline/model directory?"""
+    from distillkit.models.diffusion import is_diffusers_dir
+
+    return src.is_local and is_diffusers_dir(src.path)
+
+
+def check_kinds(entries: list[tuple[mf.Source, bool]], names: list[str]) -> bool:
+    """True when every model is a diffusers one, False when none is; a mixed list is an error."""
+    kinds = [is_diffusers_source(s) for s, _ in entries]
+    if all(kinds) or not any(kinds):
+        return kinds[0]
+    diff = names[kinds.index(True)]
+    other = names[kinds.index(False)]
+    raise ConfigError(
+        f"bench compares models of one kind: {diff} is a diffusers model and {other} is not",
+        hint="bench diffusers models and transformers models in separate calls",
+    )
+
+
+def _check_flags(cfg: BenchConfig) -> None:
+    if cfg.data is not None:
+        raise ConfigError(
+            "diffusers models are compared on samples from fixed noise, not on --data", hint="drop --data"
+        )
+    if cfg.task is not None:
+        raise ConfigError("--task does not apply to diffusers models", hint="drop --task")
+    if cfg.dtype not in ("auto", "float32"):
+        raise ConfigError(
+            f"diffusers models are benchmarked in float32 (the precision distillkit samples and distils in), "
+            f"not {cfg.dtype}",
+            hint="drop --dtype",
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# What each model runs
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one model samples: ``steps`` with ``sampler`` (``ddim`` | ``consistency``), and ``guidance`` w for
+    classifier-free guidance (``embedded``: through a guidance-distilled student's ``timestep_cond``)."""
+
+    steps: int
+    steps_from: str
+    sampler: str = "ddim"
+    guidance: float | None = None
+    embedded: bool = False
+
+    @property
+    def evaluations_per_step(self) -> int:
+        return 2 if self.guidance is not None and not self.embedded else 1
+
+
+def _extra(src: mf.Source) -> dict[str, Any]:
+    return dict(src.manifest.extra) if src.manifest is not None else {}
+
+
+def _same_path(a: str, b: str) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
+
+
+def _teacher_steps_of(base: mf.Source, others: list[mf.Source]) -> int | None:
+    """The ``--teacher-steps`` recorded by the students (among ``others``) that were distilled from ``base``."""
+    found = set()
+    for s in others:
+        m = s.manifest
+        teacher = (m.inputs.get("teacher") or {}).get("path") if m is not None else None
+        if teacher and _same_path(teacher, base.path) and m.config.get("teacher_steps"):
+            found.add(int(m.config["teacher_steps"]))
+    return found.pop() if len(found) == 1 else None
+
+
+def _guidance_scale(entries: list[tuple[mf.Source, bool]]) -> float | None:
+    """The w of the guidance-distilled students in the run (they must agree), or None."""
+    scales = {
+        float(s.manifest.config.get("guidance_scale"))
+        for s, _ in entries
+        if _extra(s).get("guidance_embedding") and s.manifest.config.get("guidance_scale") is not None
+    }
+    if len(scales) > 1:
+        raise ConfigError(
+            f"the guidance-distilled students were trained for different guidance scales {sorted(scales)}",
+            hint="bench students of one guidance scale together",
+        )
+    return scales.pop() if scales else None
+
+
+def plan_for(
+    cfg: BenchConfig, src: mf.Source, dm: Any, *, is_model: bool, others: list[mf.Source], guidance: float | None
+) -> Plan:
+    """The :class:`Plan` of ``src`` (loaded as ``dm``); see the module docstring for where the step count comes from."""
+    extra = _extra(src)
+    if is_model and cfg.diffusion_steps is not None:
+        steps, steps_from = cfg.diffusion_steps, "--diffusion-steps"
+    elif extra.get("num_inference_steps"):
+        steps, steps_from = int(extra["num_inference_steps"]), "manifest"
+    elif (taught := _teacher_steps_of(src, others)) is not None:
+        steps, steps_from = taught, "students' --teacher-steps"
+    else:
+        steps, steps_from = DEFAULT_STEPS, "default"
+    consistency = extra.get("method") == "consistency" or type(dm.scheduler).__name__ == "LCMScheduler"
+    if extra.get("guidance_embedding"):
+        return Plan(steps, steps_from, guidance=guidance, embedded=True)
+    cfg_guided = guidance is not None and dm.conditional and dm.null_class is not None and not consistency
+    return Plan(steps, steps_from, "consistency" if consistency else "ddim", guidance if cfg_guided else None)
+
+
+class Sampler:
+    """Samples ``x0`` [B, C, H, W] from noise [B, C, H, W] (and labels [B]) with a model's :class:`Plan`."""
+
+    def __init__(self, dm: Any, plan: Plan, device: Any):
+        from distillkit.models.diffusion import NoiseSchedule
+
+        self.dm, self.plan = dm, plan
+        self.schedule = NoiseSchedule(dm.scheduler, device)
+        self.timesteps: list[int] | None = None
+        if plan.sampler == "consistency":
+            from distillkit.distill.diffusion import lcm_timesteps
+
+            config = dict(dm.scheduler.config)
+            original = int(config.get("original_inference_steps") or 50)
+            self.scaling = float(config.get("timestep_scaling", 10.0))
+            try:
+                self.timesteps = lcm_timesteps(config, plan.steps, original)
+            except ValueError as e:
+                raise ConfigError(
+                    f"{Path(dm.path).name} cannot sample in {plan.steps} consistency steps: {str(e).splitlines()[0]}",
+                    hint=f"pass --diffusion-steps {original} or fewer",
+                ) from None
+
+    def _embedding(self, n: int, device: Any) -> Any:
+        import torch
+
+        from distillkit.models.diffusion import guidance_embedding
+
+        w = torch.full((n,), self.plan.guidance, device=device)
+        return guidance_embedding(w, self.dm.model.config.time_cond_proj_dim)
+
+    def sample(self, noise: Any, labels: Any) -> Any:
+        import torch
+
+        from distillkit.distill.diffusion import consistency_sample
+        from distillkit.models.diffusion import ddim_sample
+
+        model, plan = self.dm.model, self.plan
+        with torch.no_grad():
+            if plan.sampler == "consistency":
+                return consistency_sample(model, self.schedule, noise, self.timesteps, labels, self.scaling)
+            if plan.embedded:
+                emb = self._embedding(noise.shape[0], noise.device)
+                return ddim_sample(model, self.schedule, noise, plan.steps, labels, timestep_cond=emb)
+            g = (plan.guidance, self.dm.null_class) if plan.guidance is not None else None
+            return ddim_sample(model, self.schedule, noise, plan.steps, labels, guidance=g)
+
+    def step(self, noise: Any, labels: Any) -> Any:
+        """One sampling step's model call(s) at the middle timestep (two evaluations, batched, when guided)."""
+        import torch
+
+        from distillkit.models.diffusion import guided_output
+
+        t = torch.full((noise.shape[0],), self.schedule.num_train_timesteps // 2, device=noise.device)
+        emb = self._embedding(noise.shape[0], noise.device) if self.plan.embedded else None
+        g = (self.plan.guidance, self.dm.null_class) if self.plan.guidance is not None and emb is None else None
+        with torch.no_grad():
+            return guided_output(self.dm.model, noise, t.long(), labels, g, emb)
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs shared by every model
+
+
+@dataclass
+class Inputs:
+    """The timed batch (noise [B, C, H, W], labels [B] or None) and the quality noises [Q, C, H, W] / labels [Q]."""
+
+    noise: Any
+    labels: Any
+    quality_noise: Any
+    quality_labels: Any
+    sample_shape: tuple[int, int, int]
+    classes: int
+
+
+def draw_inputs(cfg: BenchConfig, dm: Any, device: Any) -> Inputs:
+    """Noise and class labels from the baseline's sample shape and classes, drawn as ``distill``'s evaluation does
+    (noise first, then labels uniformly over the real classes)."""
+    import torch
+
+    from distillkit.models.diffusion import label_range
+
+    classes = label_range(dm)
+
+    def draw(n: int, seed: int) -> tuple[Any, Any]:
+        gen = torch.Generator().manual_seed(seed)
+        noise = torch.randn(n, *dm.sample_shape, generator=gen).to(device)
+        labels = torch.arange(classes)[torch.randint(classes, (n,), generator=gen)].to(device) if classes else None
+        return noise, labels
+
+    noise, labels = draw(cfg.batch, cfg.seed)
+    qn, ql = draw(QUALITY_SAMPLES, cfg.seed + 1)
+    return Inputs(noise, labels, qn, ql, tuple(dm.sample_shape), classes)
+
+
+def _check_compatible(dm: Any, inputs: Inputs, name: str, baseline: str) -> None:
+    from distillkit.models.diffusion import label_range
+
+    if tuple(dm.sample_shape) != inputs.sample_shape:
+        raise ModelError(
+            f"{name} samples {tuple(dm.sample_shape)}, the baseline {baseline} samples {inputs.sample_shape}",
+            hint="bench models that sample the same shape (a teacher and its students)",
+        )
+    if (label_range(dm) > 0) != (inputs.classes > 0) or label_range(dm) < inputs.classes:
+        raise ModelError(
+            f"{name} has {label_range(dm)} classes, the baseline {baseline} has {inputs.classes}",
+            hint="bench models with the same class conditioning (a teacher and its students)",
+        )
+
+
+def quality_samples(sampler: Sampler, inputs: Inputs, batch: int) -> Any:
+    """The model's samples [Q, C, H, W] of the quality noises, in chunks of ``batch`` (at least all Q at once, as
+    ``distill``'s evaluation samples them, so that its numbers are reproduced to the last digit)."""
+    import torch
+
+    n = inputs.quality_noise.shape[0]
+    labels = inputs.quality_labels
+    return torch.cat(
+        [
+            sampler.sample(inputs.quality_noise[i : i + batch], labels[i : i + batch] if labels is not None else None)
+            for i in range(0, n, batch)
+        ]
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurement
+
+
+def measure(
+    cfg: BenchConfig,
+    src: mf.Source,
+    name: str,
+    device: Any,
+    *,
+    is_model: bool,
+    others: list[mf.Source],
+    guidance: float | None,
+    inputs: Inputs | None,
+    baseline: str,
+) -> tuple[dict[str, Any], Sampler, Inputs]:
+    """Load ``src`` and time it; returns (record without quality, its Sampler, the shared inputs)."""
+    import torch
+
+    from distillkit.bench.engine import PeakMemory, _sync, _timed, _trim_heap, percentile, weight_file_bytes
+    from distillkit.models.diffusion import load_diffusion
+
+    _trim_heap()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    with PeakMemory(device) as memory:
+        t0 = time.perf_counter()
+        dm = load_diffusion(src.path, device=device)
+        _sync(device)
+        load_s = time.perf_counter() - t0
+        if inputs is None:
+            inputs = draw_inputs(cfg, dm, device)
+        _check_compatible(dm, inputs, name, baseline)
+        plan = plan_for(cfg, src, dm, is_model=is_model, others=others, guidance=guidance)
+        sampler = Sampler(dm, plan, device)
+        sampler.sample(inputs.noise, inputs.labels)
+    batch_ms = _timed(lambda: sampler.sample(inputs.noise, inputs.labels), device, cfg.warmup, cfg.repeats)
+    step_ms = _timed(lambda: sampler.step(inputs.noise, inputs.labels), device, cfg.warmup, cfg.repeats)
+    params = [p for p in dm.model.parameters()]
+    p50, per_eval = percentile(batch_ms, 50), plan.evaluations_per_step
+    notes: list[str] = []
+    if plan.steps_from == "default":
+        notes.append(f"{plan.steps} steps is the default: pass --diffusion-steps N (or --against its teacher)")
+    if plan.guidance is not None:
+        notes.append(
+            f"guidance w={plan.guidance:g} "
+            + ("through its guidance embedding" if plan.embedded else "by classifier-free guidance (2 evals/step)")
+        )
+    record: dict[str, Any] = {
+        "name": name,
+        "path": src.path,
+        "stage": src.manifest.stage if src.manifest is not None else None,
+        "role": "model",
+        "runtime": "pytorch",
+        "task": "diffusion",
+        "model_type": dm.class_name,
+        "dtype": "float32",
+        "params": sum(p.numel() for p in params),
+        "weights_bytes": sum(p.numel() * p.element_size() for p in params),
+        "file_size_bytes": weight_file_bytes(src.path),
+        "load_s": load_s,
+        # one sampled batch of --batch images, all steps
+        "latency_ms_p50": p50,
+        "latency_ms_p90": percentile(batch_ms, 90),
+        "latency_ms": batch_ms,
+        "latency_ms_per_image_p50": p50 / cfg.batch,
+        "latency_ms_per_image_p90": percentile(batch_ms, 90) / cfg.batch,
+        "throughput": cfg.batch / (p50 / 1000.0),
+        "throughput_unit": "images/s",
+        "steps": plan.steps,
+        "steps_from": plan.steps_from,
+        "sampler": plan.sampler,
+        "guidance_scale": plan.guidance,
+        "evaluations_per_image": plan.steps * per_eval,
+        # one sampling step's model call at --batch, and per denoiser evaluation (CFG batches two in one call)
+        "step_ms_p50": percentile(step_ms, 50),
+        "step_ms_p90": percentile(step_ms, 90),
+        "eval_ms_p50": percentile(step_ms, 50) / per_eval,
+        "eval_ms_p90": percentile(step_ms, 90) / per_eval,
+        "space": dm.space,
+        "sample_shape": list(dm.sample_shape),
+        "decode_ms_per_token_p50": None,
+        "decode_ms_per_token_p90": None,
+        "generate_ms_per_token": None,
+        "decode_tokens_per_s": None,
+        "peak_memory_mb": memory.peak / 2**20,
+        "memory_method": memory.method,
+        "quality": {},
+        "notes": notes,
+    }
+    return record, sampler, inputs
+
+
+def _quality(samples: Any, reference: Any) -> dict[str, float]:
+    """MSE and PSNR against the baseline's samples; PSNR is left out when the samples are identical (infinite)."""
+    import math
+
+    from distillkit.distill.diffusion import sample_errors
+
+    errors = sample_errors(samples, reference)
+    return {k: v for k, v in errors.items() if math.isfinite(v)}
+
+
+def run_diffusion_bench(
+    cfg: BenchConfig, entries: list[tuple[mf.Source, bool]], names: list[str], device: Any
+) -> dict[str, Any]:
+    """Measure diffusers models (``entries``: (source, is the --against baseline), the baseline first) and
+    return the report, printed, plotted and written as the transformers bench does."""
+    import torch
+
+    from distillkit.bench.engine import _check_writable, _device_name, _trim_heap, _versions
+    from distillkit.bench.report import _ratio, build_report, print_table, write_plot, write_report
+
+    _check_flags(cfg)
+    for path in (cfg.plot, cfg.out):
+        if path:
+            _check_writable(path)
+    guidance = _guidance_scale(entries)
+    srcs = [s for s, _ in entries]
+    torch.manual_seed(cfg.seed)
+    # warm-up, untimed: one-time costs (imports, thread pools, allocator) must not land on the first model
+    _, warm, _ = measure(
+        _fast(cfg),
+        srcs[0],
+        names[0],
+        device,
+        is_model=not entries[0][1],
+        others=srcs[1:],
+        guidance=guidance,
+        inputs=None,
+        baseline=names[0],
+    )
+    del warm
+    _trim_heap()
+    records: list[dict[str, Any]] = []
+    inputs: Inputs | None = None
+    reference = None
+    for i, ((src, is_teacher), name) in enumerate(zip(entries, names, strict=True)):
+        sys.stderr.write(f"bench: {name}\n")
+        record, sampler, inputs = measure(
+            cfg,
+            src,
+            name,
+            device,
+            is_model=not is_teacher,
+            others=[s for j, s in enumerate(srcs) if j != i],
+            guidance=guidance,
+            inputs=inputs,
+            baseline=names[0],
+        )
+        record["role"] = "teacher" if is_teacher else "model"
+        samples = quality_samples(sampler, inputs, max(cfg.batch, QUALITY_SAMPLES))
+        if reference is None:
+            reference = samples
+        record["quality"] = _quality(samples, reference)
+        records.append(record)
+        del sampler, samples
+        _trim_heap()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    base = records[0]
+    notes = [
+        f"quality: MSE/PSNR of {QUALITY_SAMPLES} samples against {base['name']}'s {base['steps']}-step samples "
+        f"from the same noise (seed {cfg.seed + 1}); PSNR peak = max - min of the baseline's samples"
+    ]
+    report = build_report(
+        cfg,
+        records,
+        baseline=base["name"],
+        device=_device_name(device),
+        device_type=device.type,
+        versions=_versions(),
+        notes=notes,
+        data_info=None,
+    )
+    for m in records[1:]:
+        report["ratios"][m["name"]].update(
+            step_speedup=_ratio(base["step_ms_p50"], m["step_ms_p50"]),
+            evaluations_ratio=_ratio(m["evaluations_per_image"], base["evaluations_per_image"]),
+        )
+    report["diffusion"] = {
+        "quality_samples": QUALITY_SAMPLES,
+        "quality_seed": cfg.seed + 1,
+        "reference": base["name"],
+        "reference_steps": base["steps"],
+        "guidance_scale": guidance,
+    }
+    print_table(report)
+    if cfg.plot:
+        report["plot"] = write_plot(report, cfg.plot)
+    if cfg.out:
+        write_report(report, cfg.out)
+    return report
+
+
+def _fast(cfg: BenchConfig) -> BenchConfig:
+    import dataclasses
+
+    return dataclasses.replace(cfg, repeats=1, warmup=0)
