@@ -101,10 +101,15 @@ def gptq_states(model: Any, targets: list, batches: list[dict], r: dict, damp: f
             for t in stage:
                 mod = model.get_submodule(t.name)
                 hooks.append(mod.register_forward_pre_hook(lambda m, args, _a=accs[t.name]: _a.add(args[0])))
+            # nothing after this block matters for its Hessians: stop the forward pass there
+            hooks.append(model.get_submodule(_block_of(stage[0].name)).register_forward_hook(_stop))
             try:
                 with torch.no_grad():
                     for b in batches:
-                        model(**model_inputs(model, b, device))
+                        try:
+                            model(**model_inputs(model, b, device))
+                        except _StopForward:
+                            pass
             finally:
                 for h in hooks:
                     h.remove()
@@ -118,6 +123,14 @@ def gptq_states(model: Any, targets: list, batches: list[dict], r: dict, damp: f
         for t in linears:  # the caller quantizes from the states; the float model is left as it was
             _set_weight(model, t, originals[t.name])
     return states
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _stop(module: Any, args: Any, output: Any) -> None:
+    raise _StopForward
 
 
 def _block_of(name: str) -> str:

@@ -97,6 +97,8 @@ def load_quantized(path: str | Path, task: str, *, dtype: torch.dtype | None = N
         dtype = torch.float32  # torch's dynamic int8 Linear takes float32 activations
     model = auto_class(task).from_config(config, dtype=dtype)
     build_quantized_(model, qc["modules"], qc.get("act_bits"), dtype)
+    if not (path / WEIGHTS_NAME).is_file():
+        raise ModelError(f"{path} has a distillkit quantization config but no {WEIGHTS_NAME}", hint="quantize again")
     state = load_file(str(path / WEIGHTS_NAME))
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not _is_tied_alias(model, k)]
