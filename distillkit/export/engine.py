@@ -120,7 +120,10 @@ def _export_hf(cfg: ExportConfig, loaded: Any, tmp: Path) -> dict[str, Any]:
     import torch
 
     from distillkit.models.load import auto_class
+    from distillkit.quantize.format import is_quantized_dir
 
+    if is_quantized_dir(loaded.path):
+        return _export_quantized(cfg, loaded, tmp)
     model = loaded.model
     t0 = time.perf_counter()
     model.save_pretrained(tmp, max_shard_size=parse_size(cfg.max_shard_size))
@@ -156,6 +159,36 @@ def _export_hf(cfg: ExportConfig, loaded: Any, tmp: Path) -> dict[str, Any]:
     }
 
 
+def _export_quantized(cfg: ExportConfig, loaded: Any, tmp: Path) -> dict[str, Any]:
+    """A distillkit-packed model stays packed: the same layout, rewritten, and reloaded for the parity check."""
+    import json
+
+    import torch
+
+    from distillkit.quantize.format import _config_dtype, load_quantized, save_quantized
+
+    t0 = time.perf_counter()
+    qc = json.loads((Path(loaded.path) / "config.json").read_text())["quantization_config"]
+    _save_sidecars(loaded, tmp)
+    save_quantized(loaded.model, tmp, qc, _config_dtype(loaded.model.config))
+    t1 = time.perf_counter()
+    reloaded = load_quantized(tmp, loaded.task, dtype=loaded.model.dtype)
+    io = describe_io(loaded.model, loaded.task, loaded.processor, purpose="the hf reload check")
+    inputs = io.sample(2, min(16, io.max_positions or 16), seed=cfg.seed + 1, pad=True)
+    with torch.no_grad():
+        ref = io.wrap(loaded.model)(*inputs).float().numpy()
+        got = io.wrap(reloaded)(*inputs).float().numpy()
+    diff = max_abs_diff(got, ref, io.valid_positions(inputs))
+    if not diff <= cfg.atol:
+        raise ExportError(f"reload check of the packed model failed: {diff:.3g} > --atol {cfg.atol:g}")
+    extra = {"quantization": qc.get("scheme"), "note": "distillkit packed layout; load with distillkit.load(dir)"}
+    return {
+        "metrics": {"hf_max_abs_diff": diff},
+        "extra": extra,
+        "timings": {"export_s": t1 - t0, "validate_s": time.perf_counter() - t1},
+    }
+
+
 def _rewrite_card_usage(tmp: Path, fmt: str, extra: dict[str, Any], path: str) -> None:
     """The generic card says ``AutoModel.from_pretrained``; an ONNX or .pt2 export is loaded differently."""
     card = tmp / "README.md"
@@ -179,6 +212,14 @@ def export_model(cfg: ExportConfig, source: str | mf.Source, out: str, overwrite
     src = source if isinstance(source, mf.Source) else mf.read_source(source)
     final = mf.check_output(out, overwrite)
     t_start = time.perf_counter()
+    if cfg.format == "onnx" and src.kind != "hub":
+        from distillkit.quantize.format import is_quantized_dir
+
+        if is_quantized_dir(src.path):
+            raise ExportError(
+                "ONNX cannot hold distillkit's packed low-bit weights (unpacking needs integer bit operations)",
+                hint="use --format hf or torch-export for the quantized model, or export the float model to ONNX",
+            )
     loaded = _load(cfg, src)
     t_loaded = time.perf_counter()
     with mf.atomic_artifact(final, overwrite) as tmp:

@@ -244,3 +244,24 @@ def test_pipeline_stdin_and_config_defaults(llama, tmp_path):
     assert r.stdout.strip() == str(out)
     assert Path(out, "distillkit.json").is_file()
     assert QuantizeConfig().resolved()["method"] == "gptq"
+
+
+def test_export_keeps_the_packed_layout_and_onnx_refuses_it(llama, tmp_path, capsys):
+    _, path = llama
+    q = tmp_path / "q"
+    assert (
+        _run(
+            ["quantize", path, "--scheme", "int4", "--group-size", "32", "--method", "rtn", "--out", str(q), *FAST],
+            capsys,
+        )[0]
+        == 0
+    )
+    hf = tmp_path / "hf"
+    code, stdout, err = _run(["export", str(q), "--format", "hf", "--out", str(hf)], capsys)
+    assert code == 0, err
+    assert json.loads(stdout)["metrics"]["hf_max_abs_diff"] == 0.0
+    assert (hf / "quantized.safetensors").is_file() and not (hf / "model.safetensors").exists()
+    x = _tokens()
+    assert torch.equal(load_quantized(hf, "causal-lm")(x).logits, load_quantized(q, "causal-lm")(x).logits)
+    code, _, err = _run(["export", str(q), "--format", "onnx", "--out", str(tmp_path / "onnx")], capsys)
+    assert code == 1 and "packed low-bit weights" in err and not (tmp_path / "onnx").exists()
