@@ -44,7 +44,8 @@ def search_student(
         typer.Option(
             "--space",
             help="Fix or bound dimensions: 'layers=2..6,hidden=128|256,heads=4' (keys layers, hidden, heads, "
-            "kv_heads, intermediate; fractions in (0, 1) are of the teacher's size).",
+            "kv_heads, intermediate; fractions in (0, 1) are of the teacher's size). ResNet teachers: stage depths "
+            "and widths, keys depth0, depth1, ..., width0, width1, ... (e.g. 'depth0=1..2,width1=0.5').",
         ),
     ] = None,
     score: Annotated[str | None, typer.Option("--score", help=_score_help())] = None,

@@ -372,6 +372,32 @@ class StructureScores:
     mlp: list[Any] | None = None
 
 
+def weight_scores(teacher_model: Any) -> StructureScores:
+    """The weight-magnitude rankings :func:`plan_student` uses by default, computed once for many plans.
+
+    Passing the result as ``scores`` gives exactly the default plan for every spec (the same tensors, the same
+    ranking code), but the teacher's tensors are ranked once instead of once per student: a search builds
+    hundreds of students from one teacher. ``hidden`` is ``[hidden]``; ``heads[l]`` ``[heads]``, ``kv_heads[l]``
+    ``[kv_heads]`` and ``mlp[l]`` ``[intermediate]`` per teacher layer; ``layers`` stays None (evenly spread).
+    """
+    cfg = teacher_model.config
+    fam = arch.family(cfg)
+    teacher = teacher_sizes(cfg)
+    t_d = arch.head_dim(cfg)
+    state = teacher_model.state_dict()
+    out = StructureScores(hidden=_hidden_scores(fam, state, teacher["hidden"]), heads=[], kv_heads=[], mlp=[])
+    index = _layer_index(state)
+    for t_layer in range(teacher["layers"]):
+        proj = _projections(fam, state, index[t_layer], cfg)
+        t_heads, t_kv = teacher["heads"], teacher["kv_heads"]
+        q = proj["q"].reshape(t_heads, t_d, -1)
+        o = proj["o"].reshape(proj["o"].shape[0], t_heads, t_d)
+        out.heads.append(q.pow(2).sum((1, 2)) + o.pow(2).sum((0, 2)))
+        out.kv_heads.append(proj["k"].reshape(t_kv, -1).pow(2).sum(1) + proj["v"].reshape(t_kv, -1).pow(2).sum(1))
+        out.mlp.append(sum(u.pow(2).sum(1) for u in proj["ups"]) + proj["down"].pow(2).sum(0))
+    return out
+
+
 def _top(score: Any, k: int) -> Any:
     """Indices of the ``k`` largest scores, sorted ascending; ties go to the lower index."""
     import torch
@@ -604,9 +630,33 @@ def _slice(tensor: Any, roles: tuple[str | None, ...], plan: StudentPlan, layer:
     return tensor
 
 
-def _teacher_state_for(student: Any, teacher_model: Any, plan: StudentPlan) -> dict[str, Any]:
+class SliceCache:
+    """Teacher tensors outside the blocks (embeddings, final norm, heads) sliced to a hidden-channel set, for reuse.
+
+    They depend only on the kept hidden channels, and a search builds many students with few distinct hidden
+    sizes; the word embeddings are the largest single slice. Holds the slices of the last ``keep`` hidden sets
+    (a vocabulary of 128k x 2048 is 1 GB a set). The cached tensors are only read: the student copies them.
+    """
+
+    def __init__(self, keep: int = 2):
+        self.keep = keep
+        self.sets: dict[bytes, dict[str, Any]] = {}
+
+    def for_hidden(self, hidden: Any) -> dict[str, Any]:
+        key = hidden.cpu().numpy().tobytes()
+        if key not in self.sets:
+            while len(self.sets) >= self.keep:
+                self.sets.pop(next(iter(self.sets)))
+            self.sets[key] = {}
+        return self.sets[key]
+
+
+def _teacher_state_for(
+    student: Any, teacher_model: Any, plan: StudentPlan, cache: SliceCache | None = None
+) -> dict[str, Any]:
     teacher_state = teacher_model.state_dict()
     cfg = teacher_model.config
+    globals_ = cache.for_hidden(plan.hidden) if cache is not None else None
     out = {}
     for key, target in student.state_dict().items():
         prefix, layer, suffix = _split_key(key)
@@ -622,6 +672,10 @@ def _teacher_state_for(student: Any, teacher_model: Any, plan: StudentPlan) -> d
                     f"from the teacher's {tuple(tensor.shape)}",
                     hint="use --init random for this architecture",
                 )
+        elif globals_ is not None and layer is None:
+            if t_key not in globals_:
+                globals_[t_key] = _slice(tensor, roles, plan, layer, cfg)
+            tensor = globals_[t_key]
         else:
             tensor = _slice(tensor, roles, plan, layer, cfg)
         if tensor.shape != target.shape:
@@ -644,6 +698,21 @@ def _construct(cls: Any, cfg: Any, teacher_model: Any) -> Any:
     return cls(cfg, **kwargs)
 
 
+def _construct_uninitialised(cls: Any, cfg: Any, teacher_model: Any) -> Any:
+    """The student with its weights allocated but not initialised: every one is overwritten from the teacher.
+
+    The random initialisation of a large student costs more than slicing the teacher's weights into it. Buffers
+    computed in ``__init__`` (rotary ``inv_freq``, position ids) are not weight initialisation and stay exact.
+    transformers' ``no_init_weights`` also skips tying (it replaces ``init_weights``), so tie afterwards.
+    """
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():
+        student = _construct(cls, cfg, teacher_model)
+    student.tie_weights()
+    return student
+
+
 def build_student(
     teacher_model: Any,
     spec: str | dict[str, int],
@@ -652,13 +721,15 @@ def build_student(
     seed: int = 0,
     plan: StudentPlan | None = None,
     keep_head_dim: bool = False,
+    cache: SliceCache | None = None,
 ) -> Any:
     """A model of the teacher's class, sized by ``spec`` and initialised from the teacher or at random.
 
     ``spec`` is a spec string or a dict with keys from :data:`~distillkit.models.spec.SPEC_KEYS`. ``init="random"``
     uses the class's own initialisation under ``torch.manual_seed(seed)`` (the caller's RNG state is restored).
     The student is on the teacher's device and dtype, in the teacher's train/eval mode. A ``plan`` from
-    :func:`plan_student` (e.g. with importance ``scores``) is used instead of the default one.
+    :func:`plan_student` (e.g. with importance ``scores``) is used instead of the default one. A ``cache`` shared by
+    builds from one teacher (a search) reuses the sliced embeddings and heads.
     """
     import torch
 
@@ -671,13 +742,17 @@ def build_student(
         raise ConfigError(f"cannot build {fam} students", hint=f"supported: {', '.join(arch.SUPPORTED_FAMILIES)}")
     s_cfg = student_config(cfg, spec, layers=plan.layers if plan is not None else None, keep_head_dim=keep_head_dim)
     param = next(teacher_model.parameters())
+    # Some classes draw from the global RNG in __init__ (ViT's cls token) even without initialisation.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        student = _construct(type(teacher_model), s_cfg, teacher_model)
+        if init == "teacher":
+            student = _construct_uninitialised(type(teacher_model), s_cfg, teacher_model)
+        else:
+            student = _construct(type(teacher_model), s_cfg, teacher_model)
     if init == "teacher":
         plan = plan if plan is not None else plan_student(teacher_model, spec, keep_head_dim=keep_head_dim)
         with torch.no_grad():
-            student.load_state_dict(_teacher_state_for(student, teacher_model, plan), strict=True)
+            student.load_state_dict(_teacher_state_for(student, teacher_model, plan, cache), strict=True)
     student.to(device=param.device, dtype=param.dtype)
     student.train(teacher_model.training)
     return student
@@ -686,10 +761,12 @@ def build_student(
 __all__ = [
     "INITS",
     "SPEC_KEYS",
+    "SliceCache",
     "StructureScores",
     "StudentPlan",
     "build_student",
     "plan_student",
     "select_layers",
     "student_config",
+    "weight_scores",
 ]

@@ -187,21 +187,25 @@ def plan_channels(cfg: Any, new_cfg: Any, scores: dict[str, Any] | None) -> dict
     return keep
 
 
-def prune_resnet(model: Any, new_cfg: Any, keep: dict[str, Any]) -> Any:
-    """A model of ``model``'s class built from ``new_cfg``, holding the kept slices of every tensor."""
-    import torch
-
-    cfg = model.config
-    with torch.random.fork_rng(devices=[]):
-        pruned = type(model)(new_cfg)
-    state = {}
-    for key, tensor in model.state_dict().items():
+def slice_state(cfg: Any, state: dict[str, Any], keep: dict[str, Any]) -> dict[str, Any]:
+    """``state`` (keys and shapes of a model of ``cfg``) with every tensor cut to the ``keep`` indices of its spaces."""
+    out = {}
+    for key, tensor in state.items():
         roles = spaces_of(cfg, key)
         if roles:
             for dim, space in enumerate(roles):
                 if space is not None and keep[space].numel() != tensor.shape[dim]:
                     tensor = tensor.index_select(dim, keep[space].to(tensor.device))
-        state[key] = tensor
-    pruned.load_state_dict(state, strict=True)
+        out[key] = tensor
+    return out
+
+
+def prune_resnet(model: Any, new_cfg: Any, keep: dict[str, Any]) -> Any:
+    """A model of ``model``'s class built from ``new_cfg``, holding the kept slices of every tensor."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        pruned = type(model)(new_cfg)
+    pruned.load_state_dict(slice_state(model.config, model.state_dict(), keep), strict=True)
     param = next(model.parameters())
     return pruned.to(device=param.device, dtype=param.dtype).train(model.training)

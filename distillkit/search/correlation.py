@@ -113,6 +113,13 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     teacher.model.eval().requires_grad_(False)
     task = teacher.task
     space = SearchSpace.from_teacher(teacher.config, args.space)
+    if space.family == "resnet":
+        from distillkit.errors import ConfigError
+
+        raise ConfigError(
+            "the rank-correlation benchmark distils each student from a --student spec, and ResNets have none",
+            hint="use a transformer teacher (Llama-style, GPT-2, BERT-style or ViT)",
+        )
     count = ParamCounter(teacher.model)
     t_params = sum(p.numel() for p in teacher.model.parameters())
     budget = int(args.params * t_params) if args.params else None
@@ -207,7 +214,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The benchmark's options (``distillkit bench --search-correlation`` fills the same namespace)."""
     p = argparse.ArgumentParser(prog="python -m distillkit.search.correlation", description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher", required=True, help="teacher model directory")
     p.add_argument("--candidates", type=int, default=12, help="students to score and distil (default 12)")
@@ -224,7 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep", action="store_true", help="keep the distilled students")
     p.add_argument("--out", default="runs/search-correlation", help="where results go")
-    run_benchmark(p.parse_args(argv))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    run_benchmark(build_parser().parse_args(argv))
     return 0
 
 

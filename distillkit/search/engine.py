@@ -34,9 +34,10 @@ from distillkit.manifest import (
     finalize_artifact,
     read_source,
 )
+from distillkit.models.student import SliceCache
 from distillkit.search.config import SearchConfig
 from distillkit.search.scores import ScoreContext
-from distillkit.search.space import ParamCounter, SearchSpace, check_searchable, spec_key, spec_short
+from distillkit.search.space import SearchSpace, check_searchable, param_counter, spec_key, spec_short
 
 DEFAULT_CALIBRATION_ROWS = 1000
 LATENCY_REPEATS = 3
@@ -85,7 +86,8 @@ def latency_inputs(model: Any, batch: int, seq: int, device: Any) -> dict[str, A
     cfg = model.config
     gen = torch.Generator().manual_seed(0)
     if getattr(cfg, "vocab_size", None) is None:
-        size, channels = int(cfg.image_size), int(getattr(cfg, "num_channels", 3))
+        # ResNet configs record no image size; 224 is what their image processors resize to.
+        size, channels = int(getattr(cfg, "image_size", 224)), int(getattr(cfg, "num_channels", 3))
         return {"pixel_values": torch.randn(batch, channels, size, size, generator=gen).to(device)}
     limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
     if limit is not None and seq > int(limit):
@@ -125,7 +127,7 @@ class _Search:
 
         self.cfg, self.space, self.teacher, self.ctx, self.budget = cfg, space, teacher, ctx, budget
         self.device = device
-        self.count = ParamCounter(teacher.model)
+        self.count = param_counter(teacher.model)
         self.rng = random.Random(cfg.seed)
         self.score_fn = SCORES.get(cfg.score).obj
         self.report = [(name, SCORES.get(name).obj) for name in cfg.report if name != cfg.score]
@@ -135,6 +137,8 @@ class _Search:
         self.population: collections.deque[dict[str, Any]] = collections.deque()
         self.latency_inputs: dict[str, Any] | None = None
         self.score_s = 0.0
+        self.structure: Any = None  # the teacher's weight rankings (a StructureScores), once per search
+        self.slices = SliceCache()
 
     # --- budget ---------------------------------------------------------------------------------------------
 
@@ -144,9 +148,7 @@ class _Search:
     def shrink(self, spec: dict[str, int]) -> dict[str, int]:
         """Lower one random dimension a step at a time until the candidate fits the parameter budget."""
         values = self.space.values
-        dims = [
-            k for k in ("layers", "hidden", "intermediate", "heads", "kv_heads") if k != "kv_heads" or self.space.gqa
-        ]
+        dims = self.space.shrink_keys()
         while not self.fits(spec):
             options = []
             for key in dims:
@@ -175,12 +177,26 @@ class _Search:
 
     # --- evaluation -------------------------------------------------------------------------------------------
 
-    def evaluate(self, spec: dict[str, int]) -> dict[str, Any] | None:
-        from distillkit.models.student import build_student
+    def build(self, spec: dict[str, int], init: str) -> Any:
+        """The candidate ``spec`` at ``init``, as ``distill --student SPEC`` would build it (ResNets: stage students)."""
+        from distillkit.models.student import build_student, plan_student, weight_scores
 
+        if self.space.family == "resnet":
+            from distillkit.search.cnn import build_resnet_student
+
+            return build_resnet_student(self.teacher.model, spec, init=init, seed=self.cfg.seed)
+        plan = None
+        if init == "teacher":
+            # The teacher's rankings do not depend on the candidate: rank once (inside the first candidate's time).
+            if self.structure is None:
+                self.structure = weight_scores(self.teacher.model)
+            plan = plan_student(self.teacher.model, spec, scores=self.structure)
+        return build_student(self.teacher.model, spec, init=init, seed=self.cfg.seed, plan=plan, cache=self.slices)
+
+    def evaluate(self, spec: dict[str, int]) -> dict[str, Any] | None:
         spec = self.space.validate(spec)
         t0 = time.perf_counter()
-        model = build_student(self.teacher.model, spec, init=self.cfg.init, seed=self.cfg.seed).eval()
+        model = self.build(spec, self.cfg.init).eval()
         record: dict[str, Any] = {"spec": spec, "student": self.space.spec_string(spec), "params": self.count(spec)}
         if self.cfg.max_latency_ms is not None:
             if self.latency_inputs is None:
@@ -261,7 +277,9 @@ def _table(console: Any, ranking: list[dict[str, Any]], cfg: SearchConfig, limit
     extra = [n for n in cfg.report if n not in (cfg.score, "params")]
     table = Table(
         title=f"search-student: {len(ranking)} candidates ranked by {cfg.score}",
-        caption="student: L layers, H hidden, A query/kv heads, I MLP width",
+        caption="student: L layers, H hidden, A query/kv heads, I MLP width"
+        if not ranking or "layers" in ranking[0]["spec"]
+        else "student: D stage depths, W stage widths",
     )
     for col in ["rank", "student", "params", cfg.score, *terms, *extra]:
         table.add_column(col, justify="left" if col == "student" else "right")
@@ -315,7 +333,7 @@ def search_student(
     budget = cfg.max_params if cfg.max_params is not None else None
     if cfg.params is not None:
         budget = int(cfg.params * teacher_params)
-    counter = ParamCounter(teacher.model)
+    counter = param_counter(teacher.model)
     smallest = space.smallest(counter)
     if budget is not None and counter(smallest) > budget:
         raise ConfigError(
@@ -329,9 +347,7 @@ def search_student(
     ctx = ScoreContext(teacher.model, batch, teacher.task, pooling=teacher.pooling, relation=cfg.relation)
     search = _Search(cfg, space, teacher, ctx, budget, device)
     if cfg.max_latency_ms is not None:
-        from distillkit.models.student import build_student
-
-        tiny = build_student(teacher.model, smallest, init="random", seed=cfg.seed).eval()
+        tiny = search.build(smallest, "random").eval()
         lat = measure_latency_ms(tiny, latency_inputs(tiny, cfg.latency_batch, cfg.latency_seq, device))
         del tiny
         if lat > cfg.max_latency_ms:
@@ -361,9 +377,8 @@ def search_student(
     best = ranking[0]
     spec = best["spec"]
 
-    from distillkit.models.student import build_student
-
-    student = build_student(teacher.model, spec, init="teacher", seed=cfg.seed)
+    student = search.build(spec, "teacher")
+    search.slices = None  # the cached slices are not needed any more
     n_student = sum(p.numel() for p in student.parameters())
     metrics = {
         "score": best["score"],

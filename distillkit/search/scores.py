@@ -12,7 +12,8 @@ the teacher, one calibration batch and what the scores cache about the teacher. 
 - sequence / image classification: the classifier (``classifier`` or ``score``) per example, predicting the
   batch labels or, without labels, the teacher's predictions;
 - feature extraction (sentence encoders): these have no head, so the word-embedding matrix serves as a tied LM
-  head and each real token predicts itself (``Z = X E^T``); ViT backbones have none and get no semantic term.
+  head and each real token predicts itself (``Z = X E^T``, over up to 256 evenly strided real tokens); ViT
+  backbones have none and get no semantic term.
 
 **DisWOT** (Dong et al., CVPR 2023), adapted to transformers:
 
@@ -99,14 +100,20 @@ class ScoreContext:
 
 
 def _head_module(model: Any, task: str) -> Any:
+    from torch import nn
+
     if task in ("causal-lm", "masked-lm"):
         return model.get_output_embeddings()
     if task in ("sequence-classification", "image-classification"):
         for name in ("classifier", "score"):
             module = getattr(model, name, None)
             if module is not None:
-                # RoBERTa-style heads end in out_proj
-                return getattr(module, "out_proj", module)
+                if hasattr(module, "out_proj"):  # RoBERTa-style heads end in out_proj
+                    return module.out_proj
+                if isinstance(module, nn.Sequential):  # ResNet: Flatten, Linear
+                    linears = [m for m in module if isinstance(m, nn.Linear)]
+                    return linears[-1] if linears else None
+                return module
     return None
 
 
@@ -179,8 +186,14 @@ def head_view(model: Any, ctx: ScoreContext, targets: Any) -> HeadView:
     if "input_ids" not in batch or weight is None or weight.dim() != 2:
         return HeadView(None, None, None, relation)
     valid = mask.bool() if mask is not None else torch.ones_like(batch["input_ids"], dtype=torch.bool)
-    xs = hidden[valid].float()
-    return HeadView(xs, xs @ weight.float().T, batch["input_ids"][valid], relation)
+    # The tied-head logits cost as much as the student's forward pass at full vocabulary; up to MAX_TOKENS
+    # evenly strided tokens (the same ones for teacher and student) estimate the gradient rows well enough.
+    xs, ys = hidden[valid], batch["input_ids"][valid]
+    if xs.shape[0] > MAX_TOKENS:
+        idx = torch.linspace(0, xs.shape[0] - 1, MAX_TOKENS, device=xs.device).round().long()
+        xs, ys = xs[idx], ys[idx]
+    xs = xs.float()
+    return HeadView(xs, xs @ weight.float().T, ys, relation)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -206,9 +219,11 @@ def linear_cka(x: Any, y: Any) -> float:
 
 def semantic_matrix(view: HeadView, classes: Any) -> Any:
     """Class-by-class correlation ``G G^T`` of the head-weight gradient rows ``G [|U|, H]`` (closed form)."""
-    import torch.nn.functional as F
+    import torch
 
-    p = F.softmax(view.z.double(), dim=-1)[:, classes]
+    # softmax(z)[:, U] without a float64 copy of all C logits: the normaliser in float32 is accurate to ~1e-7.
+    lse = torch.logsumexp(view.z.float(), dim=-1, keepdim=True)
+    p = torch.exp(view.z[:, classes].double() - lse.double())
     onehot = (view.y.unsqueeze(1) == classes.unsqueeze(0)).double()
     g = (p - onehot).T @ view.x.double() / view.x.shape[0]
     return g @ g.T

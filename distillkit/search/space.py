@@ -36,14 +36,16 @@ FAMILY_NAMES = {
     "gpt2": "GPT-2",
     "bert": "BERT-style (BERT, RoBERTa, XLM-R, MiniLM)",
     "vit": "ViT",
+    "resnet": "ResNet (stage depths and widths)",
 }
+SEARCHABLE_FAMILIES = (*arch.SUPPORTED_FAMILIES, "resnet")
 
 
 def check_searchable(teacher_config: Any) -> str:
     """The teacher's family, or a ConfigError naming the families that have a search space."""
     fam = arch.family(teacher_config)
-    if fam not in arch.SUPPORTED_FAMILIES:
-        supported = "; ".join(FAMILY_NAMES.get(f, f) for f in arch.SUPPORTED_FAMILIES)
+    if fam not in SEARCHABLE_FAMILIES:
+        supported = "; ".join(FAMILY_NAMES.get(f, f) for f in SEARCHABLE_FAMILIES)
         raise ConfigError(
             f"there is no student search space for {fam} models",
             hint=f"search-student supports: {supported}",
@@ -52,6 +54,8 @@ def check_searchable(teacher_config: Any) -> str:
 
 
 def spec_key(spec: dict[str, int]) -> tuple[int, ...]:
+    if "layers" not in spec:  # a CNN stage spec (depth0.., width0..): its own keys in a fixed order
+        return tuple(int(v) for _, v in sorted(spec.items()))
     return tuple(int(spec[k]) for k in DIMS)
 
 
@@ -65,6 +69,10 @@ def spec_string(spec: dict[str, int], gqa: bool = True) -> str:
 
 def spec_short(spec: dict[str, int]) -> str:
     """``L3 H256 A4/2 I1024``: layers, hidden, query/key-value heads, MLP width (for tables)."""
+    if "layers" not in spec:
+        from distillkit.search.cnn import spec_short as cnn_short
+
+        return cnn_short(spec)
     return f"L{spec['layers']} H{spec['hidden']} A{spec['heads']}/{spec['kv_heads']} I{spec['intermediate']}"
 
 
@@ -87,10 +95,16 @@ class SearchSpace:
     coupled: bool
     teacher_head_dim: int
     teacher_config: Any = field(repr=False, default=None)
+    KEYS = DIMS  # what --space may name
 
     @classmethod
-    def from_teacher(cls, teacher_config: Any, space: str | None = None) -> SearchSpace:
+    def from_teacher(cls, teacher_config: Any, space: str | None = None) -> Any:
+        """The teacher's space: this class for transformers, a :class:`~distillkit.search.cnn.ResNetSpace` for ResNets."""
         fam = check_searchable(teacher_config)
+        if fam == "resnet":
+            from distillkit.search.cnn import ResNetSpace
+
+            return ResNetSpace.from_teacher(teacher_config, space)
         teacher = teacher_sizes(teacher_config)
         gqa = fam == "llama"
         values = {
@@ -147,8 +161,8 @@ class SearchSpace:
             key, expr = key.strip(), expr.strip()
             if not sep or not expr:
                 raise ConfigError(f"malformed --space entry {part!r}", hint=f"write key=values, e.g. {_SPACE_EXAMPLE}")
-            if key not in DIMS:
-                raise ConfigError(f"unknown --space key {key!r}", hint=f"valid keys: {', '.join(DIMS)}")
+            if key not in self.KEYS:
+                raise ConfigError(f"unknown --space key {key!r}", hint=f"valid keys: {', '.join(self.KEYS)}")
             if key in seen:
                 raise ConfigError(f"--space key {key!r} is given twice", hint="give each key once")
             seen.add(key)
@@ -272,6 +286,19 @@ class SearchSpace:
 
     def describe(self) -> dict[str, list[int]]:
         return {k: list(v) for k, v in self.values.items() if k != "kv_heads" or self.gqa}
+
+    def shrink_keys(self) -> list[str]:
+        """The dimensions a too-large candidate is shrunk along."""
+        return [k for k in ("layers", "hidden", "intermediate", "heads", "kv_heads") if k != "kv_heads" or self.gqa]
+
+
+def param_counter(teacher_model: Any) -> Any:
+    """A ``count(spec) -> int`` for the teacher's students (:class:`ParamCounter`, or the ResNet one)."""
+    if arch.family(teacher_model.config) == "resnet":
+        from distillkit.search.cnn import ResNetCounter
+
+        return ResNetCounter(teacher_model)
+    return ParamCounter(teacher_model)
 
 
 class ParamCounter:

@@ -353,17 +353,16 @@ def test_latency_budget_below_the_smallest_candidate(llama_dir, text_file, tmp_p
 
 
 def test_family_without_a_search_space(tmp_path, text_file, capsys):
-    from transformers import AutoImageProcessor, ResNetConfig, ResNetForImageClassification
+    from transformers import ConvNextConfig, ConvNextForImageClassification
 
-    teacher_dir = tmp_path / "resnet"
-    cfg = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)
-    ResNetForImageClassification(cfg).save_pretrained(teacher_dir)
+    teacher_dir = tmp_path / "convnext"
+    cfg = ConvNextConfig(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)
+    ConvNextForImageClassification(cfg).save_pretrained(teacher_dir)
     out = tmp_path / "s"
     code, _, err = run(_search_args(teacher_dir, text_file, out, "--params", "0.5"), capsys)
     err = _one_line_error(code, err, out)
-    assert "no student search space for resnet models" in err
-    assert "Llama-style" in err and "GPT-2" in err and "BERT-style" in err and "ViT" in err
-    del AutoImageProcessor
+    assert "no student search space for convnext models" in err
+    assert "Llama-style" in err and "GPT-2" in err and "BERT-style" in err and "ViT" in err and "ResNet" in err
 
 
 def test_data_too_small_for_one_batch(bert_dir, tmp_path, capsys):
