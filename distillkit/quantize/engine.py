@@ -175,6 +175,8 @@ def _progress(items: list, what: str):
 
 def _qat(cfg: QuantizeConfig, src: mf.Source, loaded: Any, r: dict, init: dict, final: Path) -> tuple[Any, dict, dict]:
     """Distil the teacher into the fake-quantized model for ``qat_steps``; returns (model, states, summary)."""
+    import torch
+
     from distillkit.config import DistillConfig
     from distillkit.distill.engine import StudentHooks, run_distill
     from distillkit.quantize.surgery import fake_to_plain_, find_targets, to_fake_quant_
@@ -182,6 +184,11 @@ def _qat(cfg: QuantizeConfig, src: mf.Source, loaded: Any, r: dict, init: dict, 
     holder: dict[str, Any] = {}
 
     def prepare(student: Any) -> Any:
+        # The quantized model should reproduce the teacher's function, which is the same network: dropout would only
+        # make it chase a noisier target than the one it is evaluated against.
+        for m in student.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
         targets = find_targets(student, cfg.skip, embeddings=cfg.embeddings and r["format"] == "packed")
         holder["targets"] = targets
         return to_fake_quant_(
