@@ -739,7 +739,12 @@ def _save_student(model: nn.Module, teacher: Any, directory: Path) -> None:
     if dtype in (torch.bfloat16, torch.float16):
         model = model.to(dtype)
     model.save_pretrained(directory, safe_serialization=True)
-    src = Path(teacher.path)
+    copy_sentence_transformers_files(teacher.path, directory)
+
+
+def copy_sentence_transformers_files(source: str | Path, directory: Path) -> None:
+    """The sentence-transformers files (modules.json, pooling config) of a model directory, copied beside a new one."""
+    src = Path(source)
     if src.is_dir() and (src / "modules.json").is_file():
         for name in _ST_FILES:
             if (src / name).is_file():

@@ -263,6 +263,7 @@ def quantize_model(cfg: QuantizeConfig, source: str | mf.Source, out: str, overw
     import torch
 
     from distillkit.data.calibration import calibration_batches, held_out_quality
+    from distillkit.distill.engine import copy_sentence_transformers_files
     from distillkit.models.load import load_model, resolve_device
     from distillkit.quantize import functional as qf
     from distillkit.quantize.format import FORMAT_VERSION, QUANT_METHOD, save_quantized, to_dynamic_int8_
@@ -390,7 +391,7 @@ def quantize_model(cfg: QuantizeConfig, source: str | mf.Source, out: str, overw
             qmodel.save_pretrained(tmp, safe_serialization=True)
         if loaded.processor is not None:
             loaded.processor.save_pretrained(tmp)
-        _copy_sentence_transformers(src.path, tmp)
+        copy_sentence_transformers_files(src.path, tmp)
         metrics["source_bytes"] = _weight_bytes(src.path) if src.kind != "hub" else None
         metrics["artifact_bytes"] = _weight_bytes(tmp)
         if metrics["source_bytes"]:
@@ -413,20 +414,6 @@ def quantize_model(cfg: QuantizeConfig, source: str | mf.Source, out: str, overw
         mf.finalize_artifact(tmp, manifest, final)
     _report(manifest)
     return manifest.to_dict()
-
-
-def _copy_sentence_transformers(src: str, directory: Path) -> None:
-    from distillkit.distill.engine import _ST_FILES
-
-    s = Path(src)
-    if not (s.is_dir() and (s / "modules.json").is_file()):
-        return
-    for name in _ST_FILES:
-        if (s / name).is_file():
-            shutil.copy(s / name, directory / name)
-    for sub in s.iterdir():
-        if sub.is_dir() and sub.name.startswith("1_Pooling"):
-            shutil.copytree(sub, directory / sub.name)
 
 
 def _report(manifest: mf.Manifest) -> None:
