@@ -72,7 +72,7 @@ def quantize(
             help="Quantized distillation: train the fake-quantized model against --teacher for N steps (default 0).",
         ),
     ] = None,
-    qat_lr: Annotated[float | None, typer.Option("--qat-lr", help="Learning rate of QAT (default 2e-5).")] = None,
+    qat_lr: Annotated[float | None, typer.Option("--qat-lr", help="Learning rate of QAT (default 1e-4).")] = None,
     quantizer: Annotated[
         str | None,
         typer.Option(

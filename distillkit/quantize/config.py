@@ -28,7 +28,7 @@ class QuantizeConfig(BaseConfig):
     # quantized distillation
     teacher: str | None = None
     qat_steps: int = 0
-    qat_lr: float = 2e-5
+    qat_lr: float = 1e-4
     quantizer: str = "lsq"
     act_bits: int | None = None
     losses: tuple[str, ...] = ()
@@ -95,7 +95,7 @@ class QuantizeConfig(BaseConfig):
                     "quantized distillation (--qat-steps) needs a full-precision teacher",
                     hint="pass --teacher DIR (it can be the unquantized model itself)",
                 )
-            _check(self.qat_lr > 0, "--qat-lr must be positive", "e.g. 2e-5")
+            _check(self.qat_lr > 0, "--qat-lr must be positive", "e.g. 1e-4")
         elif self.act_bits is not None:
             raise ConfigError(
                 "--act-bits is trained with quantized distillation", hint="add --qat-steps N and --teacher DIR"
