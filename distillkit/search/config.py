@@ -45,8 +45,7 @@ class SearchConfig(BaseConfig):
     data: str | None = None
     text_column: str | None = None
     label_column: str | None = None
-    # one calibration batch of 8 x 64 tokens: the setting the rank-correlation benchmark measured
-    max_length: int = 64
+    max_length: int = 128
     max_samples: int | None = None
     batch_size: int = 8
     # placement and loading

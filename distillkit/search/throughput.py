@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--params", type=float, default=0.25)
     p.add_argument("--candidates", type=int, default=100)
     p.add_argument("--score-batch", type=int, default=8, help="calibration batch of the search (default 8)")
-    p.add_argument("--score-length", type=int, default=64, help="calibration tokens per sequence (default 64)")
+    p.add_argument("--score-length", type=int, default=128, help="calibration tokens per sequence (default 128)")
     p.add_argument("--distill-steps", type=int, default=3)
     p.add_argument("--out", default="runs/search-throughput")
     args = p.parse_args(argv)
