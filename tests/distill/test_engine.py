@@ -756,7 +756,16 @@ def test_ctrl_c_exits_130_and_keeps_the_checkpoint(llama_dir, text_file, tmp_pat
         "--out",
         str(out),
     )
-    proc = subprocess.Popen(_cli(*args), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell that starts a job in the background hands it SIGINT ignored, and Python then never raises
+    # KeyboardInterrupt: give the child the default disposition, as a terminal would.
+    proc = subprocess.Popen(
+        _cli(*args),
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None and (checkpoint_step(out) or 0) < 10:
         time.sleep(0.05)
