@@ -220,6 +220,7 @@ class DistillConfig(BaseConfig):
     teacher_steps: int = 32
     guidance_scale: float = 3.0
     labels: str | None = None
+    prompts: str | None = None  # text-conditioned pipelines: one prompt per line
     eval_samples: int = 16
     # sparse attention: the student trains with block-sparse attention (mask spec, e.g. "topk:0.25")
     sparse_attention: str | None = None

@@ -381,6 +381,77 @@ def tiny_dit(
     return _diffusers_model(DiTTransformer2DModel, kwargs, seed, prediction_type, save_dir, "dit")
 
 
+def tiny_text_unet_pipeline(
+    save_dir: str | Path | None = None, *, seed: int = 0, prediction_type: str = "v_prediction"
+) -> tuple[Any, str]:
+    """Text-conditioned pipeline directory on 3x8x8 pixels (no VAE): UNet2DConditionModel with cross-attention
+    (cross_attention_dim 16, blocks (16, 32)), a 2-layer CLIPTextModel (hidden 16, 8 positions), a CLIPTokenizer
+    over a tiny byte-level BPE vocabulary written here, and a DDIM scheduler; saved by StableDiffusionPipeline.
+
+    Returns ``(pipeline, path)``.
+    """
+    import json
+
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    path = _out_dir(save_dir, "text-pipe")
+    # CLIP's BPE: every printable byte is a token, "</w>" marks a word end; a few merges make whole words
+    chars = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab_list = ["<|startoftext|>", "<|endoftext|>", *chars, *[c + "</w>" for c in chars]]
+    merges = ["c a", "ca t</w>", "d o", "do g</w>", "r e", "re d</w>"]
+    vocab_list += ["ca", "cat</w>", "do", "dog</w>", "re", "red</w>"]
+    tok_dir = path / ".tokenizer-src"
+    tok_dir.mkdir(exist_ok=True)
+    (tok_dir / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab_list)}))
+    (tok_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tokenizer = CLIPTokenizer(
+        str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=8, pad_token="<|endoftext|>"
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(vocab_list),
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                max_position_embeddings=8,
+                bos_token_id=0,
+                eos_token_id=1,
+                pad_token_id=1,
+            )
+        ).eval()
+        unet = UNet2DConditionModel(
+            **_unet_kwargs(
+                dict(
+                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                    cross_attention_dim=16,
+                )
+            )
+        )
+    _perturb(unet, seed)
+    unet.eval()
+    pipe = StableDiffusionPipeline(
+        vae=None,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=_tiny_scheduler(prediction_type),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path)
+    import shutil
+
+    shutil.rmtree(tok_dir)
+    return pipe, str(path)
+
+
 # --------------------------------------------------------------------------------------------
 # a causal LM with a second, different vocabulary (cross-tokenizer distillation)
 

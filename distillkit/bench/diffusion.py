@@ -299,6 +299,13 @@ def measure(
     with PeakMemory(device) as memory:
         t0 = time.perf_counter()
         dm = load_diffusion(src.path, device=device)
+        if dm.text_conditioned:
+            # its samples depend on prompts, which bench does not draw; zero encoder states would time a
+            # model that is not being used as it is meant to
+            raise ModelError(
+                f"bench does not sample text-conditioned pipelines yet ({src.path})",
+                hint="`distillkit distill --prompts FILE` records the student's MSE/PSNR against the teacher",
+            )
         _sync(device)
         load_s = time.perf_counter() - t0
         if inputs is None:

@@ -227,6 +227,10 @@ def distill(
         str | None,
         typer.Option("--labels", help="Diffusion: class ids to sample, one per line (default: every class)."),
     ] = None,
+    prompts: Annotated[
+        str | None,
+        typer.Option("--prompts", help="Diffusion: prompts to sample a text-conditioned pipeline, one per line."),
+    ] = None,
     eval_samples: Annotated[
         int | None, typer.Option("--eval-samples", help="Diffusion: samples compared with the teacher (default 16).")
     ] = None,
@@ -309,6 +313,7 @@ def distill(
         teacher_steps=teacher_steps,
         guidance_scale=guidance_scale,
         labels=labels,
+        prompts=prompts,
         eval_samples=eval_samples,
         sparse_attention=sparse_attention,
         sparse_block_size=sparse_block_size,

@@ -2,7 +2,8 @@
 
 Data-free: the training data is a pool of the teacher's own ``--teacher-steps``-step DDIM samples from
 Gaussian noise (``--max-samples`` of them, default 256; class labels drawn uniformly from the class range or
-from ``--labels FILE``), noised back to the timesteps a method needs. A random teacher still defines a
+from ``--labels FILE``; for a text-conditioned teacher, prompts drawn uniformly from ``--prompts FILE``, each
+encoded once by the teacher's text encoder), noised back to the timesteps a method needs. A random teacher still defines a
 deterministic probability-flow ODE, so "the student's K-step samples are closer to the teacher's N-step
 samples than the teacher's own K-step samples" is a meaningful test even for untrained tiny models.
 
@@ -58,11 +59,13 @@ from distillkit.models.diffusion import (
     ddim_sample,
     ddim_sampler_config,
     denoise,
+    encode_prompts,
     guidance_embedding,
     guided_output,
     is_diffusers_dir,
     label_range,
     load_diffusion,
+    null_like,
 )
 
 DEFAULT_POOL = 256
@@ -91,7 +94,7 @@ def check_method(cfg: DistillConfig, dm: DiffusionModel) -> None:
             hint="drop --data",
         )
     if cfg.method == "guidance":
-        if not dm.conditional or dm.null_class is None:
+        if not dm.conditional or dm.null_condition is None:
             raise ConfigError(
                 f"guidance distillation needs a class-conditional teacher with a null class; {dm.class_name} "
                 f"at {dm.path} is {'unconditional' if not dm.conditional else 'conditional without a null class'}",
@@ -131,8 +134,36 @@ def check_method(cfg: DistillConfig, dm: DiffusionModel) -> None:
         )
 
 
+def read_prompts(cfg: DistillConfig, dm: DiffusionModel) -> torch.Tensor:
+    """The prompt embeddings to draw from [P, L, D]: every line of ``--prompts FILE`` encoded once."""
+    if cfg.labels is not None:
+        raise ConfigError(
+            f"{dm.path} is text-conditioned; --labels (class ids) does not apply", hint="pass --prompts FILE instead"
+        )
+    if cfg.prompts is None:
+        raise ConfigError(
+            f"{dm.path} is a text-conditioned pipeline and needs prompts to sample the teacher",
+            hint="pass --prompts FILE with one prompt per line",
+        )
+    path = Path(cfg.prompts)
+    if not path.is_file():
+        raise DataError(f"prompts file {path} does not exist", hint="pass a file with one prompt per line")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise DataError(f"prompts file {path} is empty", hint="write one prompt per line")
+    return encode_prompts(dm.text_encoder, dm.tokenizer, prompts)
+
+
 def read_labels(cfg: DistillConfig, dm: DiffusionModel) -> torch.Tensor | None:
-    """The label ids to draw from ([L] int64): ``--labels FILE`` (one integer per line) or every class."""
+    """The conditions to draw from: label ids [L] int64 (``--labels FILE``, one integer per line, or every class),
+    prompt embeddings [P, L, D] for a text-conditioned model (:func:`read_prompts`), or None (unconditional)."""
+    if dm.text_conditioned:
+        return read_prompts(cfg, dm)
+    if cfg.prompts is not None:
+        raise ConfigError(
+            f"{dm.path} is not text-conditioned; --prompts does not apply",
+            hint="drop --prompts (class-conditional models take --labels)",
+        )
     n = label_range(dm)
     if not dm.conditional:
         if cfg.labels is not None:
@@ -263,7 +294,7 @@ def teacher_pool(
             b = min(POOL_BATCH, size - start)
             noise = torch.randn(b, *dm.sample_shape, generator=gen).to(device)
             y = labels[torch.randint(len(labels), (b,), generator=gen)].to(device) if labels is not None else None
-            g = (guidance, dm.null_class) if guidance is not None else None
+            g = (guidance, dm.null_condition) if guidance is not None else None
             xs.append(ddim_sample(dm.model, schedule, noise, steps, y, guidance=g))
             ys.append(y)
             bar.update(start + b)
@@ -425,7 +456,8 @@ def run_consistency(cfg, dm, schedule, pool, gen, sparse, scaling) -> tuple[Any,
 
 def guidance_loss(student, teacher, schedule, x0, labels, null_class, max_w, n_steps, gen) -> torch.Tensor:
     """One batch of the guidance-distillation loss: the student's single output with the embedding of ``w``
-    against the teacher's guided output, at timesteps of the ``n_steps`` DDIM grid (scalar)."""
+    against the teacher's guided output, at timesteps of the ``n_steps`` DDIM grid (scalar). ``null_class`` is
+    the null class id, or the empty-prompt embedding [L, D] for prompt embeddings ``labels`` [B, L, D]."""
     b = x0.shape[0]
     grid = torch.tensor([t for t, _ in ddim_pairs(schedule.num_train_timesteps, n_steps)], device=x0.device)
     t = grid[torch.randint(len(grid), (b,), generator=gen).to(x0.device)]
@@ -433,7 +465,7 @@ def guidance_loss(student, teacher, schedule, x0, labels, null_class, max_w, n_s
     x_t = schedule.add_noise(x0, _randn_like(x0, gen), t)
     with torch.no_grad():
         both = denoise(
-            teacher, torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([torch.full_like(labels, null_class), labels])
+            teacher, torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([null_like(labels, null_class), labels])
         )
         out_null, out_cond = both.chunk(2)
         target = out_null + w.view(-1, 1, 1, 1) * (out_cond - out_null)
@@ -448,7 +480,7 @@ def run_guidance(cfg, dm, schedule, pool, gen, sparse) -> tuple[Any, list[dict[s
     def loss_fn(_step: int) -> torch.Tensor:
         x0, y = _batch(pool, cfg.batch_size, gen)
         return guidance_loss(
-            student, dm.model, schedule, x0, y, dm.null_class, cfg.guidance_scale, cfg.teacher_steps, gen
+            student, dm.model, schedule, x0, y, dm.null_condition, cfg.guidance_scale, cfg.teacher_steps, gen
         )
 
     losses = _train(student, loss_fn, cfg, "guidance")
@@ -485,7 +517,7 @@ def evaluate(cfg, dm, schedule, student, labels, scaling, device) -> dict[str, A
     m: dict[str, Any] = {"teacher_steps": N, "eval_samples": n, "space": dm.space}
     t_probe = torch.full((n,), schedule.num_train_timesteps // 2, device=device, dtype=torch.long)
     if cfg.method == "guidance":
-        g = (cfg.guidance_scale, dm.null_class)
+        g = (cfg.guidance_scale, dm.null_condition)
         ref = ddim_sample(dm.model, schedule, noise, N, y, guidance=g)
         emb = guidance_embedding(torch.full((n,), cfg.guidance_scale, device=device), student.config.time_cond_proj_dim)
         stu = ddim_sample(student, schedule, noise, N, y, timestep_cond=emb)
@@ -625,7 +657,8 @@ def run_diffusion_distill(cfg: DistillConfig, *, out: str, overwrite: bool = Fal
     n_params = sum(p.numel() for p in dm.model.parameters())
     console.print(
         f"[bold]distill --method {cfg.method}[/] {dm.class_name} {n_params / 1e6:.2f}M params, "
-        f"{'class-conditional' if dm.conditional else 'unconditional'}, samples {tuple(dm.sample_shape)} "
+        f"{'text-conditioned' if dm.text_conditioned else 'class-conditional' if dm.conditional else 'unconditional'}"
+        f", samples {tuple(dm.sample_shape)} "
         f"({dm.space}), prediction {dm.prediction_type}; teacher {cfg.teacher_steps} steps"
         + (f" -> student {cfg.target_steps}" if cfg.target_steps else "")
         + (f"; sparse attention {sparse[0]} (block {sparse[1]})" if sparse else "")
@@ -674,7 +707,7 @@ def run_diffusion_distill(cfg: DistillConfig, *, out: str, overwrite: bool = Fal
             f"One evaluation per step replaces classifier-free guidance: pass "
             f"`timestep_cond` = the sinusoidal embedding of `(w - 1) * 1000` ({GUIDANCE_EMBED_DIM} features, as "
             f"diffusers' LCM pipelines compute it; `distillkit.models.diffusion.guidance_embedding`), with the "
-            f"class labels; trained for w in [1, {cfg.guidance_scale:g}]; {steps} DDIM steps."
+            f"class labels (or prompt embeddings); trained for w in [1, {cfg.guidance_scale:g}]; {steps} DDIM steps."
         )
     else:
         usage = f"Sample with the saved DDIMScheduler (trailing spacing) in `num_inference_steps={steps}`."
@@ -703,6 +736,8 @@ def run_diffusion_distill(cfg: DistillConfig, *, out: str, overwrite: bool = Fal
             "num_inference_steps": steps,
             "conditional": dm.conditional,
             "null_class": dm.null_class,
+            "text_conditioned": dm.text_conditioned,
+            "prompts": len(labels) if dm.text_conditioned else None,
             "guidance_embedding": (
                 {"time_cond_proj_dim": GUIDANCE_EMBED_DIM, "input": "(w - 1) * 1000", "max_w": cfg.guidance_scale}
                 if cfg.method == "guidance"

@@ -10,8 +10,12 @@ What distillkit accepts as a diffusers teacher (``--teacher DIR``):
   ``DiTTransformer2DModel`` or ``Transformer2DModel``, with its scheduler in ``DIR/scheduler/`` or as
   ``DIR/scheduler_config.json`` beside the model config.
 
-Conditioning is by class label only: ``UNet2DModel`` / ``UNet2DConditionModel`` with ``num_class_embeds`` and
-DiT (``num_embeds_ada_norm`` classes). Text-conditioned (cross-attention) denoisers are refused. The null
+Conditioning is by class label: ``UNet2DModel`` / ``UNet2DConditionModel`` with ``num_class_embeds`` and
+DiT (``num_embeds_ada_norm`` classes); or by text: a pipeline whose ``unet`` is a cross-attention
+``UNet2DConditionModel`` beside a ``text_encoder`` and ``tokenizer`` (Stable-Diffusion layout). Prompts are encoded
+once (:func:`encode_prompts`, as StableDiffusionPipeline does: padded to the tokenizer's max length, the text
+encoder's last hidden state) and the embeddings [B, L, D] take the place of labels everywhere; the unconditional
+branch of guidance is the empty prompt's embedding. A cross-attention UNet without a text encoder is refused. The null
 (unconditional) class of classifier-free guidance is DiT's extra label row (id ``num_embeds_ada_norm``) and,
 for a class-conditional UNet, its last embedding (id ``num_class_embeds - 1``), which then is not sampled as a
 class; the UNet must have been trained with that label dropout for guidance to mean anything.
@@ -85,10 +89,24 @@ class DiffusionModel:
     null_class: int | None = None
     space: str = "pixel"  # "pixel" | "latent"
     pipeline_index: dict[str, Any] = field(default_factory=dict)
+    # text conditioning (cross-attention UNet of a pipeline): the frozen text encoder and its tokenizer, and the
+    # empty prompt's embedding [L, D], the unconditional branch of classifier-free guidance
+    text_encoder: Any = None
+    tokenizer: Any = None
+    null_embedding: Any = None
 
     @property
     def conditional(self) -> bool:
-        return self.num_classes is not None
+        return self.num_classes is not None or self.text_conditioned
+
+    @property
+    def text_conditioned(self) -> bool:
+        return self.text_encoder is not None
+
+    @property
+    def null_condition(self) -> Any:
+        """What guidance feeds the unconditional branch: the null class id, or the empty-prompt embedding [L, D]."""
+        return self.null_embedding if self.text_conditioned else self.null_class
 
     @property
     def prediction_type(self) -> str:
@@ -160,13 +178,12 @@ def load_diffusion(path: str | Path, *, device: Any = "cpu") -> DiffusionModel:
             hint="distillkit distils DDPM/DDIM-family models",
         )
     num_classes = null_class = None
+    text_encoder = tokenizer = null_embedding = None
     if name in ("UNet2DModel", "UNet2DConditionModel"):
         blocks = [*cfg.down_block_types, *cfg.up_block_types, str(getattr(cfg, "mid_block_type", "") or "")]
         if any("CrossAttn" in b for b in blocks):
-            raise ModelError(
-                f"{path} is a text-conditioned (cross-attention) UNet, which distillkit does not distil yet",
-                hint="class-conditional (num_class_embeds) and unconditional UNets are supported",
-            )
+            text_encoder, tokenizer = _load_text_encoder(path, index, device)
+            null_embedding = encode_prompts(text_encoder, tokenizer, [""])[0]
         if getattr(cfg, "class_embed_type", None) is not None:
             raise ModelError(
                 f"{path} uses class_embed_type={cfg.class_embed_type!r}",
@@ -197,9 +214,57 @@ def load_diffusion(path: str | Path, *, device: Any = "cpu") -> DiffusionModel:
         sample_shape=(channels, int(h), int(w)),
         num_classes=num_classes,
         null_class=null_class,
-        space="latent" if "vae" in index else "pixel",
+        # StableDiffusionPipeline saves an absent VAE as [null, null]
+        space="latent" if (index.get("vae") or [None])[0] else "pixel",
         pipeline_index=index,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        null_embedding=null_embedding,
     )
+
+
+def _load_text_encoder(path: Path, index: dict[str, Any], device: Any) -> tuple[Any, Any]:
+    """The frozen float32 ``text_encoder`` and ``tokenizer`` of the pipeline ``path``, by their model_index classes."""
+    import torch
+    import transformers
+
+    entries = {k: index.get(k) or [None, None] for k in ("text_encoder", "tokenizer")}
+    if not index or any(v[0] is None or not (path / k).is_dir() for k, v in entries.items()):
+        raise ModelError(
+            f"{path} has a text-conditioned (cross-attention) UNet but no text_encoder/ and tokenizer/ beside it",
+            hint="pass the whole pipeline directory (model_index.json with unet, text_encoder and tokenizer)",
+        )
+    try:
+        encoder = getattr(transformers, entries["text_encoder"][1]).from_pretrained(
+            str(path / "text_encoder"), torch_dtype=torch.float32
+        )
+        tokenizer = getattr(transformers, entries["tokenizer"][1]).from_pretrained(str(path / "tokenizer"))
+    except (OSError, ValueError, AttributeError, TypeError) as e:
+        raise ModelError(f"cannot load the text encoder of {path}: {str(e).splitlines()[0]}") from None
+    encoder.to(device).eval().requires_grad_(False)
+    return encoder, tokenizer
+
+
+def encode_prompts(text_encoder: Any, tokenizer: Any, prompts: list[str], batch: int = 64) -> Any:
+    """Prompt embeddings [P, L, D] (``L`` the tokenizer's max length, ``D`` the encoder's hidden size), as
+    StableDiffusionPipeline computes ``prompt_embeds``: max-length padding, the last hidden state."""
+    import torch
+
+    device = next(text_encoder.parameters()).device
+    use_mask = bool(getattr(text_encoder.config, "use_attention_mask", False))
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(prompts), batch):
+            tok = tokenizer(
+                prompts[i : i + batch],
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            )
+            mask = tok.attention_mask.to(device) if use_mask else None
+            out.append(text_encoder(tok.input_ids.to(device), attention_mask=mask)[0].float())
+    return torch.cat(out)
 
 
 def label_range(dm: DiffusionModel) -> int:
@@ -218,7 +283,8 @@ def label_range(dm: DiffusionModel) -> int:
 def denoise(model: Any, x: Any, t: Any, labels: Any = None, timestep_cond: Any = None) -> Any:
     """The raw model output for noisy samples ``x`` [B, C, H, W] at integer timesteps ``t`` [B].
 
-    ``labels`` [B] (int64) for class-conditional models; ``timestep_cond`` [B, time_cond_proj_dim] for a
+    ``labels`` [B] (int64) for class-conditional models, or prompt embeddings [B, L, D] (float) for a
+    text-conditioned UNet2DConditionModel; ``timestep_cond`` [B, time_cond_proj_dim] for a
     guidance-distilled UNet2DConditionModel. Returns [B, C, H, W] in the scheduler's prediction type (a DiT
     that learns its variance returns 2C channels; the variance half is dropped, as DiTPipeline does).
     """
@@ -226,8 +292,11 @@ def denoise(model: Any, x: Any, t: Any, labels: Any = None, timestep_cond: Any =
     if name == "UNet2DModel":
         out = model(x, t, class_labels=labels).sample
     elif name == "UNet2DConditionModel":
-        # no cross-attention blocks (checked at load), so the encoder states are never read
-        states = x.new_zeros(x.shape[0], 1, model.config.cross_attention_dim or 1)
+        if labels is not None and labels.is_floating_point():
+            states, labels = labels, None
+        else:
+            # no cross-attention blocks (checked at load), so the encoder states are never read
+            states = x.new_zeros(x.shape[0], 1, model.config.cross_attention_dim or 1)
         out = model(x, t, encoder_hidden_states=states, class_labels=labels, timestep_cond=timestep_cond).sample
     else:
         out = model(x, timestep=t, class_labels=labels).sample
@@ -317,7 +386,7 @@ def ddim_sample(
 ) -> Any:
     """``steps`` deterministic DDIM steps from ``noise`` [B, C, H, W]; returns x0 [B, C, H, W].
 
-    ``guidance=(w, null_class)`` runs classifier-free guidance (two evaluations per step:
+    ``guidance=(w, null)`` (``null`` a class id or the empty-prompt embedding [L, D]) runs classifier-free guidance (two evaluations per step:
     ``out = out_null + w * (out_cond - out_null)``); ``timestep_cond`` is passed to a guidance-distilled UNet.
     """
     import torch
@@ -333,17 +402,25 @@ def ddim_sample(
 
 
 def guided_output(model: Any, x: Any, t: Any, labels: Any, guidance: tuple[float, int] | None, timestep_cond=None):
-    """The model output, with classifier-free guidance when ``guidance=(w, null_class)`` is given."""
+    """The model output, with classifier-free guidance when ``guidance=(w, null)`` is given."""
     import torch
 
     if guidance is None:
         return denoise(model, x, t, labels, timestep_cond)
     w, null = guidance
-    both = denoise(
-        model, torch.cat([x, x]), torch.cat([t, t]), torch.cat([torch.full_like(labels, null), labels]), None
-    )
+    both = denoise(model, torch.cat([x, x]), torch.cat([t, t]), torch.cat([null_like(labels, null), labels]), None)
     out_null, out_cond = both.chunk(2)
     return out_null + w * (out_cond - out_null)
+
+
+def null_like(labels: Any, null: Any) -> Any:
+    """The unconditional input shaped like ``labels``: class ids [B] filled with the null class id, or prompt
+    embeddings [B, L, D] each replaced by the empty-prompt embedding ``null`` [L, D]."""
+    import torch
+
+    if isinstance(null, torch.Tensor):
+        return null.to(labels).expand_as(labels)
+    return torch.full_like(labels, null)
 
 
 def guidance_embedding(w: Any, dim: int) -> Any:
