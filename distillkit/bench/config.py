@@ -42,6 +42,7 @@ class BenchConfig(BaseConfig):
     task: str | None = None
     seed: int = 0
     diffusion_steps: int | None = None
+    prompts: str | None = None  # text-conditioned diffusers pipelines: one prompt per line
     allow_pickle: bool = False
     trust_remote_code: bool = False
     command: str = ""

@@ -15,6 +15,11 @@ Step counts, per model: ``--diffusion-steps`` for the MODEL arguments; else the 
 recorded in their manifests; else :data:`DEFAULT_STEPS`. Quality uses :data:`QUALITY_SAMPLES` fixed noises drawn
 with ``--seed + 1`` (the draw of ``distill``'s own evaluation, so a student benched against its teacher with the
 distill seed reproduces the manifest's ``student_mse``); timing uses one batch drawn with ``--seed``.
+
+Text-conditioned pipelines (cross-attention UNet with a text encoder) are conditioned on prompts: ``--prompts FILE``,
+else the ``prompt_texts`` that ``distill --prompts`` recorded in an artifact's manifest. A prompt is drawn per sample
+after its noise (as for class labels, and as ``distill``'s evaluation draws them), and each model encodes the prompts
+once with its own text encoder, outside the timed runs; guidance's unconditional branch is the empty prompt.
 """
 
 from __future__ import annotations
@@ -125,6 +130,22 @@ def _guidance_scale(entries: list[tuple[mf.Source, bool]]) -> float | None:
     return scales.pop() if scales else None
 
 
+def prompt_texts(cfg: BenchConfig, srcs: list[mf.Source]) -> tuple[list[str] | None, str | None]:
+    """The prompts text-conditioned models are sampled with, and where they came from: ``--prompts FILE`` (a flag
+    wins over a manifest), else the ``prompt_texts`` distill recorded (the students of one run must agree)."""
+    if cfg.prompts is not None:
+        from distillkit.distill.diffusion import read_prompt_file
+
+        return read_prompt_file(cfg.prompts), "--prompts"
+    recorded = {tuple(t) for s in srcs if (t := _extra(s).get("prompt_texts"))}
+    if len(recorded) > 1:
+        raise ConfigError(
+            "the text-conditioned students were distilled with different prompts",
+            hint="pass --prompts FILE to sample every model with the same prompts",
+        )
+    return (list(recorded.pop()), "manifest") if recorded else (None, None)
+
+
 def plan_for(
     cfg: BenchConfig, src: mf.Source, dm: Any, *, is_model: bool, others: list[mf.Source], guidance: float | None
 ) -> Plan:
@@ -141,18 +162,22 @@ def plan_for(
     consistency = extra.get("method") == "consistency" or type(dm.scheduler).__name__ == "LCMScheduler"
     if extra.get("guidance_embedding"):
         return Plan(steps, steps_from, guidance=guidance, embedded=True)
-    cfg_guided = guidance is not None and dm.conditional and dm.null_class is not None and not consistency
+    cfg_guided = guidance is not None and dm.conditional and dm.null_condition is not None and not consistency
     return Plan(steps, steps_from, "consistency" if consistency else "ddim", guidance if cfg_guided else None)
 
 
 class Sampler:
-    """Samples ``x0`` [B, C, H, W] from noise [B, C, H, W] (and labels [B]) with a model's :class:`Plan`."""
+    """Samples ``x0`` [B, C, H, W] from noise [B, C, H, W] (and labels [B]) with a model's :class:`Plan`.
 
-    def __init__(self, dm: Any, plan: Plan, device: Any):
-        from distillkit.models.diffusion import NoiseSchedule
+    For a text-conditioned model the labels [B] are prompt ids, looked up in the prompt embeddings [P, L, D] that
+    its own text encoder gives for ``prompts``."""
+
+    def __init__(self, dm: Any, plan: Plan, device: Any, prompts: list[str] | None = None):
+        from distillkit.models.diffusion import NoiseSchedule, encode_prompts
 
         self.dm, self.plan = dm, plan
         self.schedule = NoiseSchedule(dm.scheduler, device)
+        self.prompt_embeds = encode_prompts(dm.text_encoder, dm.tokenizer, prompts) if dm.text_conditioned else None
         self.timesteps: list[int] | None = None
         if plan.sampler == "consistency":
             from distillkit.distill.diffusion import lcm_timesteps
@@ -176,6 +201,10 @@ class Sampler:
         w = torch.full((n,), self.plan.guidance, device=device)
         return guidance_embedding(w, self.dm.model.config.time_cond_proj_dim)
 
+    def condition(self, labels: Any) -> Any:
+        """What the denoiser is fed: the class labels [B], or the prompt embeddings [B, L, D] of prompt ids [B]."""
+        return self.prompt_embeds[labels] if self.prompt_embeds is not None else labels
+
     def sample(self, noise: Any, labels: Any) -> Any:
         import torch
 
@@ -183,13 +212,14 @@ class Sampler:
         from distillkit.models.diffusion import ddim_sample
 
         model, plan = self.dm.model, self.plan
+        labels = self.condition(labels)
         with torch.no_grad():
             if plan.sampler == "consistency":
                 return consistency_sample(model, self.schedule, noise, self.timesteps, labels, self.scaling)
             if plan.embedded:
                 emb = self._embedding(noise.shape[0], noise.device)
                 return ddim_sample(model, self.schedule, noise, plan.steps, labels, timestep_cond=emb)
-            g = (plan.guidance, self.dm.null_class) if plan.guidance is not None else None
+            g = (plan.guidance, self.dm.null_condition) if plan.guidance is not None else None
             return ddim_sample(model, self.schedule, noise, plan.steps, labels, guidance=g)
 
     def step(self, noise: Any, labels: Any) -> Any:
@@ -200,9 +230,9 @@ class Sampler:
 
         t = torch.full((noise.shape[0],), self.schedule.num_train_timesteps // 2, device=noise.device)
         emb = self._embedding(noise.shape[0], noise.device) if self.plan.embedded else None
-        g = (self.plan.guidance, self.dm.null_class) if self.plan.guidance is not None and emb is None else None
+        g = (self.plan.guidance, self.dm.null_condition) if self.plan.guidance is not None and emb is None else None
         with torch.no_grad():
-            return guided_output(self.dm.model, noise, t.long(), labels, g, emb)
+            return guided_output(self.dm.model, noise, t.long(), self.condition(labels), g, emb)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -211,7 +241,9 @@ class Sampler:
 
 @dataclass
 class Inputs:
-    """The timed batch (noise [B, C, H, W], labels [B] or None) and the quality noises [Q, C, H, W] / labels [Q]."""
+    """The timed batch (noise [B, C, H, W], labels [B] or None) and the quality noises [Q, C, H, W] / labels [Q].
+
+    Labels are class ids, or prompt ids into ``prompts`` for text-conditioned models (``classes`` is then P)."""
 
     noise: Any
     labels: Any
@@ -219,16 +251,18 @@ class Inputs:
     quality_labels: Any
     sample_shape: tuple[int, int, int]
     classes: int
+    prompts: list[str] | None = None
 
 
-def draw_inputs(cfg: BenchConfig, dm: Any, device: Any) -> Inputs:
-    """Noise and class labels from the baseline's sample shape and classes, drawn as ``distill``'s evaluation does
-    (noise first, then labels uniformly over the real classes)."""
+def draw_inputs(cfg: BenchConfig, dm: Any, device: Any, prompts: list[str] | None = None) -> Inputs:
+    """Noise and class labels (prompt ids for a text-conditioned model) from the baseline's sample shape and
+    classes, drawn as ``distill``'s evaluation does (noise first, then labels uniformly over the real classes)."""
     import torch
 
     from distillkit.models.diffusion import label_range
 
-    classes = label_range(dm)
+    prompts = prompts if dm.text_conditioned else None
+    classes = len(prompts) if prompts is not None else label_range(dm)
 
     def draw(n: int, seed: int) -> tuple[Any, Any]:
         gen = torch.Generator().manual_seed(seed)
@@ -238,7 +272,7 @@ def draw_inputs(cfg: BenchConfig, dm: Any, device: Any) -> Inputs:
 
     noise, labels = draw(cfg.batch, cfg.seed)
     qn, ql = draw(QUALITY_SAMPLES, cfg.seed + 1)
-    return Inputs(noise, labels, qn, ql, tuple(dm.sample_shape), classes)
+    return Inputs(noise, labels, qn, ql, tuple(dm.sample_shape), classes, prompts)
 
 
 def _check_compatible(dm: Any, inputs: Inputs, name: str, baseline: str) -> None:
@@ -249,6 +283,14 @@ def _check_compatible(dm: Any, inputs: Inputs, name: str, baseline: str) -> None
             f"{name} samples {tuple(dm.sample_shape)}, the baseline {baseline} samples {inputs.sample_shape}",
             hint="bench models that sample the same shape (a teacher and its students)",
         )
+    if dm.text_conditioned != (inputs.prompts is not None):
+        which = "is" if dm.text_conditioned else "is not"
+        raise ModelError(
+            f"{name} {which} text-conditioned and the baseline {baseline} {'is not' if dm.text_conditioned else 'is'}",
+            hint="bench models with the same conditioning (a teacher and its students)",
+        )
+    if inputs.prompts is not None:
+        return
     if (label_range(dm) > 0) != (inputs.classes > 0) or label_range(dm) < inputs.classes:
         raise ModelError(
             f"{name} has {label_range(dm)} classes, the baseline {baseline} has {inputs.classes}",
@@ -286,6 +328,8 @@ def measure(
     guidance: float | None,
     inputs: Inputs | None,
     baseline: str,
+    prompts: list[str] | None = None,
+    prompts_from: str | None = None,
 ) -> tuple[dict[str, Any], Sampler, Inputs]:
     """Load ``src`` and time it; returns (record without quality, its Sampler, the shared inputs)."""
     import torch
@@ -299,20 +343,19 @@ def measure(
     with PeakMemory(device) as memory:
         t0 = time.perf_counter()
         dm = load_diffusion(src.path, device=device)
-        if dm.text_conditioned:
-            # its samples depend on prompts, which bench does not draw; zero encoder states would time a
-            # model that is not being used as it is meant to
-            raise ModelError(
-                f"bench does not sample text-conditioned pipelines yet ({src.path})",
-                hint="`distillkit distill --prompts FILE` records the student's MSE/PSNR against the teacher",
+        if dm.text_conditioned and prompts is None:
+            # zero or made-up encoder states would time and score a model not used as it is meant to be
+            raise ConfigError(
+                f"{src.path} is a text-conditioned pipeline and no prompts were recorded by distill",
+                hint="pass --prompts FILE with one prompt per line",
             )
         _sync(device)
         load_s = time.perf_counter() - t0
         if inputs is None:
-            inputs = draw_inputs(cfg, dm, device)
+            inputs = draw_inputs(cfg, dm, device, prompts)
         _check_compatible(dm, inputs, name, baseline)
         plan = plan_for(cfg, src, dm, is_model=is_model, others=others, guidance=guidance)
-        sampler = Sampler(dm, plan, device)
+        sampler = Sampler(dm, plan, device, inputs.prompts)
         sampler.sample(inputs.noise, inputs.labels)
     batch_ms = _timed(lambda: sampler.sample(inputs.noise, inputs.labels), device, cfg.warmup, cfg.repeats)
     step_ms = _timed(lambda: sampler.step(inputs.noise, inputs.labels), device, cfg.warmup, cfg.repeats)
@@ -321,6 +364,10 @@ def measure(
     notes: list[str] = []
     if plan.steps_from == "default":
         notes.append(f"{plan.steps} steps is the default: pass --diffusion-steps N (or --against its teacher)")
+    if inputs.prompts is not None:
+        notes.append(
+            f"{len(inputs.prompts)} prompts ({prompts_from}), encoded once by its own text encoder (not timed)"
+        )
     if plan.guidance is not None:
         notes.append(
             f"guidance w={plan.guidance:g} "
@@ -397,6 +444,7 @@ def run_diffusion_bench(
             _check_writable(path)
     guidance = _guidance_scale(entries)
     srcs = [s for s, _ in entries]
+    prompts, prompts_from = prompt_texts(cfg, srcs)
     torch.manual_seed(cfg.seed)
     # warm-up, untimed: one-time costs (imports, thread pools, allocator) must not land on the first model
     _, warm, _ = measure(
@@ -409,6 +457,8 @@ def run_diffusion_bench(
         guidance=guidance,
         inputs=None,
         baseline=names[0],
+        prompts=prompts,
+        prompts_from=prompts_from,
     )
     del warm
     _trim_heap()
@@ -427,6 +477,8 @@ def run_diffusion_bench(
             guidance=guidance,
             inputs=inputs,
             baseline=names[0],
+            prompts=prompts,
+            prompts_from=prompts_from,
         )
         record["role"] = "teacher" if is_teacher else "model"
         samples = quality_samples(sampler, inputs, max(cfg.batch, QUALITY_SAMPLES))
@@ -464,6 +516,8 @@ def run_diffusion_bench(
         "reference": base["name"],
         "reference_steps": base["steps"],
         "guidance_scale": guidance,
+        "prompts": prompts if inputs is not None and inputs.prompts is not None else None,
+        "prompts_from": prompts_from if inputs is not None and inputs.prompts is not None else None,
     }
     print_table(report)
     if cfg.plot:

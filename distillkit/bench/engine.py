@@ -541,6 +541,8 @@ def run_bench(cfg: BenchConfig, sources: list[Any] | None = None) -> dict[str, A
         return diffusion.run_diffusion_bench(cfg, entries, names, device)
     if cfg.diffusion_steps is not None:
         raise ConfigError("--diffusion-steps applies to diffusers models only", hint="drop --diffusion-steps")
+    if cfg.prompts is not None:
+        raise ConfigError("--prompts applies to text-conditioned diffusers pipelines only", hint="drop --prompts")
     notes: list[str] = []
     if cfg.data is None:
         notes.append(

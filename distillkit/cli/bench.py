@@ -94,6 +94,14 @@ def bench(
             "students were distilled with).",
         ),
     ] = None,
+    prompts: Annotated[
+        str | None,
+        typer.Option(
+            "--prompts",
+            help="Text-conditioned diffusers pipelines: prompts, one per line, drawn per sample with the quality "
+            "noise (default: the prompts distill recorded in a MODEL's manifest).",
+        ),
+    ] = None,
     allow_pickle: o.AllowPickle = None,
     trust_remote_code: o.TrustRemoteCode = None,
     preset: o.Preset = None,
@@ -176,6 +184,7 @@ def bench(
         task=task,
         seed=seed,
         diffusion_steps=diffusion_steps,
+        prompts=prompts,
         allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code,
         command=shlex.join(sys.argv),

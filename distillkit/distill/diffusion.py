@@ -145,13 +145,18 @@ def read_prompts(cfg: DistillConfig, dm: DiffusionModel) -> torch.Tensor:
             f"{dm.path} is a text-conditioned pipeline and needs prompts to sample the teacher",
             hint="pass --prompts FILE with one prompt per line",
         )
-    path = Path(cfg.prompts)
+    return encode_prompts(dm.text_encoder, dm.tokenizer, read_prompt_file(cfg.prompts))
+
+
+def read_prompt_file(file: str) -> list[str]:
+    """The prompts of ``file``: its non-blank lines, stripped, in order (distill's ``--prompts`` and bench's)."""
+    path = Path(file)
     if not path.is_file():
         raise DataError(f"prompts file {path} does not exist", hint="pass a file with one prompt per line")
     prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if not prompts:
         raise DataError(f"prompts file {path} is empty", hint="write one prompt per line")
-    return encode_prompts(dm.text_encoder, dm.tokenizer, prompts)
+    return prompts
 
 
 def read_labels(cfg: DistillConfig, dm: DiffusionModel) -> torch.Tensor | None:
@@ -738,6 +743,8 @@ def run_diffusion_distill(cfg: DistillConfig, *, out: str, overwrite: bool = Fal
             "null_class": dm.null_class,
             "text_conditioned": dm.text_conditioned,
             "prompts": len(labels) if dm.text_conditioned else None,
+            # the texts themselves, in draw order, so bench can condition on the same (noise, prompt) pairs
+            "prompt_texts": read_prompt_file(cfg.prompts) if dm.text_conditioned else None,
             "guidance_embedding": (
                 {"time_cond_proj_dim": GUIDANCE_EMBED_DIM, "input": "(w - 1) * 1000", "max_w": cfg.guidance_scale}
                 if cfg.method == "guidance"
