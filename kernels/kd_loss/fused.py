@@ -350,6 +350,42 @@ def check_inputs(
     return labels, kd_mask
 
 
+def prepare_call(
+    student_hidden: torch.Tensor,
+    student_head: torch.Tensor,
+    student_bias: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    *,
+    divergence: str,
+    beta: float,
+    skew: float,
+    temperature: float,
+    kd_scale: float,
+    ce_scale: float,
+    ignore_index: int,
+    chunk_size: int | None,
+    backend: str,
+) -> tuple[torch.Tensor | None, torch.Tensor, KDSettings]:
+    """Checked labels, the counted-row mask [N] and the kernel settings, shared by the full and top-k variants."""
+    alpha = ce_scale / (kd_scale + ce_scale) if kd_scale + ce_scale > 0 else 0.0
+    labels, kd_mask = check_inputs(
+        student_hidden, student_head, student_bias, labels, mask, temperature, alpha, ignore_index, chunk_size
+    )
+    kernel_divergence, param = normalize_divergence(divergence, beta, skew)
+    settings = KDSettings(
+        divergence=kernel_divergence,
+        param=param,
+        temperature=float(temperature),
+        kd_scale=float(kd_scale),
+        ce_scale=float(ce_scale) if labels is not None else 0.0,
+        ignore_index=int(ignore_index),
+        chunk_size=None if chunk_size is None else int(chunk_size),
+        backend=resolve_backend(backend, student_hidden.device),
+    )
+    return labels, kd_mask, settings
+
+
 def fused_kd_loss_terms(
     student_hidden: torch.Tensor,
     student_head: torch.Tensor,
@@ -382,21 +418,11 @@ def fused_kd_loss_terms(
         )
     if teacher_bias is not None and tuple(teacher_bias.shape) != (teacher_head.shape[0],):
         raise ValueError(f"teacher bias {tuple(teacher_bias.shape)} must be [{teacher_head.shape[0]}]")
-    alpha = ce_scale / (kd_scale + ce_scale) if kd_scale + ce_scale > 0 else 0.0
-    labels, kd_mask = check_inputs(
-        student_hidden, student_head, student_bias, labels, mask, temperature, alpha, ignore_index, chunk_size
-    )
-    kernel_divergence, param = normalize_divergence(divergence, beta, skew)
-    settings = KDSettings(
-        divergence=kernel_divergence,
-        param=param,
-        temperature=float(temperature),
-        kd_scale=float(kd_scale),
-        ce_scale=float(ce_scale) if labels is not None else 0.0,
-        ignore_index=int(ignore_index),
-        chunk_size=None if chunk_size is None else int(chunk_size),
-        backend=resolve_backend(backend, student_hidden.device),
-    )
+    labels, kd_mask, settings = prepare_call(
+        student_hidden, student_head, student_bias, labels, mask,
+        divergence=divergence, beta=beta, skew=skew, temperature=temperature, kd_scale=kd_scale,
+        ce_scale=ce_scale, ignore_index=ignore_index, chunk_size=chunk_size, backend=backend,
+    )  # fmt: skip
     return FusedKDLossFunction.apply(
         student_hidden,
         student_head,

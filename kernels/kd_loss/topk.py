@@ -25,10 +25,8 @@ from typing import Any
 import torch
 from distillkit.kernels.kd_loss.fused import (
     KDSettings,
-    check_inputs,
     chunked_kd_forward,
-    normalize_divergence,
-    resolve_backend,
+    prepare_call,
     scale_grads,
 )
 
@@ -101,26 +99,16 @@ def fused_kd_loss_topk_terms(
         raise ValueError(f"top-k must keep between 1 and V={vocab} tokens, got k={k}")
     if bool(((teacher_indices < 0) | (teacher_indices >= vocab)).any()):
         raise ValueError(f"teacher indices must be in [0, {vocab})")
-    alpha = ce_scale / (kd_scale + ce_scale) if kd_scale + ce_scale > 0 else 0.0
-    labels, kd_mask = check_inputs(
-        student_hidden, student_head, student_bias, labels, mask, temperature, alpha, ignore_index, chunk_size
-    )
-    kernel_divergence, param = normalize_divergence(divergence, beta, skew)
-    if kernel_divergence == "reverse_kl" and k < vocab:
+    labels, kd_mask, settings = prepare_call(
+        student_hidden, student_head, student_bias, labels, mask,
+        divergence=divergence, beta=beta, skew=skew, temperature=temperature, kd_scale=kd_scale,
+        ce_scale=ce_scale, ignore_index=ignore_index, chunk_size=chunk_size, backend=backend,
+    )  # fmt: skip
+    if settings.divergence == "reverse_kl" and k < vocab:
         raise ValueError(
             f"{divergence} is infinite against a teacher top-k (the teacher has probability 0 outside its "
             "top-k wherever the student has mass); use forward_kl, jsd with beta < 1, tvd or the skew divergences"
         )
-    settings = KDSettings(
-        divergence=kernel_divergence,
-        param=param,
-        temperature=float(temperature),
-        kd_scale=float(kd_scale),
-        ce_scale=float(ce_scale) if labels is not None else 0.0,
-        ignore_index=int(ignore_index),
-        chunk_size=None if chunk_size is None else int(chunk_size),
-        backend=resolve_backend(backend, student_hidden.device),
-    )
     return FusedKDLossTopKFunction.apply(
         student_hidden,
         student_head,
