@@ -58,10 +58,8 @@ def distill(
     eval_split: Annotated[
         float | None, typer.Option("--eval-split", help="Held-out fraction for evaluation [0, 0.5] (default 0.05).")
     ] = None,
-    max_length: Annotated[int | None, typer.Option("--max-length", help="Tokens per sequence (default 128).")] = None,
-    max_samples: Annotated[
-        int | None, typer.Option("--max-samples", help="Use at most this many raw examples.")
-    ] = None,
+    max_length: o.MaxLength = None,
+    max_samples: o.MaxSamples = None,
     loss: Annotated[list[str] | None, typer.Option("--loss", "-l", help=_loss_help())] = None,
     temperature: Annotated[
         float | None,
@@ -111,7 +109,7 @@ def distill(
     max_grad_norm: Annotated[
         float | None, typer.Option("--max-grad-norm", help="Gradient clipping norm, 0 disables (default 1.0).")
     ] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Random seed (default 0).")] = None,
+    seed: o.Seed = None,
     mixed_precision: Annotated[
         str | None,
         typer.Option("--mixed-precision", help="auto (bf16 on GPUs that have it, else none), no, bf16, fp16."),

@@ -31,6 +31,13 @@ Task = Annotated[
     ),
 ]
 TextColumn = Annotated[str | None, typer.Option("--text-column", help="Column holding the text (default: detected).")]
+LabelColumn = Annotated[str | None, typer.Option("--label-column", help="Column holding class labels.")]
+MaxLength = Annotated[int | None, typer.Option("--max-length", help="Tokens per sequence (default 128).")]
+MaxSamples = Annotated[int | None, typer.Option("--max-samples", help="Use at most this many raw examples.")]
+Seed = Annotated[int | None, typer.Option("--seed", help="Random seed (default 0).")]
+QualitySplit = Annotated[
+    float | None, typer.Option("--eval-split", help="Held-out fraction for quality before/after (default 0.05).")
+]
 Device = Annotated[str | None, typer.Option("--device", help="auto (CUDA when present), cpu, cuda, cuda:N.")]
 AllowPickle = Annotated[
     bool | None, typer.Option("--allow-pickle", help="Allow loading pickle (*.bin) weights, which can run code.")

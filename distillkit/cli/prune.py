@@ -97,14 +97,10 @@ def prune(
         ),
     ] = None,
     text_column: o.TextColumn = None,
-    label_column: Annotated[str | None, typer.Option("--label-column", help="Column holding class labels.")] = None,
-    eval_split: Annotated[
-        float | None, typer.Option("--eval-split", help="Held-out fraction for quality before/after (default 0.05).")
-    ] = None,
-    max_length: Annotated[int | None, typer.Option("--max-length", help="Tokens per sequence (default 128).")] = None,
-    max_samples: Annotated[
-        int | None, typer.Option("--max-samples", help="Use at most this many raw examples.")
-    ] = None,
+    label_column: o.LabelColumn = None,
+    eval_split: o.QualitySplit = None,
+    max_length: o.MaxLength = None,
+    max_samples: o.MaxSamples = None,
     calib_batches: Annotated[
         int | None,
         typer.Option("--calib-batches", help="Calibration batches for activation/taylor/layer importance (default 8)."),
@@ -126,7 +122,7 @@ def prune(
     recover_lr: Annotated[
         float | None, typer.Option("--recover-lr", help="Learning rate of the recovery distillation (default 1e-4).")
     ] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Random seed (default 0).")] = None,
+    seed: o.Seed = None,
     device: o.Device = None,
     allow_pickle: o.AllowPickle = None,
     trust_remote_code: o.TrustRemoteCode = None,

@@ -100,14 +100,10 @@ def quantize(
         ),
     ] = None,
     text_column: o.TextColumn = None,
-    label_column: Annotated[str | None, typer.Option("--label-column", help="Column holding class labels.")] = None,
-    eval_split: Annotated[
-        float | None, typer.Option("--eval-split", help="Held-out fraction for quality before/after (default 0.05).")
-    ] = None,
-    max_length: Annotated[int | None, typer.Option("--max-length", help="Tokens per sequence (default 128).")] = None,
-    max_samples: Annotated[
-        int | None, typer.Option("--max-samples", help="Use at most this many raw examples.")
-    ] = None,
+    label_column: o.LabelColumn = None,
+    eval_split: o.QualitySplit = None,
+    max_length: o.MaxLength = None,
+    max_samples: o.MaxSamples = None,
     calib_batches: Annotated[
         int | None, typer.Option("--calib-batches", help="Calibration batches for GPTQ (default 16).")
     ] = None,
@@ -118,7 +114,7 @@ def quantize(
     eval_batches: Annotated[
         int | None, typer.Option("--eval-batches", help="Held-out batches per quality measurement (default 20).")
     ] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Random seed (default 0).")] = None,
+    seed: o.Seed = None,
     device: o.Device = None,
     allow_pickle: o.AllowPickle = None,
     trust_remote_code: o.TrustRemoteCode = None,

@@ -78,14 +78,14 @@ def search_student(
     time_budget: Annotated[
         float | None, typer.Option("--time-budget", help="Stop searching after this many seconds.")
     ] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Random seed (default 0).")] = None,
+    seed: o.Seed = None,
     task: o.Task = None,
     data: Annotated[
         str | None,
         typer.Option("--data", "-d", help="Calibration data, as for distill (default: the embedded corpus)."),
     ] = None,
     text_column: o.TextColumn = None,
-    label_column: Annotated[str | None, typer.Option("--label-column", help="Column holding class labels.")] = None,
+    label_column: o.LabelColumn = None,
     max_length: Annotated[
         int | None, typer.Option("--max-length", help="Tokens per calibration sequence (default 128).")
     ] = None,
