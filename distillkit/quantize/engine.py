@@ -241,6 +241,12 @@ def _qat(cfg: QuantizeConfig, src: mf.Source, loaded: Any, r: dict, init: dict, 
         "losses": result.get("config", {}).get("resolved_losses"),
         "final_train_loss": result.get("metrics", {}).get("final_train_loss"),
         "train_s": result.get("timings", {}).get("train_s"),
+        # the fake-quantized model's held-out quality as distill measured it; conversion must reproduce it
+        "fake_quant_quality": {
+            k.removeprefix("student_"): v
+            for k, v in result.get("metrics", {}).items()
+            if k.startswith("student_") and k != "student_params"
+        },
     }
     model = holder["model"].eval()
     for p in model.parameters():
