@@ -151,22 +151,11 @@ def _set_weight(model: Any, t: Any, w: Any) -> None:
 
 
 def _progress(items: list, what: str):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import track
 
     from distillkit.cli.options import stderr_console
 
-    with Progress(
-        TextColumn(f"[bold]{what}[/]"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=stderr_console(),
-        transient=True,
-    ) as bar:
-        task = bar.add_task(what, total=len(items))
-        for it in items:
-            yield it
-            bar.advance(task)
+    return track(items, description=what, console=stderr_console(), transient=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
