@@ -635,7 +635,7 @@ class SliceCache:
 
     They depend only on the kept hidden channels, and a search builds many students with few distinct hidden
     sizes; the word embeddings are the largest single slice. Holds the slices of the last ``keep`` hidden sets
-    (a vocabulary of 128k x 2048 is 1 GB a set). The cached tensors are only read: the student copies them.
+    (a vocabulary of 128k x 2048 is 1 GB a set). The cached tensors are only read: students copy them, or share them (``share=True``).
     """
 
     def __init__(self, keep: int = 2):
@@ -722,6 +722,7 @@ def build_student(
     plan: StudentPlan | None = None,
     keep_head_dim: bool = False,
     cache: SliceCache | None = None,
+    share: bool = False,
 ) -> Any:
     """A model of the teacher's class, sized by ``spec`` and initialised from the teacher or at random.
 
@@ -729,7 +730,10 @@ def build_student(
     uses the class's own initialisation under ``torch.manual_seed(seed)`` (the caller's RNG state is restored).
     The student is on the teacher's device and dtype, in the teacher's train/eval mode. A ``plan`` from
     :func:`plan_student` (e.g. with importance ``scores``) is used instead of the default one. A ``cache`` shared by
-    builds from one teacher (a search) reuses the sliced embeddings and heads.
+    builds from one teacher (a search) reuses the sliced embeddings and heads. ``share=True`` (teacher init) makes
+    the student's weights the sliced tensors themselves instead of copies: weights kept whole are the teacher's own
+    storage and cached slices are shared between students, so such a student must not be trained or changed in
+    place (a search only scores it).
     """
     import torch
 
@@ -752,7 +756,10 @@ def build_student(
     if init == "teacher":
         plan = plan if plan is not None else plan_student(teacher_model, spec, keep_head_dim=keep_head_dim)
         with torch.no_grad():
-            student.load_state_dict(_teacher_state_for(student, teacher_model, plan, cache), strict=True)
+            state = _teacher_state_for(student, teacher_model, plan, cache)
+            student.load_state_dict(state, strict=True, assign=share)
+        if share:
+            student.tie_weights()  # assigning gives tied parameters one tensor each
     student.to(device=param.device, dtype=param.dtype)
     student.train(teacher_model.training)
     return student

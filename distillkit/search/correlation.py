@@ -137,7 +137,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     scfg = SearchConfig(
         teacher=args.teacher,
         params=1.0,
-        max_length=args.max_length,
+        max_length=args.score_length if args.score_length is not None else args.max_length,
         batch_size=args.score_batch,
         seed=args.seed,
         data=args.data,
@@ -227,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="distillation batch (default 16)")
     p.add_argument("--score-batch", type=int, default=8, help="calibration batch of the scores (default 8)")
     p.add_argument("--max-length", type=int, default=64, help="tokens per sequence (default 64)")
+    p.add_argument(
+        "--score-length", type=int, default=None, help="tokens per calibration sequence (default: --max-length)"
+    )
     p.add_argument("--lr", type=float, default=3e-4, help="distillation learning rate (default 3e-4)")
     p.add_argument("--eval-batches", type=int, default=20, help="held-out batches for quality (default 20)")
     p.add_argument("--seed", type=int, default=0)

@@ -177,7 +177,7 @@ class _Search:
 
     # --- evaluation -------------------------------------------------------------------------------------------
 
-    def build(self, spec: dict[str, int], init: str) -> Any:
+    def build(self, spec: dict[str, int], init: str, share: bool = True) -> Any:
         """The candidate ``spec`` at ``init``, as ``distill --student SPEC`` would build it (ResNets: stage students)."""
         from distillkit.models.student import build_student, plan_student, weight_scores
 
@@ -191,7 +191,11 @@ class _Search:
             if self.structure is None:
                 self.structure = weight_scores(self.teacher.model)
             plan = plan_student(self.teacher.model, spec, scores=self.structure)
-        return build_student(self.teacher.model, spec, init=init, seed=self.cfg.seed, plan=plan, cache=self.slices)
+        # Candidates are only scored, never trained or changed in place: they share the teacher's and the cache's
+        # tensors instead of copying them (the written student is built again without sharing).
+        return build_student(
+            self.teacher.model, spec, init=init, seed=self.cfg.seed, plan=plan, cache=self.slices, share=share
+        )
 
     def evaluate(self, spec: dict[str, int]) -> dict[str, Any] | None:
         spec = self.space.validate(spec)
@@ -377,7 +381,7 @@ def search_student(
     best = ranking[0]
     spec = best["spec"]
 
-    student = search.build(spec, "teacher")
+    student = search.build(spec, "teacher", share=False)
     search.slices = None  # the cached slices are not needed any more
     n_student = sum(p.numel() for p in student.parameters())
     metrics = {

@@ -355,10 +355,11 @@ def synflow(ctx: ScoreContext, model: Any) -> dict[str, float]:
     import torch
 
     params_ = [p for p in model.parameters() if p.requires_grad]
+    # Swap in |theta| rather than taking it in place: a search's candidates share tensors with the teacher.
+    originals = [p.data for p in params_]
     with torch.no_grad():
-        signs = [torch.sign(p) for p in params_]
         for p in params_:
-            p.abs_()
+            p.data = p.data.abs()
     try:
         model.zero_grad(set_to_none=True)
         view = head_view(model, ctx, targets=ctx.targets())
@@ -366,8 +367,7 @@ def synflow(ctx: ScoreContext, model: Any) -> dict[str, float]:
         out.double().sum().backward()
         total = sum(float((p.detach().double() * p.grad.double()).abs().sum()) for p in params_ if p.grad is not None)
     finally:
-        with torch.no_grad():
-            for p, s in zip(params_, signs, strict=True):
-                p.mul_(s)
+        for p, original in zip(params_, originals, strict=True):
+            p.data = original
         model.zero_grad(set_to_none=True)
     return {"score": total}

@@ -132,3 +132,42 @@ def test_slice_cache_keeps_the_last_hidden_sets_and_students_do_not_share_its_te
         ),
     )
     assert torch.equal(again.model.embed_tokens.weight, before)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bert"])
+def test_shared_build_scores_like_a_copy_and_leaves_teacher_and_cache_untouched(teachers, name):
+    """``share=True`` (the search's candidates) aliases instead of copying; no score may write through the alias."""
+    from distillkit.registry import SCORES
+    from distillkit.search.scores import ScoreContext
+
+    teacher = teachers[name].eval().requires_grad_(False)
+    scores = weight_scores(teacher)
+    cache = SliceCache(keep=2)
+    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    task = "feature-extraction" if name == "bert" else "causal-lm"
+    ctx = ScoreContext(teacher, sample_inputs(teacher, batch=4, length=8), task)
+    for spec in SPECS[:2]:
+        spec = _fit(teacher, spec)
+        plan = plan_student(teacher, spec, scores=scores)
+        copied = build_student(teacher, spec, plan=plan).eval()
+        shared = build_student(teacher, spec, plan=plan, cache=cache, share=True).eval()
+        cached = {(h, k): v.clone() for h, s in cache.sets.items() for k, v in s.items()}
+        assert [n for n, _ in copied.named_parameters()] == [n for n, _ in shared.named_parameters()]  # ties kept
+        assert sum(p.numel() for p in copied.parameters()) == sum(p.numel() for p in shared.parameters())
+        teacher_ptrs = {t.data_ptr() for t in teacher.state_dict().values()}
+        cache_ptrs = {t.data_ptr() for s in cache.sets.values() for t in s.values()}
+        aliased = [p for p in shared.parameters() if p.data_ptr() in teacher_ptrs | cache_ptrs]
+        assert aliased  # at least the embeddings come from the cache without a copy
+        for entry in SCORES:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                a = entry.obj(ctx, copied)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                b = entry.obj(ctx, shared)
+            assert a == pytest.approx(b, rel=1e-9, abs=1e-12), entry.name
+        for key, value in teacher.state_dict().items():
+            assert torch.equal(value, teacher_before[key]), key
+        for h, s in cache.sets.items():
+            for key, value in s.items():
+                assert torch.equal(value, cached[h, key]), key
