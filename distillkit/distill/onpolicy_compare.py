@@ -5,7 +5,10 @@ A random-init teacher would make any comparison meaningless, so the script
 1. builds a word-level tokenizer (the most frequent words of the embedded corpus, :mod:`distillkit.data`) and
    trains a small GPT-2 teacher on the corpus with next-token cross-entropy;
 2. for each of ``--seeds`` distillation seeds, distils two students initialised from the teacher (same seed, loss,
-   data and schedule) with ``distillkit.distill.run_distill``: ``--mode offline`` and ``--mode on-policy`` (GKD);
+   data and schedule) with ``distillkit.distill.run_distill``: ``--mode offline`` and ``--mode on-policy`` (GKD).
+   The fixed data is small by default: ``--train-rows`` (100) rows of the corpus's training side, revisited for
+   many epochs, the regime in which an offline student learns the teacher only on those prefixes ("On Teacher
+   Hacking in Language Model Distillation"); ``--train-rows 0`` distils on the whole corpus instead;
 3. samples continuations from each student at temperature 1 (full softmax, stopping at end-of-sequence exactly as
    on-policy training does) after prompts from that seed's held-out split, ``--eval-rounds`` samples per prompt,
    and measures the per-token reverse KL(p_student || p_teacher) at T=1 over the generated tokens: how far each
@@ -15,7 +18,7 @@ A random-init teacher would make any comparison meaningless, so the script
 (only the generated ones, ``N`` per row instead of ``L``). ``--budget tokens`` gives the on-policy student as many
 steps as it needs to be supervised on (about) as many tokens as the offline one; the supervised token counts of
 both are reported either way. Token-matched runs also give the on-policy student more optimizer steps, and on the
-default task that alone accounts for its lead: an offline student given the same number of steps does as well
+whole corpus that alone accounts for its lead: an offline student given the same number of steps does as well
 (README, "On-policy distillation"), so the default is the equal-steps comparison.
 
 It prints one JSON line: per-seed numbers, their mean and standard deviation, and the paired difference
@@ -83,6 +86,22 @@ def train_teacher(directory: Path, *, vocab: int, steps: int, seq: int, seed: in
             print(f"teacher step {step}: loss {loss.item():.3f}", file=sys.stderr)
     model.eval().save_pretrained(directory)
     tok.save_pretrained(directory)
+
+
+def write_train_rows(path: Path, *, rows: int, seed: int) -> None:
+    """The first ``rows`` training rows of the corpus split for ``seed`` as JSON lines (a small fixed dataset).
+
+    The rows come from the training side of the same row split :func:`held_out_prompts` reads its prompts from the
+    other side of, so the evaluation prompts stay unseen.
+    """
+    from distillkit.data import DataSpec, load_corpus
+    from distillkit.data.prepare import split_indices
+
+    corpus = load_corpus()
+    train, _ = split_indices(len(corpus), DataSpec().eval_split, seed)
+    with path.open("w") as f:
+        for i in train[:rows]:
+            f.write(json.dumps({"text": corpus[i]}) + "\n")
 
 
 def held_out_prompts(tok: Any, *, data: str | None, seq: int, prompt: int, seed: int, limit: int) -> Any:
@@ -201,9 +220,15 @@ def compare(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     )  # fmt: skip
     for seed in range(args.seed, args.seed + args.seeds):
         run: dict[str, Any] = {"seed": seed}
+        data = None
+        if args.train_rows:  # per seed: the rows must avoid the held-out side of this seed's split
+            data = str(work / f"train-rows-{args.train_rows}-seed{seed}.jsonl")
+            write_train_rows(Path(data), rows=args.train_rows, seed=seed)
         for mode, steps in (("offline", args.steps), ("on-policy", onpolicy_steps(args))):
             t = time.perf_counter()
-            cfg = DistillConfig(**common, seed=seed, steps=steps, mode=mode, student_data_fraction=args.fraction)
+            cfg = DistillConfig(
+                **common, data=data, seed=seed, steps=steps, mode=mode, student_data_fraction=args.fraction
+            )
             out = work / f"{mode}-{seed}"
             manifest = run_distill(cfg, out=str(out), overwrite=True)
             run[mode] = {
@@ -235,15 +260,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--seq", type=int, default=32)
     p.add_argument("--prompt", type=int, default=8)
-    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=24)
     p.add_argument("--teacher-steps", type=int, default=400)
-    p.add_argument("--steps", type=int, default=150, help="Offline steps (and on-policy steps with --budget steps).")
+    p.add_argument("--steps", type=int, default=300, help="Offline steps (and on-policy steps with --budget steps).")
     p.add_argument("--budget", choices=("steps", "tokens"), default="steps")
     p.add_argument("--fraction", type=float, default=0.5, help="GKD lambda: share of batches the student writes.")
     p.add_argument("--loss", default="reverse_kl")
     p.add_argument("--temperature", type=float, default=1.0, help="Training temperature (the evaluation is at 1).")
     p.add_argument("--gen-temperature", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument(
+        "--train-rows",
+        type=int,
+        default=100,
+        help="Distil on only this many corpus rows, a small fixed dataset revisited for many epochs (0: all rows).",
+    )
     p.add_argument("--student", default="layers=1", help="Student spec, initialised from the teacher.")
     p.add_argument("--eval-prompts", type=int, default=160, help="Held-out prompts (the split has about 160).")
     p.add_argument("--eval-rounds", type=int, default=4, help="Samples per prompt.")

@@ -240,3 +240,20 @@ def test_token_budget_matches_supervised_tokens():
     m = {"metrics": {"onpolicy_batches": 90, "onpolicy_generated_tokens": 20_000}}
     assert supervised_tokens(m, cfg) == 110 * 16 * 32 + 20_000
     assert supervised_tokens({"metrics": {}}, cfg) == 200 * 16 * 32
+
+
+def test_small_fixed_dataset_rows_avoid_the_held_out_side_of_their_seed(tmp_path):
+    import json
+
+    from distillkit.data import DataSpec, load_corpus
+    from distillkit.data.prepare import split_indices
+    from distillkit.distill.onpolicy_compare import write_train_rows
+
+    corpus = load_corpus()
+    for seed in (0, 1):
+        path = tmp_path / f"rows-{seed}.jsonl"
+        write_train_rows(path, rows=50, seed=seed)
+        rows = [json.loads(line)["text"] for line in path.read_text().splitlines()]
+        train, held_out = split_indices(len(corpus), DataSpec().eval_split, seed)
+        assert rows == [corpus[i] for i in train[:50]]
+        assert not set(rows) & {corpus[i] for i in held_out}
