@@ -87,7 +87,7 @@ def search_student(
     text_column: o.TextColumn = None,
     label_column: o.LabelColumn = None,
     max_length: Annotated[
-        int | None, typer.Option("--max-length", help="Tokens per calibration sequence (default 128).")
+        int | None, typer.Option("--max-length", help="Tokens per calibration sequence (default 32).")
     ] = None,
     max_samples: Annotated[
         int | None, typer.Option("--max-samples", help="Read at most this many raw examples (default 1000).")

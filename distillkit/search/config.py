@@ -45,7 +45,7 @@ class SearchConfig(BaseConfig):
     data: str | None = None
     text_column: str | None = None
     label_column: str | None = None
-    max_length: int = 128
+    max_length: int = 32
     max_samples: int | None = None
     batch_size: int = 8
     # placement and loading

@@ -137,7 +137,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     scfg = SearchConfig(
         teacher=args.teacher,
         params=1.0,
-        max_length=args.score_length if args.score_length is not None else args.max_length,
+        max_length=args.score_length,
         batch_size=args.score_batch,
         seed=args.seed,
         data=args.data,
@@ -216,6 +216,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The benchmark's options (``distillkit bench --search-correlation`` fills the same namespace)."""
+    from distillkit.search.config import SearchConfig
+
     p = argparse.ArgumentParser(prog="python -m distillkit.search.correlation", description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher", required=True, help="teacher model directory")
     p.add_argument("--candidates", type=int, default=12, help="students to score and distil (default 12)")
@@ -228,7 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score-batch", type=int, default=8, help="calibration batch of the scores (default 8)")
     p.add_argument("--max-length", type=int, default=64, help="tokens per sequence (default 64)")
     p.add_argument(
-        "--score-length", type=int, default=None, help="tokens per calibration sequence (default: --max-length)"
+        "--score-length",
+        type=int,
+        default=SearchConfig.max_length,
+        help=f"tokens per calibration sequence (default {SearchConfig.max_length}, as search-student)",
     )
     p.add_argument("--lr", type=float, default=3e-4, help="distillation learning rate (default 3e-4)")
     p.add_argument("--eval-batches", type=int, default=20, help="held-out batches for quality (default 20)")

@@ -12,8 +12,10 @@ the teacher, one calibration batch and what the scores cache about the teacher. 
 - sequence / image classification: the classifier (``classifier`` or ``score``) per example, predicting the
   batch labels or, without labels, the teacher's predictions;
 - feature extraction (sentence encoders): these have no head, so the word-embedding matrix serves as a tied LM
-  head and each real token predicts itself (``Z = X E^T``, over up to 256 evenly strided real tokens); ViT
-  backbones have none and get no semantic term.
+  head and each real token predicts itself (``Z = X E^T``, over up to 256 evenly strided real tokens); for DisWOT
+  the logits are taken over a vocabulary sample (every target token plus seeded random rows, 4,096 in all) with
+  the softmax normaliser estimated from it (:func:`vocabulary_sample`); ViT backbones have none and get no
+  semantic term.
 
 **DisWOT** (Dong et al., CVPR 2023), adapted to transformers:
 
@@ -44,6 +46,7 @@ from distillkit.registry import SCORES
 IGNORE_INDEX = -100
 MAX_CLASSES = 256
 MAX_TOKENS = 256
+VOCAB_SAMPLE = 4096
 
 
 @dataclass
@@ -51,9 +54,11 @@ class HeadView:
     """What a model's output layer saw on the batch (see the module docstring). ``x``/``z`` keep their graph."""
 
     x: Any  # [N, H] head inputs, or None without a head
-    z: Any  # [N, C] logits, or None
+    z: Any  # [N, C] logits, or None; [N, |S|] over the vocabulary sample ``columns`` when that is set
     y: Any  # [N] targets, or None
     relation: Any  # [M, H] final hidden states for the relation term
+    columns: Any = None  # [|S|] sorted vocabulary ids of z's columns (a sample), or None: z covers every class
+    column_log_weights: Any = None  # [|S|] log of how many vocabulary rows each sampled column stands for
 
 
 @dataclass
@@ -72,7 +77,7 @@ class ScoreContext:
             import torch
 
             with torch.no_grad():
-                self.cache["teacher_view"] = head_view(self.teacher, self, targets=None)
+                self.cache["teacher_view"] = head_view(self.teacher, self, targets=None, sample_vocabulary=True)
         return self.cache["teacher_view"]
 
     def targets(self) -> Any:
@@ -129,8 +134,40 @@ def _token_rows(ctx: ScoreContext, hidden: Any) -> Any:
     return flat
 
 
-def head_view(model: Any, ctx: ScoreContext, targets: Any) -> HeadView:
-    """Run ``model`` on the calibration batch and collect its :class:`HeadView` (``targets`` None: the model's own)."""
+def vocabulary_sample(ctx: ScoreContext, targets: Any, vocab: int) -> tuple[Any, Any]:
+    """The embedding-as-head columns: every target token, plus seeded random rows up to ``VOCAB_SAMPLE`` in all.
+
+    Returns (sorted vocabulary ids ``[|S|]``, log weights ``[|S|]``): 0 for a target token, ``log((V - |B|) / |R|)``
+    for each of the ``|R|`` random rows, which stand for all ``V - |B|`` non-target rows. ``logsumexp(z_S + w)`` is
+    then the log of an unbiased estimate of the softmax normaliser over all ``V`` rows. The same sample serves the
+    teacher and every candidate (it depends only on the batch), and a vocabulary of at most ``VOCAB_SAMPLE`` rows is
+    taken whole (exact).
+    """
+    import math
+
+    import torch
+
+    key = ("vocabulary_sample", vocab)
+    if key not in ctx.cache:
+        if vocab <= VOCAB_SAMPLE:
+            ctx.cache[key] = (None, None)
+        else:
+            batch_ids = torch.unique(targets.cpu())
+            order = torch.randperm(vocab, generator=torch.Generator().manual_seed(0))
+            others = order[~torch.isin(order, batch_ids)][: max(VOCAB_SAMPLE - batch_ids.numel(), 1)]
+            columns, where = torch.sort(torch.cat([batch_ids, others]))
+            log_w = torch.zeros(columns.numel(), dtype=torch.float64)
+            log_w[where >= batch_ids.numel()] = math.log((vocab - batch_ids.numel()) / others.numel())
+            ctx.cache[key] = (columns.to(targets.device), log_w.to(targets.device))
+    return ctx.cache[key]
+
+
+def head_view(model: Any, ctx: ScoreContext, targets: Any, sample_vocabulary: bool = False) -> HeadView:
+    """Run ``model`` on the calibration batch and collect its :class:`HeadView` (``targets`` None: the model's own).
+
+    ``sample_vocabulary``: a sentence encoder's embedding-as-head logits are taken over :func:`vocabulary_sample`
+    instead of the whole vocabulary (they would cost as much as the student's forward pass).
+    """
     import torch
 
     from distillkit.models.capture import pool
@@ -193,6 +230,10 @@ def head_view(model: Any, ctx: ScoreContext, targets: Any) -> HeadView:
         idx = torch.linspace(0, xs.shape[0] - 1, MAX_TOKENS, device=xs.device).round().long()
         xs, ys = xs[idx], ys[idx]
     xs = xs.float()
+    if sample_vocabulary:
+        columns, log_w = vocabulary_sample(ctx, ys, weight.shape[0])
+        if columns is not None:
+            return HeadView(xs, xs @ weight[columns].float().T, ys, relation, columns, log_w)
     return HeadView(xs, xs @ weight.float().T, ys, relation)
 
 
@@ -221,9 +262,14 @@ def semantic_matrix(view: HeadView, classes: Any) -> Any:
     """Class-by-class correlation ``G G^T`` of the head-weight gradient rows ``G [|U|, H]`` (closed form)."""
     import torch
 
-    # softmax(z)[:, U] without a float64 copy of all C logits: the normaliser in float32 is accurate to ~1e-7.
-    lse = torch.logsumexp(view.z.float(), dim=-1, keepdim=True)
-    p = torch.exp(view.z[:, classes].double() - lse.double())
+    if view.columns is None:
+        # softmax(z)[:, U] without a float64 copy of all C logits: the normaliser in float32 is accurate to ~1e-7.
+        lse = torch.logsumexp(view.z.float(), dim=-1, keepdim=True)
+        z_u = view.z[:, classes]
+    else:  # a vocabulary sample: U is among its columns, the normaliser is estimated (vocabulary_sample)
+        lse = torch.logsumexp(view.z.double() + view.column_log_weights, dim=-1, keepdim=True)
+        z_u = view.z[:, torch.searchsorted(view.columns, classes)]
+    p = torch.exp(z_u.double() - lse.double())
     onehot = (view.y.unsqueeze(1) == classes.unsqueeze(0)).double()
     g = (p - onehot).T @ view.x.double() / view.x.shape[0]
     return g @ g.T
@@ -240,11 +286,11 @@ def relation_similarity(ctx: ScoreContext, student: HeadView, teacher: HeadView)
 # Scores
 
 
-def _student_view(ctx: ScoreContext, model: Any, grad: bool = False) -> HeadView:
+def _student_view(ctx: ScoreContext, model: Any, grad: bool = False, sample_vocabulary: bool = False) -> HeadView:
     import torch
 
     with torch.set_grad_enabled(grad):
-        return head_view(model, ctx, targets=ctx.targets())
+        return head_view(model, ctx, targets=ctx.targets(), sample_vocabulary=sample_vocabulary)
 
 
 @SCORES.register(
@@ -255,7 +301,7 @@ def _student_view(ctx: ScoreContext, model: Any, grad: bool = False) -> HeadView
 )
 def diswot(ctx: ScoreContext, model: Any) -> dict[str, float]:
     teacher = ctx.teacher_view()
-    student = _student_view(ctx, model)
+    student = _student_view(ctx, model, sample_vocabulary=True)
     relation = relation_similarity(ctx, student, teacher)
     out = {"relation": relation}
     classes = ctx.classes()

@@ -60,14 +60,24 @@ def build_teacher(shape: str, vocab: int | None, tokenizer: str, out: Path) -> N
 
 
 def main(argv: list[str] | None = None) -> int:
+    from distillkit.search.config import SearchConfig
+
     p = argparse.ArgumentParser(prog="python -m distillkit.search.throughput", description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=sorted(SHAPES), required=True)
     p.add_argument("--tokenizer", required=True, help="a directory holding a tokenizer with at most --vocab ids")
     p.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the shape's)")
     p.add_argument("--params", type=float, default=0.25)
     p.add_argument("--candidates", type=int, default=100)
-    p.add_argument("--score-batch", type=int, default=8, help="calibration batch of the search (default 8)")
-    p.add_argument("--score-length", type=int, default=128, help="calibration tokens per sequence (default 128)")
+    d = SearchConfig.__dataclass_fields__
+    p.add_argument(
+        "--score-batch", type=int, default=d["batch_size"].default, help="calibration batch (default: search-student's)"
+    )
+    p.add_argument(
+        "--score-length",
+        type=int,
+        default=d["max_length"].default,
+        help="calibration tokens (default: search-student's)",
+    )
     p.add_argument("--distill-steps", type=int, default=4, help="steps of the timed distillation (at least 2)")
     p.add_argument("--out", default="runs/search-throughput")
     args = p.parse_args(argv)
@@ -76,7 +86,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from distillkit.config import DistillConfig
     from distillkit.distill.engine import run_distill
-    from distillkit.search.config import SearchConfig
     from distillkit.search.engine import search_student
 
     out = Path(args.out)

@@ -441,3 +441,36 @@ def test_spec_strings_are_what_distill_accepts(make):
     for _ in range(20):
         spec = space.sample(rng)
         assert parse_student_spec(space.spec_string(spec), teacher.config) == spec
+
+
+def test_vocabulary_sample_estimates_the_encoder_semantic_term(monkeypatch):
+    """A sentence encoder's embedding-as-head softmax over a vocabulary sample: every target kept, the normaliser
+    estimated without bias, the semantic term close to the whole-vocabulary one; small vocabularies stay exact."""
+    import distillkit.search.scores as scores
+
+    teacher, _ = tiny_bert()
+    teacher.eval().requires_grad_(False)
+    vocab = teacher.config.vocab_size
+    batch = sample_inputs(teacher, batch=4, length=12)
+    students = [build_student(teacher, spec).eval() for spec in ("layers=1,hidden=32,heads=2", "layers=2")]
+    exact = [scores.diswot(_ctx(teacher, "feature-extraction", batch), s)["semantic"] for s in students]
+
+    monkeypatch.setattr(scores, "VOCAB_SAMPLE", vocab // 2)
+    ctx = _ctx(teacher, "feature-extraction", batch)
+    sampled = [scores.diswot(ctx, s)["semantic"] for s in students]
+    columns, log_w = scores.vocabulary_sample(ctx, ctx.targets(), vocab)
+    assert columns.numel() == vocab // 2 and torch.equal(columns, torch.sort(columns).values)
+    assert torch.isin(ctx.targets(), columns).all()  # every target token is a column, with weight 1
+    assert (log_w[torch.isin(columns, ctx.targets())] == 0).all()
+    assert float(log_w.exp().sum()) == pytest.approx(vocab)  # the columns stand for the whole vocabulary
+    for a, b in zip(sampled, exact, strict=True):
+        assert b == pytest.approx(a, abs=0.01)
+    # the normaliser estimate against the exact one, on the teacher's own logits
+    view, full = ctx.teacher_view(), teacher.get_input_embeddings().weight
+    z_full = view.x @ full.T
+    estimate = torch.logsumexp(view.z.double() + log_w, -1)
+    assert torch.allclose(estimate, torch.logsumexp(z_full.double(), -1), atol=0.1)
+
+    monkeypatch.setattr(scores, "VOCAB_SAMPLE", vocab)  # a vocabulary that fits is taken whole: exact
+    ctx = _ctx(teacher, "feature-extraction", batch)
+    assert [scores.diswot(ctx, s)["semantic"] for s in students] == exact
