@@ -635,7 +635,8 @@ class SliceCache:
 
     They depend only on the kept hidden channels, and a search builds many students with few distinct hidden
     sizes; the word embeddings are the largest single slice. Holds the slices of the last ``keep`` hidden sets
-    (a vocabulary of 128k x 2048 is 1 GB a set). The cached tensors are only read: students copy them, or share them (``share=True``).
+    (a vocabulary of 128k x 2048 is 1 GB a set). The cached tensors are only read: students copy them, or share
+    them (``share=True``).
     """
 
     def __init__(self, keep: int = 2):
