@@ -113,6 +113,12 @@ def _save(model: Any, processor: Any, save_dir: str | Path | None, name: str) ->
 
 def tiny_llama(save_dir: str | Path | None = None, *, seed: int = 0, **overrides: Any) -> tuple[Any, str]:
     """LlamaForCausalLM with GQA: hidden 64, 4 heads of 16, 2 kv heads, 4 layers, MLP 128, vocab 128."""
+    model, vocab = _llama_model(seed, overrides)
+    return _save(model, _text_tokenizer("llama", vocab, MAX_POSITIONS), save_dir, "llama")
+
+
+def _llama_model(seed: int, overrides: dict[str, Any], **sizes: Any) -> tuple[Any, int]:
+    """The tiny LlamaForCausalLM (``sizes`` change the defaults, then ``overrides``) and its vocabulary size."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     kwargs = dict(
@@ -128,9 +134,9 @@ def tiny_llama(save_dir: str | Path | None = None, *, seed: int = 0, **overrides
         eos_token_id=2,
         tie_word_embeddings=False,
     )
+    kwargs.update(sizes)
     kwargs.update(overrides)
-    model = _build(LlamaForCausalLM, LlamaConfig(**kwargs), seed)
-    return _save(model, _text_tokenizer("llama", kwargs["vocab_size"], MAX_POSITIONS), save_dir, "llama")
+    return _build(LlamaForCausalLM, LlamaConfig(**kwargs), seed), kwargs["vocab_size"]
 
 
 def tiny_gpt2(save_dir: str | Path | None = None, *, seed: int = 0, **overrides: Any) -> tuple[Any, str]:
@@ -465,7 +471,7 @@ def tiny_llama_other_vocab(
     same word has a different id, some words are ``<unk>`` here only, and the specials sit at 0..3 as before.
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     specials = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
     words = list(specials.values()) + sorted(set(_WORDS), reverse=True)
@@ -477,19 +483,8 @@ def tiny_llama_other_vocab(
     tok.decoder = decoders.WordPiece(prefix="##")
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=MAX_POSITIONS, **specials)
-    kwargs = dict(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=MAX_POSITIONS,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
-    kwargs.update(overrides)
-    model = _build(LlamaForCausalLM, LlamaConfig(**kwargs), seed)
+    model, _ = _llama_model(
+        seed, overrides, vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1,
+    )  # fmt: skip
     return _save(model, fast, save_dir, "llama-other-vocab")

@@ -60,17 +60,13 @@ def default_cache_dir(out: Path) -> Path:
 def _expected_index(cfg: Any, prompts: Any, n_shards: int) -> dict[str, Any]:
     import torch
 
+    from distillkit.distill.teacher_cache import data_spec
+
     return {
         "format": "distillkit-sequence-cache",
         "version": 1,
         "teacher": cfg.teacher,
-        "data": {
-            "data": cfg.data,
-            "text_column": cfg.text_column,
-            "eval_split": cfg.eval_split,
-            "max_length": cfg.max_length,
-            "max_samples": cfg.max_samples,
-        },
+        "data": data_spec(cfg, seed=False),
         "seed": cfg.seed,
         "prompt_length": int(prompts.shape[1]),
         "max_new_tokens": cfg.max_new_tokens,

@@ -36,15 +36,16 @@ VERSION = 1
 INDEX = "index.json"
 
 
-def _data_spec(cfg: Any) -> dict[str, Any]:
-    return {
+def data_spec(cfg: Any, *, seed: bool = True) -> dict[str, Any]:
+    """The fields of ``cfg`` that decide the training rows (a :class:`DataSpec`'s arguments); a cache records them."""
+    spec = {
         "data": cfg.data,
         "text_column": cfg.text_column,
         "eval_split": cfg.eval_split,
         "max_length": cfg.max_length,
         "max_samples": cfg.max_samples,
-        "seed": cfg.seed,
     }
+    return {**spec, "seed": cfg.seed} if seed else spec
 
 
 def tokens_sha256(dataset: Any) -> str:
@@ -119,7 +120,7 @@ def write_teacher_cache(cfg: Any, directory: str, *, overwrite: bool = False) ->
             f"--cache-topk {cfg.cache_topk} is larger than the teacher's vocabulary ({vocab})",
             hint=f"pass --cache-topk {vocab} or less",
         )
-    data = prepare_data(DataSpec(**_data_spec(cfg)), teacher.processor, teacher.task)
+    data = prepare_data(DataSpec(**data_spec(cfg)), teacher.processor, teacher.task)
     n = len(data.train)
     shard_size = cfg.sequence_shard_size
     index: dict[str, Any] = {
@@ -132,7 +133,7 @@ def write_teacher_cache(cfg: Any, directory: str, *, overwrite: bool = False) ->
         "seq_len": int(data.train[0]["input_ids"].shape[-1]),
         "shard_size": shard_size,
         "shards": [],
-        "data": _data_spec(cfg),
+        "data": data_spec(cfg),
         "tokens_sha256": tokens_sha256(data.train),
         "teacher": src.path,
         "teacher_model_type": teacher.config.model_type,
@@ -238,8 +239,8 @@ class CachedTeacherFeed:
         self.device = device
         index = read_index(cfg.teacher_cache)
         hint = "pass the data flags the cache was written with, or write a new cache with --cache-teacher"
-        if index["data"] != _data_spec(cfg):
-            diff = sorted(k for k in index["data"] if index["data"][k] != _data_spec(cfg).get(k))
+        if index["data"] != data_spec(cfg):
+            diff = sorted(k for k in index["data"] if index["data"][k] != data_spec(cfg).get(k))
             raise DataError(
                 f"the teacher cache {cfg.teacher_cache} was written for other data ({', '.join(diff)} differ)",
                 hint=hint,
