@@ -12,7 +12,7 @@ from distillkit.config import DistillConfig
 from distillkit.distill.engine import DistillModule, build_losses, student_features
 from distillkit.distill.fused import attach_fused_loss, resolve_fused_loss
 from distillkit.errors import ConfigError
-from tests.distill.test_engine import distill_cmd, markov_lines
+from tests.test_distill.test_engine import distill_cmd, markov_lines
 from tests.tiny import tiny_llama
 
 

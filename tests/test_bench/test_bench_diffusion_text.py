@@ -11,7 +11,7 @@ import torch
 from distillkit.bench.diffusion import QUALITY_SAMPLES
 from distillkit.models.diffusion import NoiseSchedule, ddim_sample, encode_prompts, load_diffusion
 from tests import tiny
-from tests.bench.test_bench_diffusion import FAST, distil, run_cli
+from tests.test_bench.test_bench_diffusion import FAST, distil, run_cli
 
 PROMPTS = ["red cat", "dog", "a cat", "red dog"]
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from distillkit.cli.app import main
 from distillkit.distill import functional as F
 from distillkit.distill.teacher_cache import dense_logits, topk_with_tail
-from tests.distill.test_engine import markov_lines
+from tests.test_distill.test_engine import markov_lines
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import torch
 
 from distillkit.cli.app import main
 from distillkit.distill.cross_tokenizer import retokenize, uld_loss
-from tests.distill.test_engine import markov_lines
+from tests.test_distill.test_engine import markov_lines
 from tests.tiny import tiny_llama_other_vocab
 
 

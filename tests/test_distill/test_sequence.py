@@ -12,7 +12,7 @@ from distillkit.cli.app import main
 from distillkit.config import DistillConfig
 from distillkit.distill import onpolicy, sequence
 from distillkit.errors import DataError
-from tests.distill.test_engine import markov_lines
+from tests.test_distill.test_engine import markov_lines
 
 
 def _cfg(teacher: str, **kw):

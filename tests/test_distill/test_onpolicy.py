@@ -15,7 +15,7 @@ from distillkit.distill.engine import DistillModule, build_losses
 from distillkit.distill.onpolicy import OnPolicyFeed, student_batch
 from distillkit.models.load import LoadedModel
 from distillkit.models.student import build_student
-from tests.distill.test_engine import markov_lines
+from tests.test_distill.test_engine import markov_lines
 
 
 class _FixedBatches:
