@@ -35,7 +35,9 @@ def options_markdown() -> str:
         out += ["| option | what it does |", "|---|---|"]
         for param in sub.params:
             if param.param_type_name == "argument":
-                out.append(f"| `{(param.metavar or param.name or '').upper()}` (argument) | {_cell(getattr(param, 'help', '') or '')} |")
+                out.append(
+                    f"| `{(param.metavar or param.name or '').upper()}` (argument) | {_cell(getattr(param, 'help', '') or '')} |"
+                )
                 continue
             if not param.opts or getattr(param, "hidden", False):
                 continue
