@@ -24,6 +24,12 @@ TEACHER_DTYPES = (None, "float32", "bfloat16", "float16")
 DISTILL_MODES = ("offline", "on-policy", "sequence")
 CROSS_TOKENIZER = (None, "uld")
 DIFFUSION_METHODS = ("progressive", "consistency", "guidance")
+# Below this a logit divergence divides logits by ~0 and is scaled by T^2 ~ 0: the loss and its gradients vanish
+# (T = 1e-8 trains nothing), so such a temperature is refused rather than run.
+MIN_TEMPERATURE = 0.05
+# Every integer setting ends up in torch/numpy (int64); the seed in numpy's legacy RNG (uint32).
+INT64_MAX = 2**63 - 1
+SEED_MAX = 2**32 - 1
 
 
 def _toml_load(path: Path) -> dict[str, Any]:
@@ -88,6 +94,7 @@ class BaseConfig:
         for f in fields(cls):
             if f.name in data:
                 v = data[f.name]
+                check_int_range(f.name, v)
                 kwargs[f.name] = tuple(v) if isinstance(v, list) else v
         try:
             return cls(**kwargs)
@@ -120,6 +127,28 @@ def _plain(v: Any) -> Any:
     if isinstance(v, tuple):
         return list(v)
     return v
+
+
+def check_int_range(name: str, value: Any) -> None:
+    """An integer setting must fit int64 (a seed: uint32), so it fails here and not as an overflow deep in torch."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return
+    flag = "--" + name.replace("_", "-")
+    if name == "seed" and not 0 <= value <= SEED_MAX:
+        raise ConfigError(f"{flag} {value} is out of range (it must be between 0 and {SEED_MAX})", hint="e.g. --seed 0")
+    if not -INT64_MAX - 1 <= value <= INT64_MAX:
+        raise ConfigError(
+            f"{flag} {value} is out of range: it does not fit in a 64-bit integer", hint=f"pass a sensible {flag}"
+        )
+
+
+def check_temperature(t: float, flag: str = "--temperature") -> None:
+    """A distillation temperature at or above :data:`MIN_TEMPERATURE` (a positive, finite one is checked first)."""
+    _check(
+        not t < MIN_TEMPERATURE,
+        f"{flag} {t} is below {MIN_TEMPERATURE}: the logit losses and their gradients vanish (1e-8 gives a loss of 0)",
+        f"pass e.g. {flag} 2.0 (1.0 leaves the logits as they are)",
+    )
 
 
 def _check(cond: bool, msg: str, hint: str) -> None:
@@ -230,11 +259,14 @@ class DistillConfig(BaseConfig):
 
     def __post_init__(self) -> None:
         _check(bool(self.teacher), "a teacher is required", "pass --teacher MODEL")
+        for f in fields(self):
+            check_int_range(f.name, getattr(self, f.name))
         _check(
             self.temperature > 0 and math.isfinite(self.temperature),
             f"temperature must be > 0 (got {self.temperature})",
             "pass e.g. --temperature 2.0",
         )
+        check_temperature(self.temperature)
         _check(
             0.0 <= self.alpha <= 1.0,
             f"alpha must be in [0, 1] (got {self.alpha})",

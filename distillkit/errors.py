@@ -7,6 +7,14 @@ and turned into a one-line ``error: ...`` message plus hint and exit code 1 in e
 
 from __future__ import annotations
 
+import sys
+
+
+def warn(message: str) -> None:
+    """One loud ``warning: ...`` line on stderr: something asked for was changed or ignored, and the run goes on."""
+    sys.stderr.write(f"warning: {message}\n")
+    sys.stderr.flush()
+
 
 class DistillkitError(Exception):
     """Base class of every error that is the user's to fix (exit code 1)."""

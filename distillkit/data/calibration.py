@@ -40,6 +40,10 @@ def calibration_batches(cfg: Any, loaded: Any) -> tuple[list[dict], list[dict], 
             f"{loaded.path} has no tokenizer or image processor saved with it",
             hint="save one with the model (tokenizer.save_pretrained(dir))",
         )
+    if task != "image-classification":
+        from distillkit.models.load import check_max_length
+
+        check_max_length(loaded.config, cfg.max_length, who=loaded.path)
     data = prepare_data(
         DataSpec(
             data=cfg.data,

@@ -201,7 +201,13 @@ def detect_image_column(ds: Any) -> str:
 
 def _column(ds: Any, name: str) -> list:
     # Arrow access is ~20x faster than iterating a datasets Column, and honours select()'s indices.
-    return ds.with_format("arrow")[name].to_pylist()
+    try:
+        return ds.with_format("arrow")[name].to_pylist()
+    except UnicodeDecodeError as e:  # pyarrow's JSON reader keeps invalid UTF-8 bytes until a string is read
+        raise DataError(
+            f"column {name!r} of the data holds text that is not UTF-8 ({e.reason} at byte {e.start} of a value)",
+            hint="save the data file as UTF-8 text, e.g. iconv -f latin1 -t utf-8 FILE > FILE.utf8",
+        ) from None
 
 
 def encode_labels(values: Sequence[Any], feature: Any = None) -> tuple[list[int], list[str]]:

@@ -205,15 +205,71 @@ def _first_line(e: BaseException) -> str:
     return f"{e.__class__.__name__}: {text[0]}" if text else e.__class__.__name__
 
 
+# How much of a text file is checked for UTF-8 up front; a bad byte further on is caught when the rows are read.
+UTF8_CHECK_BYTES = 64 * 2**20
+_UTF8_HINT = "save it as UTF-8 text, e.g. iconv -f latin1 -t utf-8 FILE > FILE.utf8"
+
+
+def check_text_file(f: Path) -> None:
+    """Refuse an empty or non-UTF-8 text/JSON/CSV file by name and place, before a parser turns it into a vague
+    ``DatasetGenerationError`` (or, for JSON, into rows whose strings fail only when read)."""
+    import codecs
+    import gzip
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    seen, line = 0, 1
+    try:
+        with (gzip.open if f.suffix.lower() == ".gz" else open)(f, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                try:
+                    decoder.decode(chunk)
+                except UnicodeDecodeError as e:
+                    at = max(0, min(e.start, len(chunk) - 1))
+                    where = line + chunk[:at].count(b"\n")
+                    raise DataError(
+                        f"{f} is not UTF-8 text: byte 0x{chunk[at]:02x} near offset {seen + at} (line {where}) "
+                        "is not valid UTF-8",
+                        hint=_UTF8_HINT,
+                    ) from None
+                line += chunk.count(b"\n")
+                seen += len(chunk)
+                if seen >= UTF8_CHECK_BYTES:
+                    return
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise DataError(f"{f} is not UTF-8 text: it ends inside a multi-byte character", hint=_UTF8_HINT) from None
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+        raise DataError(f"cannot read {f}: {_first_line(e)}", hint="check that the file is whole") from None
+    if seen == 0:
+        raise DataError(f"{f} is empty", hint="pass a data file with at least a few examples")
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    """The innermost cause: ``datasets`` wraps every parser error in a bare 'An error occurred' message."""
+    seen = [e]
+    while (nxt := e.__cause__ or e.__context__) is not None and nxt not in seen:
+        seen.append(nxt)
+        e = nxt
+    return e
+
+
 def _load_files(fmt: str, files: list[Path], source: str) -> Any:
     from datasets import load_dataset
 
     for f in files:
         if not os.access(f, os.R_OK):
             raise DataError(f"{f} cannot be read (permission denied)", hint="check the file's permissions")
+        if fmt != "parquet":
+            check_text_file(f)
     try:
         ds = load_dataset(fmt, data_files=[str(f) for f in files], split="train")
     except Exception as e:  # any parser failure is a problem with the user's file
+        cause = _root_cause(e)
+        if isinstance(cause, UnicodeDecodeError):
+            raise DataError(
+                f"{source} is not UTF-8 text: {cause.reason} at byte {cause.start}", hint=_UTF8_HINT
+            ) from None
+        e = cause if cause is not e and str(cause).strip() else e
         hint = "check that the file is valid"
         if fmt == "json":
             hint = "a .jsonl file needs one JSON object per line; a .json file a list of objects"

@@ -160,6 +160,10 @@ def load_diffusion(path: str | Path, *, device: Any = "cpu") -> DiffusionModel:
     name, model_dir, sub, index = _denoiser_dir(path)
     layout = "pipeline" if index else "model"
     sched_dir = _scheduler_dir(path, layout)
+    from distillkit.models.load import check_safetensors
+
+    # a truncated or corrupt weight file fails here by name, not as a Rust error from inside diffusers
+    check_safetensors(model_dir)
     try:
         model = _model_class(name).from_pretrained(str(model_dir), torch_dtype=torch.float32)
         sched_name = (_read_json(sched_dir / SCHEDULER_CONFIG) or {}).get("_class_name", "DDPMScheduler")
@@ -234,6 +238,9 @@ def _load_text_encoder(path: Path, index: dict[str, Any], device: Any) -> tuple[
             f"{path} has a text-conditioned (cross-attention) UNet but no text_encoder/ and tokenizer/ beside it",
             hint="pass the whole pipeline directory (model_index.json with unet, text_encoder and tokenizer)",
         )
+    from distillkit.models.load import check_safetensors
+
+    check_safetensors(path / "text_encoder")
     try:
         encoder = getattr(transformers, entries["text_encoder"][1]).from_pretrained(
             str(path / "text_encoder"), torch_dtype=torch.float32

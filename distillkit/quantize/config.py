@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from distillkit.config import BaseConfig, _check, parse_loss_spec
+from distillkit.config import BaseConfig, _check, check_temperature, parse_loss_spec
 from distillkit.errors import ConfigError
 
 METHODS = ("rtn", "gptq")
@@ -72,6 +72,7 @@ class QuantizeConfig(BaseConfig):
                 ("--symmetric/--asymmetric", self.symmetric is not None),
                 ("--method", self.method is not None),
                 ("--act-bits", self.act_bits is not None),
+                ("--skip", bool(self.skip)),  # bitsandbytes converts every Linear; a --skip would be ignored
             ):
                 if given:
                     raise ConfigError(
@@ -106,6 +107,12 @@ class QuantizeConfig(BaseConfig):
             )
         for spec in self.losses:
             parse_loss_spec(spec)
+        _check(
+            self.temperature > 0 and self.temperature != float("inf"),
+            f"--temperature must be > 0 (got {self.temperature})",
+            "pass e.g. --temperature 2.0",
+        )
+        check_temperature(self.temperature)
         _check(self.damp > 0, "--damp must be positive", "GPTQ's usual dampening is 0.01")
         _check(0 <= self.eval_split <= 0.5, "--eval-split must be in [0, 0.5]", "e.g. 0.05")
         for name in ("calib_batches", "batch_size", "max_length"):

@@ -49,8 +49,22 @@ def _skipped(name: str, patterns: tuple[str, ...]) -> bool:
     return False
 
 
+def check_skip(model: nn.Module, skip: tuple[str, ...]) -> None:
+    """Every ``--skip`` pattern must match a module: a typo would otherwise quantize what was meant to be kept."""
+    names = [n for n, _ in model.named_modules() if n]
+    for p in skip:
+        if not any(_skipped(n, (p,)) for n in names):
+            layers = [n for n, m in model.named_modules() if n and isinstance(m, nn.Linear | nn.Embedding)]
+            examples = ", ".join(dict.fromkeys(layers[:2] + layers[-1:]))
+            raise ConfigError(
+                f"--skip {p!r} matches no module of the model",
+                hint=f"module names look like {examples}; pass a full name, a last part (q_proj) or a glob ('*.mlp.*')",
+            )
+
+
 def find_targets(model: nn.Module, skip: tuple[str, ...] = (), embeddings: bool = True) -> list[Target]:
     """The modules to quantize, in model order."""
+    check_skip(model, skip)
     conv1d = _conv1d_type()
     emb_in = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     emb_out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None

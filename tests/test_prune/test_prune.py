@@ -229,8 +229,9 @@ def _unsupported_model(tmp_path):
         ("llama", ["--heads", "-0.1"], "--heads must be a ratio in [0, 1)"),
         ("llama", ["--mlp", "0.999"], "would remove every MLP channel"),
         ("llama", ["--heads", "0.9"], "would remove every attention head"),
-        ("llama", ["--heads", "0.25"], "cannot be divided evenly over the 2 key/value groups"),
-        ("llama", ["--heads", "0.25", "--head-mode", "groups"], "not a whole number of key/value groups"),
+        # an explicit count is refused; a ratio (--heads 0.25) is rounded instead (tests/test_bad_input.py)
+        ("llama", ["--heads", "3"], "cannot be divided evenly over the 2 key/value groups"),
+        ("llama", ["--heads", "3", "--head-mode", "groups"], "not a whole number of key/value groups"),
         ("llama", ["--hidden", "50"], "transformers refuses the pruned llama config"),
         ("llama", ["--channels", "0.5"], "--channels is for ResNet-style CNNs"),
         ("resnet", ["--channels", "0.99"], "would remove every channel"),
