@@ -30,8 +30,11 @@ def _ratio(num: Any, den: Any) -> float | None:
 
 
 def ratios(model: dict[str, Any], base: dict[str, Any]) -> dict[str, float | None]:
-    """How ``model`` compares with ``base``. Speedups are base/model (> 1 is faster); the others model/base."""
-    return {
+    """How ``model`` compares with ``base``. Speedups are base/model (> 1 is faster); the others model/base.
+
+    A speed ratio that timing noise cannot support is None; :func:`speed_flags` says why."""
+    flags = speed_flags(model, base)
+    out = {
         "latency_speedup": _ratio(base["latency_ms_p50"], model["latency_ms_p50"]),
         "throughput_ratio": _ratio(model["throughput"], base["throughput"]),
         "decode_speedup": _ratio(base["decode_ms_per_token_p50"], model["decode_ms_per_token_p50"]),
@@ -39,6 +42,76 @@ def ratios(model: dict[str, Any], base: dict[str, Any]) -> dict[str, float | Non
         "size_ratio": _ratio(model["file_size_bytes"], base["file_size_bytes"]),
         "memory_ratio": _ratio(model["peak_memory_mb"], base["peak_memory_mb"]),
     }
+    for key in flags:
+        out[key] = None
+    return out
+
+
+# When a speed ratio is a measurement and when it is noise (see speed_flags).
+NOISE_FLOOR_MS = 0.05  # below ~50 us per call, timer resolution and Python dispatch dominate what is timed
+MAX_SPREAD = 1.0  # (p90 - p10) / p50 above this: the runs disagree more than the median says anything
+PLAUSIBLE_MARGIN = 4.0  # a speedup may beat the parameter (work) ratio by this much (kernels, runtimes, bits)
+
+
+def _spread(record: dict[str, Any], key: str) -> float | None:
+    """Relative spread of a timing: (p90 - p10) / p50 from the raw runs, else 2 (p90 - p50) / p50."""
+    p50 = record.get(f"{key}_p50")
+    if not p50 or not math.isfinite(p50):
+        return None
+    runs = record.get(key) if isinstance(record.get(key), list) else None
+    if runs and len(runs) >= 3:
+        import numpy as np
+
+        lo, hi = np.percentile(np.asarray(runs, dtype=np.float64), [10, 90])
+        return float(hi - lo) / p50
+    p90 = record.get(f"{key}_p90")
+    return 2 * (p90 - p50) / p50 if p90 is not None and math.isfinite(p90) else None
+
+
+def speed_flags(model: dict[str, Any], base: dict[str, Any]) -> dict[str, str]:
+    """Which speed ratios of ``model`` against ``base`` are noise rather than results, and why.
+
+    A ratio is not reported (None, with the reason here) when
+    1. either latency is below :data:`NOISE_FLOOR_MS`: the call is too short to time;
+    2. either model's runs spread more than :data:`MAX_SPREAD` x its median: the medians are not stable enough to
+       divide (a busy machine, a first-call compile);
+    3. the speedup exceeds :data:`PLAUSIBLE_MARGIN` x the work ratio base params / model params (at least 1): no
+       kernel or runtime makes the same work that much faster, so the baseline's timing was disturbed.
+    Throughput is the inverse of latency and shares its verdict.
+    """
+    flags: dict[str, str] = {}
+    work = _ratio(base.get("params"), model.get("params"))
+    bound = PLAUSIBLE_MARGIN * max(1.0, work or 1.0)
+    for key, field in (("latency_ms", "latency_speedup"), ("decode_ms_per_token", "decode_speedup")):
+        b, m = base.get(f"{key}_p50"), model.get(f"{key}_p50")
+        ratio = _ratio(b, m)
+        if ratio is None:
+            continue
+        why = None
+        if min(b, m) < NOISE_FLOOR_MS:
+            why = (
+                f"a latency ({min(b, m) * 1000:.1f} us) is below the {NOISE_FLOOR_MS * 1000:.0f} us noise floor; "
+                "time a larger --batch/--seq"
+            )
+        else:
+            spreads = {"baseline": _spread(base, key), "model": _spread(model, key)}
+            noisy = {k: v for k, v in spreads.items() if v is not None and v > MAX_SPREAD}
+            if noisy:
+                who, v = max(noisy.items(), key=lambda kv: kv[1])
+                why = (
+                    f"the {who}'s runs spread {v:.1f}x their median (p10..p90), more than {MAX_SPREAD:g}x; "
+                    "rerun with more --repeats on a quiet machine"
+                )
+            elif ratio > bound:
+                why = (
+                    f"{ratio:.3g}x is more than {PLAUSIBLE_MARGIN:g}x the parameter ratio allows "
+                    f"({max(1.0, work or 1.0):.3g}x less work); the baseline's timing was probably disturbed"
+                )
+        if why is not None:
+            flags[field] = f"{field} {ratio:.3g}x not reported: {why}"
+            if field == "latency_speedup":
+                flags["throughput_ratio"] = "throughput_ratio not reported: it is the inverse of latency_speedup"
+    return flags
 
 
 # Metrics measured against the reference model: the reference agrees with itself perfectly.
@@ -83,6 +156,8 @@ def build_report(
         "models": models,
         "baseline": baseline,
         "ratios": {m["name"]: ratios(m, base) for m in models if m["name"] != baseline},
+        # why a speed ratio above is None: {model: {ratio: reason}}
+        "ratio_flags": {m["name"]: flags for m in models if m["name"] != baseline and (flags := speed_flags(m, base))},
         "memory_method": base["memory_method"],
         "quality_metric": metric[0] if metric else None,
         "data": data_info,
@@ -141,7 +216,11 @@ def print_table(report: dict[str, Any]) -> None:
             ),
             _fmt(m["peak_memory_mb"]),
             *(_fmt((m.get("quality") or {}).get(k), ".4g") for k in quality_keys),
-            "baseline" if m["name"] == report["baseline"] else _fmt(r.get("latency_speedup"), ".2f") + "x",
+            "baseline"
+            if m["name"] == report["baseline"]
+            else "noise"
+            if "latency_speedup" in (report.get("ratio_flags") or {}).get(m["name"], {})
+            else _fmt(r.get("latency_speedup"), ".2f") + "x",
         )
     console = stderr_console()
     if not console.is_terminal:
@@ -149,6 +228,9 @@ def print_table(report: dict[str, Any]) -> None:
     console.print(table)
     for note in report["notes"] + [f"{m['name']}: {n}" for m in models for n in m["notes"]]:
         console.print(f"note: {note}", markup=False, highlight=False)
+    for name, flags in (report.get("ratio_flags") or {}).items():
+        for reason in flags.values():
+            console.print(f"warning: {name}: {reason}", markup=False, highlight=False)
 
 
 def write_plot(report: dict[str, Any], path: str) -> str:

@@ -204,6 +204,9 @@ def load_pt2(src: mf.Source, task: str | None, device: Any) -> BenchModel:
         t.data_ptr(): t for n in program.graph_signature.parameters if (t := program.state_dict.get(n)) is not None
     }
     params = list(unique.values())
+    n_params, n_bytes = pt2_weight_footprint(program, config)
+    # the export records the eager model's real count; the program alone cannot tell packed weights from buffers
+    n_params = int(extra.get("params") or n_params)
 
     def run(*inputs: Any) -> Any:
         with torch.no_grad():
@@ -218,12 +221,44 @@ def load_pt2(src: mf.Source, task: str | None, device: Any) -> BenchModel:
         pooling=_pooling(src.path),
         io=io,
         runtime="torch.export",
-        params=sum(p.numel() for p in params),
-        weights_bytes=sum(p.numel() * p.element_size() for p in params),
+        params=n_params,
+        weights_bytes=n_bytes,
         dtype=dtype,
         forward=run,
         can_generate=False,
     )
+
+
+def pt2_weight_footprint(program: Any, config: Any) -> tuple[int, int]:
+    """(parameters, bytes) of an ExportedProgram's weights.
+
+    A program exported from a distillkit-packed model holds its quantized weights as buffers (``qweight``,
+    ``scales``, ...), not parameters: counting ``graph_signature.parameters`` alone reports only the norms and biases
+    (a few hundred "parameters" for a whole model). The packed modules listed in the config's
+    ``quantization_config`` count as ``in x out`` logical parameters, like :func:`weight_footprint` counts them in
+    PyTorch; bytes are those of every parameter and buffer the program stores (each tensor once).
+    """
+    sd = program.state_dict
+    seen: set[tuple[int, int]] = set()
+    n_params = n_bytes = 0
+    for names, is_param in ((program.graph_signature.parameters, True), (program.graph_signature.buffers, False)):
+        for n in names:
+            t = sd.get(n)
+            if t is None:
+                t = program.constants.get(n)
+            if t is None or (t.data_ptr(), t.numel()) in seen:
+                continue
+            seen.add((t.data_ptr(), t.numel()))
+            n_bytes += t.numel() * t.element_size()
+            if is_param:
+                n_params += t.numel()
+    qc = getattr(config, "quantization_config", None)
+    qc = qc if isinstance(qc, dict) else {}
+    if qc.get("quant_method") == "distillkit":
+        for spec in (qc.get("modules") or {}).values():
+            if spec.get("kind") != "tied" and spec.get("in_features") and spec.get("out_features"):
+                n_params += int(spec["in_features"]) * int(spec["out_features"])
+    return n_params, n_bytes
 
 
 def load_pytorch(

@@ -110,9 +110,36 @@ def _save_sidecars(loaded: Any, tmp: Path) -> None:
     if loaded.processor is not None:
         loaded.processor.save_pretrained(tmp)
     src = Path(loaded.path)
-    for name in _SIDECAR_DIRS:
+    if not src.is_dir():
+        return
+    # A sentence-transformers model is more than its transformer: modules.json lists pooling and normalisation
+    # stages (1_Pooling/, 2_Normalize/, 2_Dense/...) that SentenceTransformer(dir) silently drops when missing.
+    from distillkit.distill.engine import copy_sentence_transformers_files
+
+    copy_sentence_transformers_files(src, tmp)
+    modules = _st_module_dirs(src)
+    for name in (*_SIDECAR_DIRS, *modules):
         if (src / name).is_dir():
             shutil.copytree(src / name, tmp / name, dirs_exist_ok=True)
+
+
+def _st_module_dirs(src: Path) -> list[str]:
+    """The module folders a sentence-transformers ``modules.json`` names (not the root transformer, path "")."""
+    import json
+
+    try:
+        entries = json.loads((src / "modules.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return [
+        e["path"]
+        for e in entries
+        if isinstance(e, dict)
+        and isinstance(e.get("path"), str)
+        and e["path"]
+        and "/" not in e["path"].strip("/")
+        and not e["path"].startswith(".")
+    ]
 
 
 def _export_hf(cfg: ExportConfig, loaded: Any, tmp: Path) -> dict[str, Any]:
@@ -203,6 +230,7 @@ def _rewrite_card_usage(tmp: Path, fmt: str, extra: dict[str, Any], path: str) -
     card.write_text(text[:start] + f"## Load\n\n{usage}\n\n" + text[end:])
 
 
+@mf.releases_locks
 def export_model(cfg: ExportConfig, source: str | mf.Source, out: str, overwrite: bool = False) -> dict[str, Any]:
     """Export ``source`` as ``cfg.format`` into the artifact directory ``out``; returns its manifest dict.
 
@@ -210,7 +238,7 @@ def export_model(cfg: ExportConfig, source: str | mf.Source, out: str, overwrite
     ``torch-export``: ``model.pt2`` checked with ``torch.export.load``. Refused exports
     (:class:`ExportError`) leave no directory behind."""
     src = source if isinstance(source, mf.Source) else mf.read_source(source)
-    final = mf.check_output(out, overwrite)
+    final = mf.check_output(out, overwrite, protect=[src.path])
     t_start = time.perf_counter()
     if cfg.format == "onnx" and src.kind != "hub":
         from distillkit.quantize.format import is_quantized_dir

@@ -70,6 +70,25 @@ def trace_with_fallback(wrapper: Any, io: ModelIO, args: tuple[Any, ...], fmt: s
             ) from None
 
 
+def model_params(model: Any) -> int:
+    """The model's parameter count, a distillkit-packed layer counting as its ``in x out`` (or ``rows x dim``)
+    logical weights (they are stored as uint8 buffers, not parameters); a tied head counts once, in its embedding."""
+    count, seen = 0, set()
+    for m in model.modules():
+        name = type(m).__name__
+        if name == "TiedQuantLinear":
+            continue
+        if name == "QuantLinear":
+            count += m.in_features * m.out_features
+        elif name == "QuantEmbedding":
+            count += m.num_embeddings * m.embedding_dim
+        for p in m.parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                count += p.numel()
+    return count
+
+
 def export_torch(model: Any, io: ModelIO, out_dir: Path, *, atol: float, seed: int = 0) -> dict[str, Any]:
     """Write ``out_dir/model.pt2`` and check ``torch.export.load(...).module()`` against ``model``.
 
@@ -106,6 +125,8 @@ def export_torch(model: Any, io: ModelIO, out_dir: Path, *, atol: float, seed: i
         )
     extra: dict[str, Any] = {
         "file": PT2_NAME,
+        # the program keeps packed low-bit weights as buffers, so its parameter list alone undercounts the model
+        "params": model_params(model),
         "dynamic_shapes": dynamic,
         "input_names": io.input_names,
         "output_name": io.output_name,

@@ -5,10 +5,29 @@ carries transformers' own bitsandbytes serialization and ``AutoModel*.from_pretr
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 from distillkit.errors import ModelError
+
+
+@contextlib.contextmanager
+def quiet_bitsandbytes() -> Iterator[None]:
+    """Silence bitsandbytes' and ``kernels``' log lines while it imports and loads ("Failed to load CPU
+    gemm_4bit_forward from kernels-community...", "Skipping publisher trust check..."): they are about an optional
+    download the user did not ask for and cannot act on, and errors still raise."""
+    loggers = [logging.getLogger(name) for name in ("bitsandbytes", "kernels")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def bnb_config(scheme: str) -> Any:
@@ -29,7 +48,7 @@ def quantize_bnb(path: str, task: str, scheme: str, device: Any, *, trust_remote
     """Load ``path`` quantized with the bitsandbytes ``scheme`` on ``device``."""
     from distillkit.models.load import auto_class
 
-    with warnings.catch_warnings():
+    with quiet_bitsandbytes(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             model = auto_class(task).from_pretrained(

@@ -9,12 +9,14 @@ refines it), and ``finish`` reads the learned codes back. The teacher is the ful
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +26,11 @@ from distillkit.quantize.config import QuantizeConfig
 
 
 def _require_bitsandbytes() -> None:
+    from distillkit.quantize.bnb import quiet_bitsandbytes
+
     try:
-        import bitsandbytes  # noqa: F401
+        with quiet_bitsandbytes():  # its import logs kernel-download failures the user cannot act on
+            import bitsandbytes  # noqa: F401
     except ImportError:
         raise DependencyError(
             "this scheme needs bitsandbytes, which is not installed",
@@ -95,7 +100,7 @@ def gptq_states(model: Any, targets: list, batches: list[dict], r: dict, damp: f
             stages.append([t])
     originals = {t.name: weight_of(model, t).detach().clone() for t in linears}
     try:
-        for stage in _progress(stages, "GPTQ"):
+        for stage in _progress(stages, "gptq"):
             accs = {t.name: HessianAccumulator(t.in_features, device) for t in stage}
             hooks = []
             for t in stage:
@@ -151,11 +156,9 @@ def _set_weight(model: Any, t: Any, w: Any) -> None:
 
 
 def _progress(items: list, what: str):
-    from rich.progress import track
+    from distillkit.progress import track
 
-    from distillkit.cli.options import stderr_console
-
-    return track(items, description=what, console=stderr_console(), transient=True)
+    return track(items, what, unit="layer", transient=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -219,7 +222,8 @@ def _qat(cfg: QuantizeConfig, src: mf.Source, loaded: Any, r: dict, init: dict, 
     )
     work = Path(tempfile.mkdtemp(prefix=f".{final.name}.qat-", dir=final.parent))
     try:
-        result = run_distill(dcfg, out=str(work / "qat"), hooks=StudentHooks(prepare=prepare, finish=finish)) or {}
+        hooks = StudentHooks(prepare=prepare, finish=finish, label="qat")
+        result = run_distill(dcfg, out=str(work / "qat"), hooks=hooks) or {}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     summary = {
@@ -247,11 +251,14 @@ def _qat(cfg: QuantizeConfig, src: mf.Source, loaded: Any, r: dict, init: dict, 
 # The run
 
 
+@mf.releases_locks
 def quantize_model(cfg: QuantizeConfig, source: str | mf.Source, out: str, overwrite: bool = False) -> dict[str, Any]:
     """Quantize ``source`` as ``cfg`` says into the artifact directory ``out``; returns its manifest dict.
 
     Metrics: ``quality_before`` (the float model) and ``quality_after`` (the quantized one) from
-    :func:`distillkit.evaluate.evaluate_quality` on held-out data against the teacher (or the float model), with
+    :func:`distillkit.evaluate.evaluate_quality` on held-out data against the teacher (or the float model); the
+    "after" figures are measured on the artifact reloaded from disk, and a scheme whose reload does not reproduce
+    the quantized model (``reload_output_cosine`` < 0.95) is refused with nothing written; with
     ``quality_ptq`` (the starting point) when quantized distillation ran; weight SQNR per layer (mean/min, dB);
     file sizes and their ratio.
     """
@@ -272,7 +279,7 @@ def quantize_model(cfg: QuantizeConfig, source: str | mf.Source, out: str, overw
 
     t_start = time.perf_counter()
     src = source if isinstance(source, mf.Source) else mf.read_source(source)
-    final = mf.check_output(out, overwrite)
+    final = mf.check_output(out, overwrite, protect=[src.path, cfg.teacher, cfg.data])
     r = cfg.resolved()
     if r["format"] == "bnb":
         _require_bitsandbytes()
@@ -358,15 +365,15 @@ def quantize_model(cfg: QuantizeConfig, source: str | mf.Source, out: str, overw
         metrics["quantized_params"] = n_q
     timings["quantize_s"] = time.perf_counter() - t0
 
+    # the converted model as it runs in memory: the reload of the written files must reproduce it
     eval_model = qmodel
     if r["format"] == "dynamic":
         eval_model = to_dynamic_int8_(copy.deepcopy(qmodel).cpu())
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        metrics["quality_after"] = held_out_quality(eval_model, evals, loaded, reference, device)
-    for stage in ("before", "ptq", "after"):
-        for k, v in metrics.get(f"quality_{stage}", {}).items():
-            metrics[f"{stage}_{k}"] = v
+    # Recorded before the save: saving can change the in-memory model (bitsandbytes unpacks its CPU layout in
+    # place), and a model compared with itself after that would agree with a broken reload.
+    check = [_check_rows(b) for b in (evals or calib or _sample_batches(model, loaded))[:_CHECK_BATCHES]]
+    with _no_cpu_repack(eval_model):
+        expected_outputs = [_outputs(eval_model, b, device).half().cpu() for b in check]
 
     qc = None
     if layout is not None:
@@ -387,6 +394,22 @@ def quantize_model(cfg: QuantizeConfig, source: str | mf.Source, out: str, overw
         if loaded.processor is not None:
             loaded.processor.save_pretrained(tmp)
         copy_sentence_transformers_files(src.path, tmp)
+        # Every figure in the manifest describes the files as written: reload them the way a user would, refuse
+        # if the reload does not reproduce the converted model, and measure quality on the reload.
+        t_check = time.perf_counter()
+        reloaded = reload_artifact(tmp, loaded.task, r["format"], cfg.scheme, device)
+        fidelity = output_cosine(expected_outputs, reloaded, check, device)
+        if not fidelity >= 1.0 - RELOAD_TOLERANCE:
+            raise _unfaithful(cfg.scheme, device, f"its outputs have cosine {fidelity:.3f} to the converted model's")
+        metrics["reload_output_cosine"] = fidelity
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            metrics["quality_after"] = held_out_quality(reloaded, evals, loaded, reference, device)
+        del reloaded
+        timings["reload_check_s"] = time.perf_counter() - t_check
+        for stage in ("before", "ptq", "after"):
+            for k, v in metrics.get(f"quality_{stage}", {}).items():
+                metrics[f"{stage}_{k}"] = v
         metrics["source_bytes"] = _weight_bytes(src.path) if src.kind != "hub" else None
         metrics["artifact_bytes"] = _weight_bytes(tmp)
         if metrics["source_bytes"]:
@@ -409,6 +432,110 @@ def quantize_model(cfg: QuantizeConfig, source: str | mf.Source, out: str, overw
         mf.finalize_artifact(tmp, manifest, final)
     _report(manifest)
     return manifest.to_dict()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reload check
+
+# The reload of a faithful artifact computes what the converted model computed (cosine 1 up to the storage dtype of
+# the unquantized tensors); a lossy save/reload path shows up as a cosine far below that.
+RELOAD_TOLERANCE = 0.05
+_CHECK_BATCHES = 4
+
+
+def reload_artifact(directory: Path, task: str, fmt: str, scheme: str, device: Any) -> Any:
+    """Load the artifact in ``directory`` with the loader a user would use: ``distillkit.load`` for the packed and
+    dynamic layouts, ``AutoModel*.from_pretrained(dir, device_map=...)`` for bitsandbytes."""
+    if fmt != "bnb":
+        from distillkit.quantize.format import load_quantized
+
+        try:
+            return load_quantized(directory, task, device=device if fmt == "packed" else "cpu")
+        except (ValueError, RuntimeError, OSError, KeyError) as e:
+            raise _unfaithful(scheme, device, f"reloading it failed ({str(e).splitlines()[0][:200]})") from None
+    from distillkit.models.load import auto_class
+    from distillkit.quantize.bnb import quiet_bitsandbytes
+
+    try:
+        with quiet_bitsandbytes(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return auto_class(task).from_pretrained(directory, device_map={"": str(device)}).eval()
+    except Exception as e:  # noqa: BLE001 - any failure to reload means the artifact is not usable as written
+        raise _unfaithful(scheme, device, f"reloading it failed ({str(e).splitlines()[0][:200]})") from None
+
+
+def _outputs(model: Any, batch: dict, device: Any) -> Any:
+    """The model's output tensor for ``batch``: logits, or an encoder's hidden states."""
+    import torch
+
+    from distillkit.models.forward import model_inputs
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        o = model(**model_inputs(model, batch, device))
+    t = o.logits if getattr(o, "logits", None) is not None else o.last_hidden_state
+    return t.float()
+
+
+def _check_rows(batch: dict) -> dict:
+    # a few rows are enough to see a broken reload, and keep the recorded logits of a large vocabulary small
+    return {k: v[:4] if hasattr(v, "shape") and v.ndim else v for k, v in batch.items()}
+
+
+@contextlib.contextmanager
+def _no_cpu_repack(model: Any) -> Iterator[None]:
+    """bitsandbytes (0.50, CPU with AVX512-BF16) repacks 4-bit weights in place on the first forward, and a model
+    saved after that reloads wrong; run the reference forward on its portable path instead."""
+    mods = [m for m in model.modules() if getattr(m, "support_avx512bf16_for_cpu", False)]
+    for m in mods:
+        m.support_avx512bf16_for_cpu = False
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.support_avx512bf16_for_cpu = True
+
+
+def output_cosine(expected: list[Any], model: Any, batches: list[dict], device: Any) -> float:
+    """Mean cosine between ``expected`` outputs and ``model``'s on ``batches`` (logits, or hidden states of an
+    encoder), per real position (attention mask) or example."""
+    import torch.nn.functional as F
+
+    total, n = 0.0, 0
+    for want, batch in zip(expected, batches, strict=True):
+        x, y = want.float(), _outputs(model, batch, device).cpu()
+        if x.shape != y.shape:
+            return 0.0
+        cos = F.cosine_similarity(x.flatten(2) if x.ndim > 3 else x, y.flatten(2) if y.ndim > 3 else y, dim=-1)
+        mask = batch.get("attention_mask")
+        if cos.ndim == 2 and mask is not None and tuple(mask.shape) == tuple(cos.shape):
+            cos = cos[mask.bool().cpu()]
+        total += float(cos.sum())
+        n += cos.numel()
+    return total / max(n, 1)
+
+
+def _sample_batches(model: Any, loaded: Any) -> list[dict]:
+    """Random inputs for the reload check when there are no held-out batches (``--eval-batches 0``)."""
+    from distillkit.export.signature import describe_io
+
+    io = describe_io(model, loaded.task, loaded.processor, purpose="the quantize reload check")
+    inputs = io.sample(2, min(16, io.max_positions or 16), seed=1, pad=True)
+    return [dict(zip(io.input_names, inputs, strict=True))]
+
+
+def _unfaithful(scheme: str, device: Any, why: str) -> ModelError:
+    where = "this CPU" if getattr(device, "type", str(device)) == "cpu" else f"this device ({device})"
+    alt = (
+        "run it on a CUDA GPU, or use --scheme int4 / int8"
+        if scheme in ("nf4", "fp4", "llm-int8")
+        else ("use another --scheme (int8 or int4), or report the model type")
+    )
+    return ModelError(
+        f"--scheme {scheme} cannot be saved faithfully on {where}: the artifact reloaded from disk does not "
+        f"reproduce the quantized model ({why}); nothing was written",
+        hint=alt,
+    )
 
 
 def _report(manifest: mf.Manifest) -> None:

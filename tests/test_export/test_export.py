@@ -237,6 +237,11 @@ def test_existing_output_needs_overwrite(models, tmp_path):
     code, lines, err = run_cli(["export", models["bert"][1], "--out", str(out)])
     assert code == 1 and lines == [] and "--overwrite" in err
     assert (out / "keep.txt").read_text() == "mine"
+    # --overwrite replaces only what distillkit wrote: a plain directory of the user's is refused
+    code, lines, err = run_cli(["export", models["bert"][1], "--out", str(out), "--overwrite"])
+    assert code == 1 and lines == [] and "only a distillkit artifact" in err
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "distillkit.json").write_text(json.dumps({"stage": "export", "path": str(out)}))
     code, lines, err = run_cli(["export", models["bert"][1], "--out", str(out), "--overwrite"])
     assert code == 0, err
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
