@@ -336,6 +336,7 @@ def measure(
 
     from distillkit.bench.engine import PeakMemory, _sync, _timed, _trim_heap, percentile, weight_file_bytes
     from distillkit.models.diffusion import load_diffusion
+    from distillkit.progress import Progress
 
     _trim_heap()
     if device.type == "cuda":
@@ -357,8 +358,14 @@ def measure(
         plan = plan_for(cfg, src, dm, is_model=is_model, others=others, guidance=guidance)
         sampler = Sampler(dm, plan, device, inputs.prompts)
         sampler.sample(inputs.noise, inputs.labels)
-    batch_ms = _timed(lambda: sampler.sample(inputs.noise, inputs.labels), device, cfg.warmup, cfg.repeats)
-    step_ms = _timed(lambda: sampler.step(inputs.noise, inputs.labels), device, cfg.warmup, cfg.repeats)
+    # timed runs show on stderr: sampling a large denoiser many times is minutes of otherwise silent work
+    with Progress(f"bench {name}", 2 * (cfg.warmup + cfg.repeats), unit="run") as bar:
+        batch_ms = _timed(
+            lambda: sampler.sample(inputs.noise, inputs.labels), device, cfg.warmup, cfg.repeats, tick=bar.advance
+        )
+        step_ms = _timed(
+            lambda: sampler.step(inputs.noise, inputs.labels), device, cfg.warmup, cfg.repeats, tick=bar.advance
+        )
     params = [p for p in dm.model.parameters()]
     p50, per_eval = percentile(batch_ms, 50), plan.evaluations_per_step
     notes: list[str] = []

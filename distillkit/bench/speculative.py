@@ -25,6 +25,7 @@ import time
 from typing import Any
 
 from distillkit.errors import ModelError
+from distillkit.progress import Progress
 
 MAX_PROMPTS = 8
 
@@ -109,24 +110,35 @@ def measure_speculative(cfg: Any, draft: str, teacher: str) -> dict[str, Any]:
     n = cfg.decode_tokens
     gen = dict(do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=big.config.eos_token_id)
 
+    # every generate call shows on stderr (a large teacher makes this tens of minutes); updating the progress
+    # costs microseconds against a generate call of milliseconds or more, so it stays inside the timed span
+    passes = 2 * (1 + cfg.warmup + cfg.repeats)
+    bar = Progress("speculative", passes * len(prompts), unit="generate")
+
     def plain() -> list[Any]:
+        out = []
         with torch.no_grad():
-            return [big.model.generate(p, attention_mask=torch.ones_like(p), **gen) for p in prompts]
+            for p in prompts:
+                out.append(big.model.generate(p, attention_mask=torch.ones_like(p), **gen))
+                bar.advance()
+        return out
 
     def assisted() -> list[Any]:
+        out = []
         with torch.no_grad():
-            return [
-                big.model.generate(p, attention_mask=torch.ones_like(p), assistant_model=small.model, **gen)
-                for p in prompts
-            ]
+            for p in prompts:
+                out.append(big.model.generate(p, attention_mask=torch.ones_like(p), assistant_model=small.model, **gen))
+                bar.advance()
+        return out
 
-    reference = plain()
-    with count_drafts() as counts:
-        drafted = assisted()
-    match = all(torch.equal(a, b) for a, b in zip(reference, drafted, strict=True))
-    new_tokens = sum(int(o.shape[1] - p.shape[1]) for o, p in zip(drafted, prompts, strict=True))
-    t_plain = _median_s(plain, cfg.warmup, cfg.repeats)
-    t_assisted = _median_s(assisted, cfg.warmup, cfg.repeats)
+    with bar:
+        reference = plain()
+        with count_drafts() as counts:
+            drafted = assisted()
+        match = all(torch.equal(a, b) for a, b in zip(reference, drafted, strict=True))
+        new_tokens = sum(int(o.shape[1] - p.shape[1]) for o, p in zip(drafted, prompts, strict=True))
+        t_plain = _median_s(plain, cfg.warmup, cfg.repeats)
+        t_assisted = _median_s(assisted, cfg.warmup, cfg.repeats)
     return {
         "teacher": t_src.path,
         "draft": d_src.path,

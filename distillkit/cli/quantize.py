@@ -23,7 +23,7 @@ def quantize(
             help="The model: '-' (previous stage on stdin), an artifact directory, a distillkit.json, a model directory or a hub id.",
         ),
     ],
-    scheme: Annotated[str | None, typer.Option("--scheme", "-q", help=_scheme_help())] = None,
+    scheme: Annotated[str | None, typer.Option("--scheme", help=_scheme_help())] = None,
     group_size: Annotated[
         int | None,
         typer.Option(

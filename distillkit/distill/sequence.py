@@ -87,6 +87,7 @@ def generate_sequences(cfg: Any, model: Any, prompts: Any, directory: Path, *, p
     from datasets import Dataset
 
     from distillkit.distill.onpolicy import _mix_seed, generate_continuations
+    from distillkit.progress import track
 
     size = cfg.sequence_shard_size
     n_shards = -(-prompts.shape[0] // size)
@@ -105,7 +106,7 @@ def generate_sequences(cfg: Any, model: Any, prompts: Any, directory: Path, *, p
         index_path.write_text(json.dumps(expected, indent=2) + "\n")
     device = next(model.parameters()).device
     made = 0
-    for s in range(n_shards):
+    for s in track(range(n_shards), "sequence cache", unit="shard"):
         final = directory / f"shard-{s:05d}"
         if final.is_dir():
             continue

@@ -24,6 +24,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from distillkit.progress import track
 from distillkit.registry import IMPORTANCES
 
 
@@ -119,7 +120,7 @@ def taylor(ctx: ImportanceContext) -> Any:
     params = {k: p for k, p in model.named_parameters() if p.is_floating_point()}
     sal = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()}
     with torch.enable_grad():
-        for batch in ctx.batches:
+        for batch in track(ctx.batches, "prune taylor", unit="batch"):
             loss = calibration_loss(ctx, batch)
             grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
             for (key, p), g in zip(params.items(), grads, strict=True):
@@ -251,7 +252,7 @@ def _transformer_activation(ctx: ImportanceContext) -> Any:
             if "norm" in kind and not re.search(r"(^|\.)[qk]_norm$", name):
                 handles.append(module.register_forward_hook(norm_hook(name)))
         with torch.no_grad():
-            for batch in ctx.batches:
+            for batch in track(ctx.batches, "prune activation", unit="batch"):
                 state["mask"] = batch.get("attention_mask")
                 model(**model_inputs(model, batch, ctx.device))
     finally:
@@ -352,7 +353,7 @@ def block_importance(ctx: ImportanceContext, metric: str = "angular") -> Any:
             hook = angular(i) if metric == "angular" else skip(i)
             handles.append(block.register_forward_hook(hook, with_kwargs=True))
         with torch.no_grad():
-            for batch in ctx.batches:
+            for batch in track(ctx.batches, f"prune layers ({metric})", unit="batch"):
                 inputs = model_inputs(model, batch, ctx.device)
                 mask = batch.get("attention_mask")
                 state["mask"] = mask

@@ -19,6 +19,7 @@ import re
 from typing import Any
 
 from distillkit.errors import ConfigError
+from distillkit.progress import track
 
 _STEM = re.compile(r"(?:^|\.)embedder\.embedder\.(convolution|normalization)\.(\w+)$")
 _BLOCK = re.compile(
@@ -161,7 +162,7 @@ def activation_scores(ctx: Any) -> dict[str, Any]:
                 if roles:
                     handles.append(module.register_forward_hook(hook(roles[0], name)))
         with torch.no_grad():
-            for batch in ctx.batches:
+            for batch in track(ctx.batches, "prune activation", unit="batch"):
                 model(**model_inputs(model, batch, ctx.device))
     finally:
         for h in handles:
