@@ -84,6 +84,7 @@ def test_atomic_artifact_overwrite_replaces_only_when_complete(tmp_path):
     out = tmp_path / "out"
     with atomic_artifact(out) as tmp:
         (tmp / "v").write_text("1")
+        finalize_artifact(tmp, Manifest(stage="distill", path=str(out)), out)  # only an artifact may be replaced
     with pytest.raises(OutputError, match="already exists"):
         check_output(out, overwrite=False)
     with pytest.raises(RuntimeError):

@@ -31,6 +31,7 @@ from distillkit import __version__
 from distillkit import manifest as mf
 from distillkit.bench.config import BenchConfig
 from distillkit.errors import ConfigError, DistillkitError
+from distillkit.progress import Progress
 
 QUALITY_BATCH = 8  # quality is evaluated in batches of 8 whatever --batch is (in-batch metrics need > 2 rows)
 SAMPLE_EVERY_S = 0.002
@@ -125,10 +126,15 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q))
 
 
-def _timed(fn: Any, device: Any, warmup: int, repeats: int) -> list[float]:
-    """Wall-clock milliseconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones."""
+def _timed(fn: Any, device: Any, warmup: int, repeats: int, tick: Any = None) -> list[float]:
+    """Wall-clock milliseconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones.
+
+    ``tick()`` (progress) runs after every call, outside the timed span.
+    """
+    tick = tick or (lambda: None)
     for _ in range(warmup):
         fn()
+        tick()
     _sync(device)
     times = []
     for _ in range(repeats):
@@ -136,6 +142,7 @@ def _timed(fn: Any, device: Any, warmup: int, repeats: int) -> list[float]:
         fn()
         _sync(device)
         times.append((time.perf_counter() - t0) * 1000.0)
+        tick()
     return times
 
 
@@ -145,12 +152,32 @@ def weight_file_bytes(path: str) -> int | None:
     if not p.is_dir():
         return None
     return sum(
-        f.stat().st_size
+        _pt2_payload_bytes(f) if f.suffix == ".pt2" else f.stat().st_size
         for f in p.rglob("*")
         if f.is_file()
         and f.suffix in mf.WEIGHT_SUFFIXES
         and not any(part.startswith(".") for part in f.relative_to(p).parts)
     )
+
+
+def _pt2_payload_bytes(path: Path) -> int:
+    """The tensor bytes inside a ``.pt2`` archive (its ``data/`` entries).
+
+    The archive also holds the serialized graph (a JSON description of every op, often larger than a small model's
+    weights), which is code, not weights: counting it made a torch.export artifact of a 4-bit model look bigger than
+    the float model it came from."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            payload = sum(
+                i.file_size
+                for i in z.infolist()
+                if "/data/" in f"/{i.filename}" and not i.is_dir() and not i.filename.endswith(".json")
+            )
+    except (OSError, zipfile.BadZipFile):
+        return path.stat().st_size
+    return payload or path.stat().st_size
 
 
 def _model_name(src: mf.Source) -> str:
@@ -327,6 +354,25 @@ def load_for_bench(cfg: BenchConfig, src: mf.Source, device: Any) -> Any:
     return bench_model
 
 
+def check_positions(cfg: BenchConfig, bm: Any, name: str) -> None:
+    """The timed prefill (``--seq``) and, for a model that generates, the prompt plus ``--decode-tokens`` must fit
+    its positions: a learned position table (GPT-2) fails out of range, a RoPE model measures untrained lengths."""
+    io = bm.io
+    if io.kind != "text" or io.max_positions is None:
+        return
+    if cfg.seq > io.max_positions:
+        raise ConfigError(
+            f"--seq {cfg.seq} is longer than {name}'s {io.max_positions} positions",
+            hint=f"pass --seq {io.max_positions} or less",
+        )
+    if bm.can_generate and cfg.seq + cfg.decode_tokens > io.max_positions:
+        raise ConfigError(
+            f"--seq {cfg.seq} plus --decode-tokens {cfg.decode_tokens} is longer than {name}'s "
+            f"{io.max_positions} positions",
+            hint=f"pass --seq {max(1, io.max_positions - cfg.decode_tokens)} or less, or fewer --decode-tokens",
+        )
+
+
 def warm_up_process(cfg: BenchConfig, src: mf.Source, device: Any) -> None:
     """Load the first model once and run it, untimed and unmeasured, so that one-time costs (lazy imports,
     thread pools, allocator arenas, kernel selection) do not land on whichever model is measured first."""
@@ -334,7 +380,8 @@ def warm_up_process(cfg: BenchConfig, src: mf.Source, device: Any) -> None:
 
     _import_model_code(cfg, src)
     bm = load_for_bench(cfg, src, device)
-    seq = min(cfg.seq, bm.io.max_positions or cfg.seq)
+    check_positions(cfg, bm, _model_name(src))
+    seq = cfg.seq
     inputs = bm.io.sample(cfg.batch, seq, seed=cfg.seed, device=device)
     with torch.no_grad():
         bm.forward(*inputs)
@@ -359,11 +406,7 @@ def measure(cfg: BenchConfig, src: mf.Source, name: str, device: Any) -> tuple[d
         _sync(device)
         load_s = time.perf_counter() - t0
         io = bm.io
-        if io.kind == "text" and io.max_positions is not None and cfg.seq > io.max_positions:
-            raise ConfigError(
-                f"--seq {cfg.seq} is longer than {name}'s {io.max_positions} positions",
-                hint=f"pass --seq {io.max_positions} or less",
-            )
+        check_positions(cfg, bm, name)
         inputs = io.sample(cfg.batch, cfg.seq, seed=cfg.seed, device=device)
 
         def prefill() -> None:
@@ -373,7 +416,9 @@ def measure(cfg: BenchConfig, src: mf.Source, name: str, device: Any) -> tuple[d
         prefill()
         if bm.can_generate:
             _decode(bm.model, inputs, io, cfg.decode_tokens, device)
-    latencies = _timed(prefill, device, cfg.warmup, cfg.repeats)
+    # timed runs show on stderr: a large model's benchmark is minutes of otherwise silent work
+    with Progress(f"bench {name} prefill", cfg.warmup + cfg.repeats, unit="run") as bar:
+        latencies = _timed(prefill, device, cfg.warmup, cfg.repeats, tick=bar.advance)
     p50 = percentile(latencies, 50)
     units = cfg.batch * (cfg.seq if io.kind == "text" else 1)
     record: dict[str, Any] = {
@@ -407,12 +452,15 @@ def measure(cfg: BenchConfig, src: mf.Source, name: str, device: Any) -> tuple[d
         notes.append("file size unknown: not a local directory")
     if bm.can_generate:
         totals, per_token = [], []
-        for _ in range(min(cfg.warmup, 1)):
-            _decode(bm.model, inputs, io, cfg.decode_tokens, device)
-        for _ in range(cfg.repeats):
-            total, step = _decode(bm.model, inputs, io, cfg.decode_tokens, device)
-            totals.append(total / cfg.decode_tokens)
-            per_token.append(step)
+        with Progress(f"bench {name} decode", min(cfg.warmup, 1) + cfg.repeats, unit="run") as bar:
+            for _ in range(min(cfg.warmup, 1)):
+                _decode(bm.model, inputs, io, cfg.decode_tokens, device)
+                bar.advance()
+            for _ in range(cfg.repeats):
+                total, step = _decode(bm.model, inputs, io, cfg.decode_tokens, device)
+                totals.append(total / cfg.decode_tokens)
+                per_token.append(step)
+                bar.advance()
         record["generate_ms_per_token"] = percentile(totals, 50)
         if cfg.decode_tokens > 1:
             record["decode_ms_per_token_p50"] = percentile(per_token, 50)

@@ -6,6 +6,7 @@ error, 130 interrupted. ``DISTILLKIT_DEBUG=1`` adds the traceback.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import traceback
@@ -80,6 +81,44 @@ def _fail(message: str, hint: str | None, code: int = 1) -> int:
     return code
 
 
+def _chain(e: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    while e is not None and e not in out:
+        out.append(e)
+        e = e.__cause__ or e.__context__
+    return out
+
+
+def _known_failure(e: BaseException) -> tuple[str, str] | None:
+    """(message, hint) for an exception that is the machine's or a file's fault, not distillkit's: a full disk,
+    a read-only or forbidden path, a weights file that cannot be parsed. None for anything else."""
+    chain = _chain(e)
+    for x in chain:
+        # torch.save and safetensors wrap the OS error in their own exception and keep only its text
+        text = str(x)
+        full = (isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT)) or any(
+            s in text for s in ("No space left on device", "StorageFull", "Disk quota exceeded")
+        )
+        if full:
+            where = f" while writing {x.filename}" if isinstance(x, OSError) and x.filename else ""
+            return (
+                f"no space left on the device{where}",
+                "free disk space or pass --out on a disk with room; the unfinished output was removed",
+            )
+    for x in chain:
+        if isinstance(x, OSError) and x.errno == errno.EROFS:
+            return f"read-only file system: {x.filename}", "pass --out in a writable directory"
+        if isinstance(x, OSError) and x.errno in (errno.EACCES, errno.EPERM) and x.filename:
+            return f"permission denied: {x.filename}", "check that path's permissions, or pass --out elsewhere"
+    if type(e).__name__ == "SafetensorError":
+        first = (str(e).strip().splitlines() or ["unreadable"])[0]
+        return (
+            f"a weights file is not valid safetensors: {first}",
+            "the file is truncated or corrupt (an interrupted download or copy?): fetch or copy it again",
+        )
+    return None
+
+
 def _quiet_libraries() -> None:
     """stderr belongs to distillkit's own progress and tables: silence the libraries' bars and advice."""
     for var, value in (
@@ -90,6 +129,9 @@ def _quiet_libraries() -> None:
         ("TOKENIZERS_PARALLELISM", "false"),
     ):
         os.environ.setdefault(var, value)
+    from distillkit.progress import silence_library_noise
+
+    silence_library_noise()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rv = app(args=argv, prog_name="distillkit", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0
+        if code == 130:  # outside standalone mode Typer turns Ctrl-C into a returned 130, not a raised Exit
+            sys.stderr.write("interrupted\n")
     except DistillkitError as e:
         if debug:
             traceback.print_exc()
@@ -117,7 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryError:
         code = _fail("out of memory", "lower --batch-size or --max-length, or use --grad-accum")
     except Exception as e:  # noqa: BLE001 - the one place that turns unknown errors into exit codes
-        if type(e).__name__ == "OutOfMemoryError":
+        known = _known_failure(e)
+        if known is not None:
+            if debug:
+                traceback.print_exc()
+            code = _fail(*known)
+        elif type(e).__name__ == "OutOfMemoryError":
             code = _fail(
                 f"out of GPU memory: {str(e).splitlines()[0]}",
                 "lower --batch-size or --max-length, or use --grad-accum",
@@ -128,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"internal error: {type(e).__name__}: {e}",
                 "this is a distillkit bug; please report it with the traceback above",
             )
+    # a stage that failed before its atomic write still holds the lock on its --out: it ends with the command
+    from distillkit.manifest import release_outputs
+
+    release_outputs()
     sys.stdout.flush()
     if argv is None:
         sys.exit(code)

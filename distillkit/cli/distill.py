@@ -144,6 +144,14 @@ def distill(
         bool,
         typer.Option("--resume", help="Continue from the last checkpoint of an interrupted run with the same --out."),
     ] = False,
+    resume_changed: Annotated[
+        bool,
+        typer.Option(
+            "--resume-changed",
+            help="With --resume: continue even though hyper-parameters (--lr, --steps, ...) differ from the "
+            "checkpoint's; the new values apply from its step on and the manifest records the change.",
+        ),
+    ] = False,
     quiet: o.Quiet = False,
     # LLM modes (on-policy, sequence, teacher cache, cross-tokenizer)
     mode: Annotated[
@@ -341,7 +349,9 @@ def distill(
             raise ConfigError("--resume is not supported for diffusion distillation", hint="drop --resume")
         o.emit(run_diffusion_distill(cfg, out=str(out or o.default_out("distill")), overwrite=overwrite), quiet)
         return
-    manifest = run_distill(cfg, out=str(out or o.default_out("distill")), overwrite=overwrite, resume=resume)
+    manifest = run_distill(
+        cfg, out=str(out or o.default_out("distill")), overwrite=overwrite, resume=resume, resume_changed=resume_changed
+    )
     if manifest is not None:  # other ranks of a multi-process run print nothing
         o.emit(manifest, quiet)
 

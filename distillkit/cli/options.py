@@ -12,7 +12,12 @@ Out = Annotated[
     Path | None, typer.Option("--out", "-o", help="Output artifact directory (default: runs/<stage>-<time>).")
 ]
 Overwrite = Annotated[
-    bool, typer.Option("--overwrite", help="Replace an existing output directory (only once the new one is complete).")
+    bool,
+    typer.Option(
+        "--overwrite",
+        help="Replace an existing distillkit artifact or empty directory at --out (only once the new one is "
+        "complete); never the current, home or an input directory.",
+    ),
 ]
 Quiet = Annotated[
     bool, typer.Option("--quiet", "-q", help="Print only the artifact path on stdout, not the manifest JSON.")

@@ -50,6 +50,7 @@ from distillkit.manifest import (
     history_of,
     model_card,
     read_source,
+    releases_locks,
 )
 from distillkit.models.diffusion import (
     DiffusionModel,
@@ -221,29 +222,19 @@ def apply_sparse_attention(model: Any, sparse: tuple[str, int] | None) -> int:
 
 
 class _Bar:
-    """A rich progress bar on stderr."""
+    """Progress on stderr: a rich bar on a terminal, periodic plain lines in a log (distillkit.progress)."""
 
-    def __init__(self, label: str, total: int):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    def __init__(self, label: str, total: int, unit: str = "step"):
+        from distillkit.progress import Progress
 
-        from distillkit.cli.options import stderr_console
-
-        self.progress = Progress(
-            TextColumn(f"[bold]{label}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-            console=stderr_console(),
-        )
-        self.task = self.progress.add_task(label, total=total, info="")
+        self.progress = Progress(label, total, unit=unit)
 
     def __enter__(self) -> _Bar:
         self.progress.__enter__()
         return self
 
     def update(self, done: int, info: str = "") -> None:
-        self.progress.update(self.task, completed=done, info=info)
+        self.progress.update(done, info)
 
     def __exit__(self, *exc: Any) -> None:
         self.progress.__exit__(*exc)
@@ -294,7 +285,7 @@ def teacher_pool(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``size`` teacher samples x0 [P, C, H, W] (and their labels [P]) from ``steps`` DDIM steps."""
     xs, ys = [], []
-    with _Bar("teacher samples", size) as bar:
+    with _Bar("teacher samples", size, unit="sample") as bar:
         for start in range(0, size, POOL_BATCH):
             b = min(POOL_BATCH, size - start)
             noise = torch.randn(b, *dm.sample_shape, generator=gen).to(device)
@@ -633,6 +624,7 @@ def type_name(manifest: Manifest) -> str:
 # The run
 
 
+@releases_locks
 def run_diffusion_distill(cfg: DistillConfig, *, out: str, overwrite: bool = False) -> dict[str, Any]:
     """Distil the diffusers teacher ``cfg.teacher`` with ``cfg.method``; write the artifact ``out``; return its
     manifest."""
@@ -641,7 +633,7 @@ def run_diffusion_distill(cfg: DistillConfig, *, out: str, overwrite: bool = Fal
     from distillkit.models.load import resolve_device
 
     t_start = time.perf_counter()
-    out_path = check_output(out, overwrite)
+    out_path = check_output(out, overwrite, protect=[cfg.teacher, cfg.data, cfg.labels, cfg.prompts])
     console = Console(stderr=True)
     src = read_source(cfg.teacher)
     if not src.is_local or not is_diffusers_dir(src.path):

@@ -36,6 +36,8 @@ from distillkit.manifest import (
     finalize_artifact,
     history_of,
     read_source,
+    release_output,
+    releases_locks,
     work_dir,
 )
 
@@ -196,6 +198,9 @@ class TrainerState:
     scheduler: dict[str, Any] = field(default_factory=dict)
     losses: dict[str, Any] = field(default_factory=dict)
     best: dict[str, Any] = field(default_factory=dict)
+    # the settings the checkpoint was trained with (compared on --resume) and the changes --resume-changed made
+    config: dict[str, Any] = field(default_factory=dict)
+    resume_changes: list[dict[str, Any]] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,6 +273,32 @@ def load_student(cfg: DistillConfig, teacher: Any, device: Any) -> tuple[Any, di
     return loaded.model, describe_input(src.path, src.manifest), src
 
 
+def _check_student(cfg: DistillConfig, task: str, teacher: Any, student: Any) -> None:
+    """Refuse, before any data is read, sequences longer than either model's positions and a student with more
+    parameters than its teacher.
+
+    A larger student is refused rather than warned about: distillkit compresses, a spec student is already held to
+    the teacher's size, and a larger model student is almost always --teacher and --student swapped, which would
+    otherwise cost a full training run to find out.
+    """
+    from distillkit.models.load import check_max_length
+    from distillkit.models.spec import is_spec
+
+    if task != "image-classification":
+        check_max_length(teacher.config, cfg.max_length, who=f"the teacher {teacher.path}")
+        check_max_length(student.config, cfg.max_length, who=f"the student {cfg.student}")
+    if cfg.teacher_cache or is_spec(cfg.student):
+        return  # a teacher skeleton has no real size; a spec student is checked against the teacher when parsed
+    n_teacher = sum(p.numel() for p in teacher.model.parameters())
+    n_student = sum(p.numel() for p in student.parameters())
+    if n_student > n_teacher:
+        raise ConfigError(
+            f"the student {cfg.student} has {n_student:,} parameters, more than the teacher {teacher.path} "
+            f"({n_teacher:,})",
+            hint="distillation here makes a model smaller: check that --teacher and --student are not swapped",
+        )
+
+
 def build_losses(
     cfg: DistillConfig, task: str, student_config: Any, teacher_config: Any
 ) -> list[tuple[str, float, Any]]:
@@ -311,8 +342,25 @@ def _count_params(model: nn.Module) -> int:
 
 
 def _save_checkpoint(
-    accelerator: Any, wd: Path, state: TrainerState, batches: EpochBatches, scheduler: Any, losses: list
+    accelerator: Any,
+    module: Any,
+    wd: Path,
+    state: TrainerState,
+    batches: EpochBatches,
+    scheduler: Any,
+    losses: list,
 ) -> None:
+    # a checkpoint is what --resume trusts as "last good": non-finite weights must never replace one
+    if not _weights_finite(accelerator, module):
+        prev = checkpoint_step_in(wd)
+        kept = (
+            f"the checkpoint of step {prev} is kept in {wd}" if prev is not None else "there is no earlier checkpoint"
+        )
+        raise TrainingError(
+            f"the weights became non-finite by step {state.step}; they were not saved, and {kept}",
+            hint="lower --lr, or set --max-grad-norm (e.g. 1.0) to clip gradients; --resume continues from a kept "
+            "checkpoint",
+        )
     state.data = batches.state_dict()
     state.scheduler = scheduler.state_dict()
     state.losses = {f"{i}_{n}": loss.state_dict() for i, (n, _, loss) in enumerate(losses)}
@@ -342,8 +390,119 @@ def _load_checkpoint(accelerator: Any, wd: Path) -> TrainerState:
 
 def checkpoint_step(out: str | os.PathLike) -> int | None:
     """The step of the checkpoint an interrupted run left for ``out`` (None when there is none)."""
-    f = work_dir(out) / CHECKPOINT / STATE_FILE
+    return checkpoint_step_in(work_dir(out))
+
+
+def checkpoint_step_in(wd: Path) -> int | None:
+    f = wd / CHECKPOINT / STATE_FILE
     return json.loads(f.read_text())["step"] if f.is_file() else None
+
+
+def _weights_finite(accelerator: Any, module: Any) -> bool:
+    params = [p.detach() for p in module.parameters()]
+    if not params:
+        return True
+    ok = torch.stack([torch.isfinite(p).all() for p in params]).all().float().reshape(1)
+    if accelerator.num_processes > 1:  # FSDP shards: every process checks its own part
+        ok = accelerator.reduce(ok, reduction="min")
+    return bool(ok.item() > 0)
+
+
+def _grads_finite(accelerator: Any, module: Any) -> tuple[bool, float]:
+    grads = [p.grad.detach() for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return True, 0.0
+    norm = torch.nn.utils.get_total_norm(grads)
+    return _finite(accelerator, norm), float(norm)
+
+
+# --------------------------------------------------------------------------------------------
+# --resume with other settings
+
+# Settings the loop follows from the next step on, so --resume-changed may change them mid-run.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "steps",
+        "grad_accum",
+        "lr",
+        "weight_decay",
+        "warmup",
+        "max_grad_norm",
+        "temperature",
+        "alpha",
+        "jsd_beta",
+        "skew_lambda",
+        "taid_t_start",
+        "taid_t_end",
+        "teacher_dtype",
+        "student_data_fraction",
+        "gen_temperature",
+    }
+)
+# Settings that do not change what is trained (evaluation, logging, checkpoints, placement, load permissions).
+NOT_TRAINING = frozenset(
+    {"eval_every", "eval_batches", "save_every", "log_to", "device", "allow_pickle", "trust_remote_code"}
+)
+# Everything else (student architecture, data and its order, losses and their modules, precision) is fixed
+# by the checkpoint: its weights, optimizer state and data position mean nothing under other values.
+_PATH_FIELDS = ("teacher", "student", "data", "teacher_cache", "sequence_cache", "labels", "prompts")
+
+
+def resume_fingerprint(cfg: DistillConfig, world_size: int) -> dict[str, Any]:
+    """The settings a checkpoint records, with local paths made absolute so another cwd compares equal."""
+    d = cfg.to_dict()
+    for k in _PATH_FIELDS:
+        v = d.get(k)
+        if isinstance(v, str) and v not in ("", "-") and Path(v).expanduser().exists():
+            d[k] = os.path.realpath(Path(v).expanduser())
+    d["world_size"] = world_size
+    return d
+
+
+def _show(v: Any) -> str:
+    return json.dumps(v) if isinstance(v, list | dict) else str(v)
+
+
+def resume_changes(cfg: DistillConfig, wd: Path, world_size: int, allow: bool) -> dict[str, list[Any]]:
+    """Compare ``cfg`` with the settings saved with the checkpoint in ``wd``; ``{field: [old, new]}``.
+
+    A change to a field that cannot change mid-run is refused; a change to one that can is refused too
+    unless ``allow`` (``--resume-changed``), because the run would otherwise not be what its manifest says.
+    """
+    saved = json.loads((wd / CHECKPOINT / STATE_FILE).read_text()).get("config") or {}
+    if not saved:  # a checkpoint from before settings were saved with it: nothing to compare
+        return {}
+    new = resume_fingerprint(cfg, world_size)
+    diff = {k: [saved.get(k), new.get(k)] for k in sorted(set(saved) & set(new)) if saved[k] != new[k]}
+    diff = {k: v for k, v in diff.items() if k not in NOT_TRAINING}
+    fixed = {k: v for k, v in diff.items() if k not in RESUMABLE_CHANGES}
+    shown = "; ".join(f"{k}: {_show(a)} -> {_show(b)}" for k, (a, b) in diff.items())
+    step = checkpoint_step_in(wd)
+    if fixed:
+        raise ConfigError(
+            f"--resume cannot continue the checkpoint of step {step} with other "
+            f"{', '.join(fixed)} (they cannot change mid-run): {shown}",
+            hint=f"rerun with the checkpoint's values, or delete {wd} and start over",
+        )
+    if diff and not allow:
+        raise ConfigError(
+            f"--resume would continue the checkpoint of step {step} with other settings: {shown}",
+            hint="pass --resume-changed to continue with the new values (the manifest records the change), "
+            "or rerun with the checkpoint's values",
+        )
+    return diff
+
+
+def _apply_resumed_hyperparameters(cfg: DistillConfig, optimizer: Any, scheduler: Any) -> None:
+    """Put the new --lr, --weight-decay and schedule into optimizer and scheduler state loaded from a checkpoint
+    (which restored the old ones); the schedule is the new one, evaluated at the checkpoint's step."""
+    groups = optimizer.param_groups
+    groups[0]["weight_decay"] = cfg.weight_decay  # group 0 decays; group 1 (norms, biases) never does
+    scheduler.base_lrs = [cfg.lr for _ in groups]
+    for group, fn, base in zip(groups, scheduler.lr_lambdas, scheduler.base_lrs, strict=True):
+        group["initial_lr"] = base
+        group["lr"] = base * fn(scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in groups]
 
 
 # --------------------------------------------------------------------------------------------
@@ -362,8 +521,10 @@ class StudentHooks:
 
     prepare: Any = None
     finish: Any = None
+    label: str = "distill"  # what progress lines on stderr are headed with, e.g. "qat"
 
 
+@releases_locks
 def run_distill(
     cfg: DistillConfig,
     *,
@@ -371,13 +532,34 @@ def run_distill(
     overwrite: bool = False,
     resume: bool = False,
     hooks: StudentHooks | None = None,
+    resume_changed: bool = False,
 ) -> dict | None:
     """Distil ``cfg.teacher`` into ``cfg.student``; write the artifact ``out``; return its manifest.
 
-    Returns None on processes other than the main one in multi-process runs.
+    ``resume_changed`` lets ``resume`` continue a checkpoint with other hyper-parameters (see
+    :func:`resume_changes`). Returns None on processes other than the main one in multi-process runs.
     """
     t_start = time.perf_counter()
-    out_path = check_output(out, overwrite)
+    if resume_changed and not resume:
+        raise ConfigError("--resume-changed only applies to --resume", hint="add --resume, or drop --resume-changed")
+    out_path = check_output(
+        out, overwrite, protect=[cfg.teacher, cfg.student, cfg.data, cfg.teacher_cache, cfg.sequence_cache]
+    )
+    try:
+        return _run_locked(cfg, out_path, overwrite, resume, resume_changed, hooks, t_start)
+    finally:
+        release_output(out_path)
+
+
+def _run_locked(
+    cfg: DistillConfig,
+    out_path: Path,
+    overwrite: bool,
+    resume: bool,
+    resume_changed: bool,
+    hooks: StudentHooks | None,
+    t_start: float,
+) -> dict | None:
     wd = work_dir(out_path)
     has_ckpt = (wd / CHECKPOINT / STATE_FILE).is_file()
     if resume and not has_ckpt:
@@ -392,11 +574,15 @@ def run_distill(
         )
 
     accelerator = _build_accelerator(cfg, wd)
+    changes = resume_changes(cfg, wd, accelerator.num_processes, resume_changed) if resume else {}
     if accelerator.is_main_process:
+        if not resume and wd.exists():
+            # scratch of an earlier run without a checkpoint (its metrics.jsonl, logs): never merged into this one
+            shutil.rmtree(wd)
         wd.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     try:
-        return _run(cfg, accelerator, out_path, wd, overwrite, resume, t_start, hooks or StudentHooks())
+        return _run(cfg, accelerator, out_path, wd, overwrite, resume, t_start, hooks or StudentHooks(), changes)
     except BaseException as e:
         # a failed run keeps its work directory only if there is a checkpoint to resume from
         kept = (wd / CHECKPOINT / STATE_FILE).is_file()
@@ -419,6 +605,7 @@ def _run(
     resume: bool,
     t_start: float,
     hooks: StudentHooks,
+    changes: dict[str, list[Any]] | None = None,
 ) -> dict | None:
     from accelerate.utils import set_seed
 
@@ -451,11 +638,16 @@ def _run(
 
     check_modes(cfg, task)
     student, student_desc, student_src = load_student(cfg, teacher, device)
+    _check_student(cfg, task, teacher, student)
+    if student_src is not None and student_src.is_local:  # a student from stdin is only known now
+        check_output(out_path, overwrite, protect=[student_src.path])
     if cfg.student_init == "random" and student_src is not None:
         raise ConfigError(
             "--student-init random applies to a student spec, not to an existing model",
             hint="pass --student layers=N,... or drop --student-init",
         )
+    # counted before the hooks: quantized distillation adds learned quantizer scales, which are not model weights
+    n_params_model = _count_params(student)
     if hooks.prepare is not None:
         student = hooks.prepare(student)
     if cfg.sparse_attention:  # sparsity-aware distillation: train with the attention the student will run with
@@ -545,7 +737,18 @@ def _run(
         for i, (n, _, loss) in enumerate(losses):
             loss.load_state_dict(state.losses.get(f"{i}_{n}", {}))
         _trim_log(wd / METRICS_FILE, state.step)
+        if state.step > cfg.steps:
+            raise ConfigError(
+                f"the checkpoint is at step {state.step}, beyond --steps {cfg.steps}",
+                hint=f"pass --steps {state.step} or more",
+            )
+        if changes:
+            _apply_resumed_hyperparameters(cfg, optimizer, scheduler)
+            state.resume_changes.append({"step": state.step, "changes": changes})
+            shown = ", ".join(f"{k} {_show(a)} -> {_show(b)}" for k, (a, b) in changes.items())
+            console.print(f"[bold]resume-changed[/]: from step {state.step} on, {shown}")
         console.print(f"[bold]resuming[/] from step {state.step} of {cfg.steps}")
+    state.config = resume_fingerprint(cfg, accelerator.num_processes)
     if cfg.log_to == "tensorboard":
         accelerator.init_trackers("distill", config={k: str(v) for k, v in cfg.to_dict().items()})
 
@@ -570,7 +773,7 @@ def _run(
         _log(accelerator, metrics_log, {"step": step, "eval": m}, cfg)
         return m
 
-    n_params_t, n_params_s = _count_params(teacher.model), _count_params(accelerator.unwrap_model(module).student)
+    n_params_t, n_params_s = _count_params(teacher.model), n_params_model
     console.print(
         f"[bold]distill[/] {task}: teacher {teacher.config.model_type} {n_params_t / 1e6:.2f}M params -> "
         f"student {n_params_s / 1e6:.2f}M ({n_params_s / n_params_t:.1%}); losses "
@@ -581,7 +784,7 @@ def _run(
     state.best["initial_eval"] = initial_eval
 
     train_t0 = time.perf_counter() - state.elapsed
-    with _progress(accelerator, cfg.steps, state.step) as bar:
+    with _progress(accelerator, cfg.steps, state.step, hooks.label) as bar:
         while state.step < cfg.steps:
             progress = state.step / cfg.steps
             step_start = batches.state_dict()  # a failed step is redone from here on --resume
@@ -599,20 +802,27 @@ def _run(
                     loss, parts = module(batch, t_feats, progress)
                 if not _finite(accelerator, loss):
                     _stop_non_finite(
-                        accelerator, wd, state, batches, step_start, scheduler, losses, "loss", loss.item()
+                        accelerator, module, wd, state, batches, step_start, scheduler, losses, "loss", loss.item()
                     )
                 accelerator.backward(loss / cfg.grad_accum)
                 step_loss += loss.item() / cfg.grad_accum
                 for k, v in parts.items():
                     parts_sum[k] = parts_sum.get(k, 0.0) + v.item() / cfg.grad_accum
                 step_tokens += _tokens(batch) * accelerator.num_processes
+            # with fp16 the grad scaler skips overflowing steps itself; otherwise a non-finite gradient must never
+            # reach the weights and a checkpoint, with clipping on or off
+            finite, norm_value = True, 0.0
             if cfg.max_grad_norm > 0:
                 norm = accelerator.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
-                # with fp16 the grad scaler skips overflowing steps itself
-                if norm is not None and accelerator.scaler is None and not math.isfinite(float(norm)):
-                    _stop_non_finite(
-                        accelerator, wd, state, batches, step_start, scheduler, losses, "gradient norm", float(norm)
-                    )
+                if norm is not None and accelerator.scaler is None:
+                    norm_value = float(norm)
+                    finite = math.isfinite(norm_value)
+            elif accelerator.scaler is None:
+                finite, norm_value = _grads_finite(accelerator, module)
+            if not finite:
+                _stop_non_finite(
+                    accelerator, module, wd, state, batches, step_start, scheduler, losses, "gradient norm", norm_value
+                )
             optimizer.step()
             scheduler.step()
             state.step += 1
@@ -636,8 +846,13 @@ def _run(
             if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.steps:
                 evaluate(state.step)
             if cfg.save_every and state.step % cfg.save_every == 0 and state.step < cfg.steps:
-                _save_checkpoint(accelerator, wd, state, batches, scheduler, losses)
+                _save_checkpoint(accelerator, module, wd, state, batches, scheduler, losses)
     train_time = state.elapsed
+    if not _weights_finite(accelerator, module):
+        raise TrainingError(
+            f"the weights became non-finite by step {state.step}; no artifact was written",
+            hint="lower --lr, or set --max-grad-norm (e.g. 1.0) to clip gradients",
+        )
 
     final_eval = evaluate(state.step)
     accelerator.wait_for_everyone()
@@ -677,9 +892,15 @@ def _run(
         metrics=metrics,
         timings={"load_s": load_time, "train_s": train_time, "tokens_per_s": state.tokens / max(train_time, 1e-9)},
         history=history_of(student_src),
-        extra={"data": data.info, "pooling": teacher.pooling},
+        extra={
+            "data": data.info,
+            "pooling": teacher.pooling,
+            # config holds the values of the last stretch; these say what ran before each --resume-changed
+            **({"resume_changes": state.resume_changes} if state.resume_changes else {}),
+        },
     )
-    with atomic_artifact(out_path, overwrite) as tmp:
+    # the lock stays until the work directory is gone too (run_distill releases it)
+    with atomic_artifact(out_path, overwrite, keep_lock=True) as tmp:
         _save_student(student_model, teacher, tmp)
         processor.save_pretrained(tmp)
         if metrics_log.exists():
@@ -696,6 +917,7 @@ def _run(
 
 def _stop_non_finite(
     accelerator: Any,
+    module: Any,
     wd: Path,
     state: TrainerState,
     batches: EpochBatches,
@@ -707,12 +929,12 @@ def _stop_non_finite(
 ) -> None:
     """Keep the last good state as a checkpoint and stop with an error that says where it is."""
     batches.load_state_dict(step_start)
-    _save_checkpoint(accelerator, wd, state, batches, scheduler, losses)
+    _save_checkpoint(accelerator, module, wd, state, batches, scheduler, losses)
     raise TrainingError(
         f"the {what} became {value} at step {state.step + 1}; training stopped and the last good state "
         f"(step {state.step}) is kept in {wd}",
         hint="rerun the same command with --resume to continue from it, or delete that directory and start "
-        "again with a lower --lr",
+        "again with a lower --lr (or with --max-grad-norm to clip gradients)",
     )
 
 
@@ -807,41 +1029,18 @@ def _console(accelerator: Any) -> Any:
 
 
 class _progress:
-    """A rich progress bar on stderr: step, loss, tokens/s, ETA (main process only)."""
+    """Step, loss, tokens/s and ETA on stderr (main process only): a bar on a terminal, plain lines in a log."""
 
-    def __init__(self, accelerator: Any, total: int, start: int):
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
+    def __init__(self, accelerator: Any, total: int, start: int, label: str = "distill"):
+        from distillkit.progress import Progress
 
-        from distillkit.cli.options import stderr_console
-
-        self.enabled = accelerator.is_main_process
-        self.progress = Progress(
-            TextColumn("[bold]distill"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"),
-            TextColumn("{task.fields[tps]} tok/s"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=stderr_console(),
-            disable=not self.enabled,
-            transient=False,
-        )
-        self.task = self.progress.add_task("distill", total=total, completed=start, loss="-", tps="-")
+        self.progress = Progress(label, total, unit="step", start=start, enabled=accelerator.is_main_process)
 
     def __enter__(self) -> Any:
         self.progress.__enter__()
 
         def update(step: int, loss: float, tps: float) -> None:
-            self.progress.update(self.task, completed=step, loss=f"{loss:.4f}", tps=f"{tps:,.0f}")
+            self.progress.update(step, info=f"loss {loss:.4f} {tps:,.0f} tok/s")
 
         return update
 

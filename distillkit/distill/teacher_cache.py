@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from distillkit.errors import ConfigError, DataError
+from distillkit.manifest import releases_locks
 
 FORMAT = "distillkit-teacher-cache"
 VERSION = 1
@@ -84,6 +85,7 @@ def dense_logits(values: Any, indices: Any, tail: Any, vocab: int) -> Any:
     return out.scatter_(-1, indices.long(), values.float())
 
 
+@releases_locks
 def write_teacher_cache(cfg: Any, directory: str, *, overwrite: bool = False) -> dict[str, Any]:
     """Run the teacher over the training split; write top-``cfg.cache_topk`` shards; return the index."""
     import torch
@@ -95,13 +97,14 @@ def write_teacher_cache(cfg: Any, directory: str, *, overwrite: bool = False) ->
     from distillkit.models import load_model
     from distillkit.models.arch import vocab_size
     from distillkit.models.load import resolve_device
+    from distillkit.progress import Progress
 
     if cfg.teacher_cache or cfg.mode != "offline" or cfg.cross_tokenizer:
         raise ConfigError(
             "--cache-teacher writes a cache for plain offline distillation",
             hint="drop --teacher-cache, --mode and --cross-tokenizer when writing a cache",
         )
-    out = check_output(directory, overwrite)
+    out = check_output(directory, overwrite, protect=[cfg.teacher, cfg.data], owned=is_teacher_cache)
     device = resolve_device(cfg.device)
     src = read_source(cfg.teacher)
     teacher = load_model(
@@ -140,7 +143,10 @@ def write_teacher_cache(cfg: Any, directory: str, *, overwrite: bool = False) ->
         "teacher_dtype": str(next(teacher.model.parameters()).dtype).replace("torch.", ""),
         "tail": "uniform: one logit per position keeps the leftover mass at the cached temperature",
     }
-    with atomic_artifact(out, overwrite) as tmp:
+    with (
+        atomic_artifact(out, overwrite, owned=is_teacher_cache) as tmp,
+        Progress("teacher cache", n, unit="example") as bar,
+    ):
         for s, start in enumerate(range(0, n, shard_size)):
             rows = list(range(start, min(start + shard_size, n)))
             parts: list[tuple[Any, Any, Any]] = []
@@ -151,6 +157,7 @@ def write_teacher_cache(cfg: Any, directory: str, *, overwrite: bool = False) ->
                         input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
                     ).logits
                 parts.append(topk_with_tail(logits, cfg.cache_topk, cfg.temperature))
+                bar.update(start + min(b + cfg.batch_size, len(rows)))
             name = f"shard-{s:05d}.safetensors"
             save_file(
                 {
@@ -164,6 +171,14 @@ def write_teacher_cache(cfg: Any, directory: str, *, overwrite: bool = False) ->
         (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     index["path"] = str(out)
     return index
+
+
+def is_teacher_cache(directory: Path) -> bool:
+    """Whether ``directory`` is a teacher cache (which --overwrite may replace like an artifact)."""
+    try:
+        return json.loads((Path(directory) / INDEX).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def read_index(directory: str) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from distillkit import manifest as mf
-from distillkit.errors import ConfigError
+from distillkit.errors import ConfigError, warn
 from distillkit.prune.config import STRUCTURES, PruneConfig
 
 TRANSFORMER_FAMILIES = ("llama", "gpt2", "bert", "vit")
@@ -56,8 +56,29 @@ def kept_size(n: int, amount: float, round_to: int, what: str, flag: str) -> int
     return min(k, n)
 
 
-def resolve_sizes(cfg: PruneConfig, model_config: Any, amounts: dict[str, float]) -> tuple[dict[str, int], bool]:
-    """The pruned sizes as a full student spec, and whether heads keep their size apart from hidden (Llama-style)."""
+def _round_heads(n: int, kv: int, amount: float, heads: int, mode: str) -> int:
+    """A head ratio's count moved to the nearest count the key/value groups allow (fewer heads on a tie, so that a
+    ratio still removes something); ``heads`` unchanged when it is valid or no smaller valid count exists."""
+    group = n // kv
+
+    def valid(h: int) -> bool:
+        return (mode != "per-group" and h % group == 0) or (mode != "groups" and h % kv == 0)
+
+    if not 0 < amount < 1 or heads == n or valid(heads):
+        return heads
+    raw = n * (1 - amount)
+    candidates = [h for h in range(1, n) if valid(h)]
+    return min(candidates, key=lambda h: (abs(h - raw), h)) if candidates else heads
+
+
+def resolve_sizes(
+    cfg: PruneConfig, model_config: Any, amounts: dict[str, float], notes: list[str] | None = None
+) -> tuple[dict[str, int], bool]:
+    """The pruned sizes as a full student spec, and whether heads keep their size apart from hidden (Llama-style).
+
+    A head ratio whose count the key/value groups cannot hold is rounded to the nearest count they can; what was
+    rounded is appended to ``notes`` (for the caller to show once).
+    """
     from distillkit.models import arch
     from distillkit.models.spec import teacher_sizes
 
@@ -68,6 +89,14 @@ def resolve_sizes(cfg: PruneConfig, model_config: Any, amounts: dict[str, float]
     spec["layers"] = kept_size(t["layers"], amounts["layers"], 1, "layer", "layers")
     heads = kept_size(t["heads"], amounts["heads"], 1, "attention head", "heads")
     kv, group = t["kv_heads"], t["heads"] // t["kv_heads"]
+    rounded = _round_heads(t["heads"], kv, amounts["heads"], heads, cfg.head_mode)
+    if rounded != heads and notes is not None:
+        notes.append(
+            f"--heads {amounts['heads']:g} would keep {heads} of the {t['heads']} query heads per layer, which the "
+            f"{kv} key/value groups ({group} query heads each) cannot hold; keeping {rounded} heads instead "
+            f"(removing {1 - rounded / t['heads']:.0%})"
+        )
+    heads = rounded
     if heads != t["heads"]:
         mode = cfg.head_mode
         if mode == "auto":
@@ -278,7 +307,12 @@ def prune_module(cfg: PruneConfig, ctx: Any) -> tuple[Any, dict[str, Any]]:
         from distillkit.models.student import StructureScores, build_student, plan_student
 
         config_for(amounts)  # transformers validates the config before any work
-        spec, keep_head_dim = resolve_sizes(cfg, model.config, amounts)
+        notes: list[str] = []
+        spec, keep_head_dim = resolve_sizes(cfg, model.config, amounts, notes)
+        for note in notes:
+            warn(note)
+        if notes:
+            extra["notes"] = notes
         before = teacher_sizes(model.config)
         scores = StructureScores()
         if any(spec[k] != before[k] for k in ("hidden", "heads", "kv_heads", "intermediate")):
@@ -295,6 +329,7 @@ def prune_module(cfg: PruneConfig, ctx: Any) -> tuple[Any, dict[str, Any]]:
     return pruned, extra
 
 
+@mf.releases_locks
 def prune_model(cfg: PruneConfig, source: str | mf.Source, out: str, overwrite: bool = False) -> dict[str, Any]:
     """Prune ``source`` as ``cfg`` says into the artifact directory ``out``; returns its manifest dict.
 
@@ -310,7 +345,13 @@ def prune_model(cfg: PruneConfig, source: str | mf.Source, out: str, overwrite: 
 
     t_start = time.perf_counter()
     src = source if isinstance(source, mf.Source) else mf.read_source(source)
-    final = mf.check_output(out, overwrite)
+    final = mf.check_output(out, overwrite, protect=[src.path, cfg.teacher, cfg.data])
+    if not cfg.requested() and cfg.target_params is None:  # before any loading: there is nothing to do
+        raise ConfigError(
+            "nothing to prune: no structure amount was given, or every amount is 0",
+            hint="pass at least one of --mlp, --heads, --hidden, --layers (e.g. --mlp 0.3), --channels for a "
+            "ResNet, or --target-params",
+        )
     device = resolve_device(cfg.device)
     loaded = load_model(
         src,
@@ -431,7 +472,7 @@ def _recover(cfg: PruneConfig, src: mf.Source, loaded: Any, pruned: Any, final: 
     import copy
 
     from distillkit.config import DistillConfig
-    from distillkit.distill.engine import run_distill
+    from distillkit.distill.engine import StudentHooks, run_distill
     from distillkit.models.load import auto_class
 
     work = Path(tempfile.mkdtemp(prefix=f".{final.name}.prune-", dir=final.parent))
@@ -456,7 +497,7 @@ def _recover(cfg: PruneConfig, src: mf.Source, loaded: Any, pruned: Any, final: 
             allow_pickle=cfg.allow_pickle,
             trust_remote_code=cfg.trust_remote_code,
         )
-        result = run_distill(dcfg, out=str(work / "recovered"))
+        result = run_distill(dcfg, out=str(work / "recovered"), hooks=StudentHooks(label="prune recover"))
         recovered = auto_class(loaded.task).from_pretrained(work / "recovered", dtype=next(pruned.parameters()).dtype)
         recovered.to(device).eval()
     finally:

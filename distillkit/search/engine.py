@@ -33,8 +33,10 @@ from distillkit.manifest import (
     describe_input,
     finalize_artifact,
     read_source,
+    releases_locks,
 )
 from distillkit.models.student import SliceCache
+from distillkit.progress import Progress
 from distillkit.search.config import SearchConfig
 from distillkit.search.scores import ScoreContext
 from distillkit.search.space import SearchSpace, check_searchable, param_counter, spec_key, spec_short
@@ -236,26 +238,26 @@ class _Search:
             return cfg.time_budget is not None and time.perf_counter() - start > cfg.time_budget
 
         stalls = 0
-        while len(self.records) < cfg.candidates and not out_of_time() and stalls < 3:
-            if len(self.population) < cfg.population:
-                spec = self.propose(lambda: self.shrink(space.sample(self.rng)))
-            else:
-                spec = self.propose(self._child)
-            if spec is None:
-                stalls += 1  # nothing new within budget: the space is (nearly) exhausted
-                continue
-            record = self.evaluate(spec)
-            if record is None:
-                continue
-            stalls = 0
-            self.population.append(record)
-            if len(self.population) > cfg.population:
-                self.population.popleft()
-            if console is not None:
-                console.print(
-                    f"  {len(self.records):>3}/{cfg.candidates} {spec_short(record['spec'])} "
-                    f"{_fmt_count(record['params'])} {cfg.score} {record['score']:.4f}",
-                    highlight=False,
+        # one progress line per interval, not per candidate: thousands of candidates would flood a log
+        with Progress("search", cfg.candidates, unit="candidate", enabled=console is not None) as bar:
+            while len(self.records) < cfg.candidates and not out_of_time() and stalls < 3:
+                if len(self.population) < cfg.population:
+                    spec = self.propose(lambda: self.shrink(space.sample(self.rng)))
+                else:
+                    spec = self.propose(self._child)
+                if spec is None:
+                    stalls += 1  # nothing new within budget: the space is (nearly) exhausted
+                    continue
+                record = self.evaluate(spec)
+                if record is None:
+                    continue
+                stalls = 0
+                self.population.append(record)
+                if len(self.population) > cfg.population:
+                    self.population.popleft()
+                bar.update(
+                    len(self.records),
+                    info=f"{spec_short(record['spec'])} {_fmt_count(record['params'])} {cfg.score} {record['score']:.4f}",
                 )
 
     def _child(self) -> dict[str, int]:
@@ -302,6 +304,7 @@ def _table(console: Any, ranking: list[dict[str, Any]], cfg: SearchConfig, limit
         console.print(f"({len(ranking) - limit} more in the manifest's extra.ranking)")
 
 
+@releases_locks
 def search_student(
     cfg: SearchConfig, teacher_source: str | Source | None = None, *, out: str, overwrite: bool = False
 ) -> dict[str, Any]:
@@ -311,11 +314,14 @@ def search_student(
     from distillkit.models.load import resolve_device
 
     t_start = time.perf_counter()
-    out_path = check_output(out, overwrite)
-    console = _console()
     src = teacher_source if isinstance(teacher_source, Source) else read_source(teacher_source or cfg.teacher)
+    out_path = check_output(out, overwrite, protect=[src.path, cfg.data])
+    console = _console()
     config, src = load_config(src, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
     check_searchable(config)
+    from distillkit.models.load import check_max_length
+
+    check_max_length(config, cfg.max_length, who=f"the teacher {src.path}")
     space = SearchSpace.from_teacher(config, cfg.space)  # refuse a bad --space before loading weights
     device = resolve_device(cfg.device)
     teacher = load_model(
