@@ -6,7 +6,6 @@ carries transformers' own bitsandbytes serialization and ``AutoModel*.from_pretr
 from __future__ import annotations
 
 import contextlib
-import logging
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -16,18 +15,13 @@ from distillkit.errors import ModelError
 
 @contextlib.contextmanager
 def quiet_bitsandbytes() -> Iterator[None]:
-    """Silence bitsandbytes' and ``kernels``' log lines while it imports and loads ("Failed to load CPU
-    gemm_4bit_forward from kernels-community...", "Skipping publisher trust check..."): they are about an optional
-    download the user did not ask for and cannot act on, and errors still raise."""
-    loggers = [logging.getLogger(name) for name in ("bitsandbytes", "kernels")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
+    """Drop bitsandbytes' and ``kernels``' import-time lines about an optional hub download the user did not ask for
+    and cannot act on ("Failed to load CPU gemm_4bit_forward...", "Skipping publisher trust check..."), also when
+    quantize runs from Python rather than the CLI; every other warning still comes through."""
+    from distillkit.progress import silence_library_noise
+
+    silence_library_noise()
+    yield
 
 
 def bnb_config(scheme: str) -> Any:
