@@ -229,10 +229,15 @@ def track(
             p.update(i)
 
 
-def _stderr_is_terminal() -> bool:
+def stderr_console() -> Any:
+    """A rich console on stderr, for tables and messages to people: stdout carries only the manifest line."""
     from rich.console import Console
 
-    return Console(stderr=True).is_terminal
+    return Console(stderr=True)
+
+
+def _stderr_is_terminal() -> bool:
+    return stderr_console().is_terminal
 
 
 # --------------------------------------------------------------------------------------------------------------

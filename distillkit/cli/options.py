@@ -8,6 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
+from distillkit.progress import stderr_console  # noqa: F401  (its home is progress; kept here for old callers)
+
 Out = Annotated[
     Path | None, typer.Option("--out", "-o", help="Output artifact directory (default: runs/<stage>-<time>).")
 ]
@@ -50,13 +52,6 @@ AllowPickle = Annotated[
 TrustRemoteCode = Annotated[
     bool | None, typer.Option("--trust-remote-code", help="Allow custom model code from the model directory or hub.")
 ]
-
-
-def stderr_console() -> Any:
-    """People read stderr; stdout carries only data."""
-    from rich.console import Console
-
-    return Console(stderr=True)
 
 
 def default_out(stage: str) -> Path:

@@ -114,7 +114,7 @@ def _save_sidecars(loaded: Any, tmp: Path) -> None:
         return
     # A sentence-transformers model is more than its transformer: modules.json lists pooling and normalisation
     # stages (1_Pooling/, 2_Normalize/, 2_Dense/...) that SentenceTransformer(dir) silently drops when missing.
-    from distillkit.distill.engine import copy_sentence_transformers_files
+    from distillkit.models.save import copy_sentence_transformers_files
 
     copy_sentence_transformers_files(src, tmp)
     modules = _st_module_dirs(src)
@@ -192,12 +192,13 @@ def _export_quantized(cfg: ExportConfig, loaded: Any, tmp: Path) -> dict[str, An
 
     import torch
 
-    from distillkit.quantize.format import _config_dtype, load_quantized, save_quantized
+    from distillkit.models.save import config_dtype
+    from distillkit.quantize.format import load_quantized, save_quantized
 
     t0 = time.perf_counter()
     qc = json.loads((Path(loaded.path) / "config.json").read_text())["quantization_config"]
     _save_sidecars(loaded, tmp)
-    save_quantized(loaded.model, tmp, qc, _config_dtype(loaded.model.config))
+    save_quantized(loaded.model, tmp, qc, config_dtype(loaded.model.config))
     t1 = time.perf_counter()
     reloaded = load_quantized(tmp, loaded.task, dtype=loaded.model.dtype)
     io = describe_io(loaded.model, loaded.task, loaded.processor, purpose="the hf reload check")

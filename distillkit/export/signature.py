@@ -87,7 +87,8 @@ def _forward_params(model: Any) -> set[str]:
         return set()
 
 
-def _image_shape(config: Any, processor: Any) -> tuple[int, int, int]:
+def image_shape_of(config: Any, processor: Any) -> tuple[int, int, int]:
+    """``(channels, height, width)`` of a vision model's input: from its config, else its processor, else 224."""
     channels = int(getattr(config, "num_channels", 3) or 3)
     size = getattr(config, "image_size", None)
     if size is None and processor is not None:
@@ -101,6 +102,9 @@ def _image_shape(config: Any, processor: Any) -> tuple[int, int, int]:
     if isinstance(size, int) and size > 0:
         return channels, size, size
     return channels, 224, 224
+
+
+_image_shape = image_shape_of  # the old private name, for callers not yet moved
 
 
 def describe_io(
@@ -126,7 +130,7 @@ def describe_io(
             model_type,
             [VISION_INPUT],
             output,
-            image_shape=_image_shape(config, processor),
+            image_shape=image_shape_of(config, processor),
             token_level=False,
         )
     if main != TEXT_INPUT:

@@ -13,7 +13,7 @@ from typing import Any
 
 from distillkit.errors import ConfigError
 from distillkit.models import arch
-from distillkit.models.student import _split_key
+from distillkit.models.layout import split_layer_key
 
 POOLING = ("mean", "cls", "max")
 
@@ -33,7 +33,7 @@ _QKV_MODULES: dict[str, list[dict[str, str]]] = {
 def _block_modules(model: Any, fam: str) -> dict[int, dict[str, Any]]:
     by_block: dict[int, dict[str, Any]] = {}
     for name, module in model.named_modules():
-        _, index, suffix = _split_key(name)
+        _, index, suffix = split_layer_key(name)
         if index is not None:
             by_block.setdefault(index, {})[suffix] = module
     found: dict[int, dict[str, Any]] = {}

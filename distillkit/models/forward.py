@@ -10,7 +10,7 @@ _INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "pixel_values", 
 
 def model_inputs(model: Any, batch: dict[str, Any], device: Any = None) -> dict[str, Any]:
     """The subset of ``batch`` that ``model.forward`` accepts (labels excluded), moved to ``device``."""
-    params = _forward_params(type(model))
+    params = forward_params(type(model))
     out = {}
     for k in _INPUT_KEYS:
         if k in batch and (k in params or "kwargs" in params):
@@ -22,10 +22,14 @@ def model_inputs(model: Any, batch: dict[str, Any], device: Any = None) -> dict[
 _CACHE: dict[type, frozenset[str]] = {}
 
 
-def _forward_params(cls: type) -> frozenset[str]:
+def forward_params(cls: type) -> frozenset[str]:
+    """The parameter names of ``cls.forward`` (cached per class)."""
     if cls not in _CACHE:
         _CACHE[cls] = frozenset(inspect.signature(cls.forward).parameters)
     return _CACHE[cls]
+
+
+_forward_params = forward_params  # the old private name, for callers not yet moved
 
 
 def to_device(batch: dict[str, Any], device: Any) -> dict[str, Any]:

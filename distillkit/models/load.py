@@ -365,7 +365,8 @@ def _check_loaded_weights(model: Any, info: dict[str, Any], path: str) -> None:
         )
 
 
-def _pooling(path: str) -> str:
+def pooling_mode(path: str) -> str:
+    """How a sentence-transformers directory pools token states (its ``1_Pooling`` config): mean, cls or max."""
     cfg = Path(path) / "1_Pooling" / "config.json"
     if cfg.is_file():
         try:
@@ -377,6 +378,9 @@ def _pooling(path: str) -> str:
         if data.get("pooling_mode_max_tokens"):
             return "max"
     return "mean"
+
+
+_pooling = pooling_mode  # the old private name, for callers not yet moved
 
 
 def load_config(
@@ -459,7 +463,7 @@ def load_model(
         model = load_quantized(src.path, task, dtype=torch_dtype, device=resolve_device(device))
         processor = load_processor(src.path, task, trust_remote_code=trust_remote_code)
         return LoadedModel(
-            model=model, processor=processor, task=task, path=src.path, source=src, pooling=_pooling(src.path)
+            model=model, processor=processor, task=task, path=src.path, source=src, pooling=pooling_mode(src.path)
         )
     if src.kind != "hub" and allow_pickle and not any(Path(src.path).glob("*.safetensors")):
         check_pickle_weights(src.path)
@@ -475,5 +479,5 @@ def load_model(
     _check_loaded_weights(model, info, src.path)
     model.to(resolve_device(device))
     processor = load_processor(src.path, task, trust_remote_code=trust_remote_code, local_only=local_only)
-    pooling = _pooling(src.path) if src.kind != "hub" else "mean"
+    pooling = pooling_mode(src.path) if src.kind != "hub" else "mean"
     return LoadedModel(model=model, processor=processor, task=task, path=src.path, source=src, pooling=pooling)

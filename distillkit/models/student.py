@@ -23,204 +23,15 @@ Every index set is sorted, so kept heads and channels keep the teacher's order.
 from __future__ import annotations
 
 import copy
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from distillkit.errors import ConfigError, ModelError
 from distillkit.models import arch
+from distillkit.models.layout import LAYER_RULES, PROJECTION_LAYOUTS, keys_by_layer, split_layer_key, tensor_roles
 from distillkit.models.spec import SPEC_KEYS, head_dim_coupled, parse_student_spec, resolve_spec, teacher_sizes
 
 INITS = ("teacher", "random")
-
-# A layer key is <container>.<index>.<suffix>; the containers are Llama/ViT "layers", BERT/old ViT "layer",
-# GPT-2 "h".
-_LAYER_RE = re.compile(r"^(.*?(?:^|\.)(?:layers|layer|h))\.(\d+)\.(.+)$")
-
-# Roles of a tensor's dimensions: H hidden channel, Q query features, KV key/value features, QKV GPT-2's packed
-# q|k|v, M MLP channel, D within-head dimension shared by all heads, P pooler output (follows H when the
-# teacher's pooler is as wide as its hidden size), None kept whole.
-_LAYER_RULES: dict[str, list[tuple[str, tuple[str | None, ...]]]] = {
-    "llama": [
-        (r"self_attn\.q_proj\.weight", ("Q", "H")),
-        (r"self_attn\.q_proj\.bias", ("Q",)),
-        (r"self_attn\.[kv]_proj\.weight", ("KV", "H")),
-        (r"self_attn\.[kv]_proj\.bias", ("KV",)),
-        (r"self_attn\.o_proj\.weight", ("H", "Q")),
-        (r"self_attn\.o_proj\.bias", ("H",)),
-        (r"self_attn\.[qk]_norm\.weight", ("D",)),
-        (r"mlp\.(gate|up)_proj\.weight", ("M", "H")),
-        (r"mlp\.(gate|up)_proj\.bias", ("M",)),
-        (r"mlp\.down_proj\.weight", ("H", "M")),
-        (r"mlp\.down_proj\.bias", ("H",)),
-        (r"(input|post_attention)_layernorm\.weight", ("H",)),
-    ],
-    # Conv1D stores weights as [in, out].
-    "gpt2": [
-        (r"ln_[12]\.(weight|bias)", ("H",)),
-        (r"attn\.c_attn\.weight", ("H", "QKV")),
-        (r"attn\.c_attn\.bias", ("QKV",)),
-        (r"attn\.c_proj\.weight", ("Q", "H")),
-        (r"attn\.c_proj\.bias", ("H",)),
-        (r"mlp\.c_fc\.weight", ("H", "M")),
-        (r"mlp\.c_fc\.bias", ("M",)),
-        (r"mlp\.c_proj\.weight", ("M", "H")),
-        (r"mlp\.c_proj\.bias", ("H",)),
-    ],
-    "bert": [
-        (r"attention\.self\.query\.weight", ("Q", "H")),
-        (r"attention\.self\.query\.bias", ("Q",)),
-        (r"attention\.self\.(key|value)\.weight", ("KV", "H")),
-        (r"attention\.self\.(key|value)\.bias", ("KV",)),
-        (r"attention\.output\.dense\.weight", ("H", "Q")),
-        (r"attention\.output\.dense\.bias", ("H",)),
-        (r"attention\.output\.LayerNorm\.(weight|bias)", ("H",)),
-        (r"intermediate\.dense\.weight", ("M", "H")),
-        (r"intermediate\.dense\.bias", ("M",)),
-        (r"output\.dense\.weight", ("H", "M")),
-        (r"output\.dense\.bias", ("H",)),
-        (r"output\.LayerNorm\.(weight|bias)", ("H",)),
-    ],
-    # transformers >= 5 names (q_proj, mlp.fc1) and the older BERT-like names.
-    "vit": [
-        (r"attention\.q_proj\.weight|attention\.attention\.query\.weight", ("Q", "H")),
-        (r"attention\.q_proj\.bias|attention\.attention\.query\.bias", ("Q",)),
-        (r"attention\.[kv]_proj\.weight|attention\.attention\.(key|value)\.weight", ("KV", "H")),
-        (r"attention\.[kv]_proj\.bias|attention\.attention\.(key|value)\.bias", ("KV",)),
-        (r"attention\.o_proj\.weight|attention\.output\.dense\.weight", ("H", "Q")),
-        (r"attention\.o_proj\.bias|attention\.output\.dense\.bias", ("H",)),
-        (r"mlp\.fc1\.weight|intermediate\.dense\.weight", ("M", "H")),
-        (r"mlp\.fc1\.bias|intermediate\.dense\.bias", ("M",)),
-        (r"mlp\.fc2\.weight|output\.dense\.weight", ("H", "M")),
-        (r"mlp\.fc2\.bias|output\.dense\.bias", ("H",)),
-        (r"layernorm_(before|after)\.(weight|bias)", ("H",)),
-    ],
-}
-
-_GLOBAL_RULES: dict[str, list[tuple[str, tuple[str | None, ...]]]] = {
-    "llama": [
-        (r"embed_tokens\.weight", (None, "H")),
-        (r"norm\.weight", ("H",)),
-        (r"lm_head\.weight", (None, "H")),
-        (r"score\.weight", (None, "H")),
-    ],
-    "gpt2": [
-        (r"wte\.weight", (None, "H")),
-        (r"wpe\.weight", (None, "H")),
-        (r"ln_f\.(weight|bias)", ("H",)),
-        (r"lm_head\.weight", (None, "H")),
-        (r"score\.weight", (None, "H")),
-    ],
-    "bert": [
-        (r"embeddings\.(word|position|token_type)_embeddings\.weight", (None, "H")),
-        (r"embeddings\.LayerNorm\.(weight|bias)", ("H",)),
-        (r"pooler\.dense\.weight", ("H", "H")),
-        (r"pooler\.dense\.bias", ("H",)),
-        (r"predictions\.transform\.dense\.weight|lm_head\.dense\.weight", ("H", "H")),
-        (r"predictions\.transform\.dense\.bias|lm_head\.dense\.bias", ("H",)),
-        (r"predictions\.transform\.LayerNorm\.(weight|bias)|lm_head\.layer_norm\.(weight|bias)", ("H",)),
-        (r"predictions\.decoder\.weight|lm_head\.decoder\.weight", (None, "H")),
-        (r"predictions\.(decoder\.)?bias|lm_head\.(decoder\.)?bias", (None,)),
-        (r"classifier\.dense\.weight", ("H", "H")),
-        (r"classifier\.dense\.bias", ("H",)),
-        (r"classifier(\.out_proj)?\.weight|seq_relationship\.weight", (None, "H")),
-        (r"classifier(\.out_proj)?\.bias|seq_relationship\.bias", (None,)),
-    ],
-    "vit": [
-        (r"embeddings\.(cls_token|mask_token|position_embeddings)", (None, None, "H")),
-        (r"embeddings\.patch_embeddings\.projection\.weight", ("H", None, None, None)),
-        (r"embeddings\.patch_embeddings\.projection\.bias", ("H",)),
-        (r"layernorm\.(weight|bias)", ("H",)),
-        (r"pooler\.dense\.weight", ("P", "H")),
-        (r"pooler\.dense\.bias", ("P",)),
-        (r"classifier\.weight", (None, "H")),
-        (r"classifier\.bias", (None,)),
-    ],
-}
-
-# Where each family keeps a layer's projections, as suffixes after "<container>.<index>.". ``qkv`` is GPT-2's
-# packed Conv1D; ``conv1d`` says weights are [in, out].
-_LAYOUTS: dict[str, list[dict[str, Any]]] = {
-    "llama": [
-        {
-            "q": "self_attn.q_proj.weight",
-            "k": "self_attn.k_proj.weight",
-            "v": "self_attn.v_proj.weight",
-            "o": "self_attn.o_proj.weight",
-            "up": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
-            "down": "mlp.down_proj.weight",
-        }
-    ],
-    "gpt2": [
-        {
-            "qkv": "attn.c_attn.weight",
-            "o": "attn.c_proj.weight",
-            "up": ("mlp.c_fc.weight",),
-            "down": "mlp.c_proj.weight",
-            "conv1d": True,
-        }
-    ],
-    "bert": [
-        {
-            "q": "attention.self.query.weight",
-            "k": "attention.self.key.weight",
-            "v": "attention.self.value.weight",
-            "o": "attention.output.dense.weight",
-            "up": ("intermediate.dense.weight",),
-            "down": "output.dense.weight",
-        }
-    ],
-    "vit": [
-        {
-            "q": "attention.q_proj.weight",
-            "k": "attention.k_proj.weight",
-            "v": "attention.v_proj.weight",
-            "o": "attention.o_proj.weight",
-            "up": ("mlp.fc1.weight",),
-            "down": "mlp.fc2.weight",
-        },
-        {
-            "q": "attention.attention.query.weight",
-            "k": "attention.attention.key.weight",
-            "v": "attention.attention.value.weight",
-            "o": "attention.output.dense.weight",
-            "up": ("intermediate.dense.weight",),
-            "down": "output.dense.weight",
-        },
-    ],
-}
-
-_COMPILED: dict[str, tuple[list[tuple[re.Pattern, tuple]], list[tuple[re.Pattern, tuple]]]] = {}
-
-
-def _rules(fam: str) -> tuple[list[tuple[re.Pattern, tuple]], list[tuple[re.Pattern, tuple]]]:
-    if fam not in _COMPILED:
-        layer = [(re.compile(p), roles) for p, roles in _LAYER_RULES[fam]]
-        glob = [(re.compile(r"(?:^|\.)(?:" + p + r")$"), roles) for p, roles in _GLOBAL_RULES[fam]]
-        _COMPILED[fam] = (layer, glob)
-    return _COMPILED[fam]
-
-
-def _split_key(key: str) -> tuple[str, int | None, str]:
-    """``"model.layers.3.mlp.up_proj.weight"`` -> ``("model.layers", 3, "mlp.up_proj.weight")``."""
-    m = _LAYER_RE.match(key)
-    if m is None:
-        return key, None, key
-    return m.group(1), int(m.group(2)), m.group(3)
-
-
-def _roles(fam: str, key: str) -> tuple[str | None, ...] | None:
-    layer_rules, global_rules = _rules(fam)
-    _, index, suffix = _split_key(key)
-    if index is not None:
-        for pattern, roles in layer_rules:
-            if pattern.fullmatch(suffix):
-                return roles
-        return None
-    for pattern, roles in global_rules:
-        if pattern.search(key):
-            return roles
-    return None
 
 
 def select_layers(teacher_layers: int, student_layers: int) -> list[int]:
@@ -242,7 +53,8 @@ def select_layers(teacher_layers: int, student_layers: int) -> list[int]:
     ]
 
 
-def _as_spec(spec: str | dict[str, int], teacher_config: Any, keep_head_dim: bool = False) -> dict[str, int]:
+def student_spec(spec: str | dict[str, int], teacher_config: Any, keep_head_dim: bool = False) -> dict[str, int]:
+    """The resolved spec dict (keys :data:`~distillkit.models.spec.SPEC_KEYS`) of a spec string or dict."""
     if keep_head_dim:
         return _keep_head_dim_spec(spec, teacher_config)
     if isinstance(spec, str):
@@ -301,7 +113,7 @@ def student_config(
     ``layers`` names the teacher layers kept when they are not the evenly spread default (pruning by importance);
     ``keep_head_dim`` (Llama-style only) writes the teacher's head size as an explicit ``head_dim``.
     """
-    spec = _as_spec(spec, teacher_config, keep_head_dim)
+    spec = student_spec(spec, teacher_config, keep_head_dim)
     teacher = teacher_sizes(teacher_config)
     fam = arch.family(teacher_config)
     coupled = head_dim_coupled(teacher_config)
@@ -386,7 +198,7 @@ def weight_scores(teacher_model: Any) -> StructureScores:
     t_d = arch.head_dim(cfg)
     state = teacher_model.state_dict()
     out = StructureScores(hidden=_hidden_scores(fam, state, teacher["hidden"]), heads=[], kv_heads=[], mlp=[])
-    index = _layer_index(state)
+    index = keys_by_layer(state)
     for t_layer in range(teacher["layers"]):
         proj = _projections(fam, state, index[t_layer], cfg)
         t_heads, t_kv = teacher["heads"], teacher["kv_heads"]
@@ -398,7 +210,7 @@ def weight_scores(teacher_model: Any) -> StructureScores:
     return out
 
 
-def _top(score: Any, k: int) -> Any:
+def top_indices(score: Any, k: int) -> Any:
     """Indices of the ``k`` largest scores, sorted ascending; ties go to the lower index."""
     import torch
 
@@ -408,18 +220,9 @@ def _top(score: Any, k: int) -> Any:
     return torch.sort(order).values
 
 
-def _layer_index(state: dict[str, Any]) -> dict[int, dict[str, str]]:
-    layers: dict[int, dict[str, str]] = {}
-    for key in state:
-        _, index, suffix = _split_key(key)
-        if index is not None:
-            layers.setdefault(index, {})[suffix] = key
-    return layers
-
-
 def _projections(fam: str, state: dict[str, Any], keys: dict[str, str], cfg: Any) -> dict[str, Any]:
     """One layer's weights as float Linear matrices ``[out, in]``: q, k, v, o, ups (list) and down."""
-    for layout in _LAYOUTS[fam]:
+    for layout in PROJECTION_LAYOUTS[fam]:
         if (layout.get("q") or layout.get("qkv")) in keys:
             break
     else:
@@ -445,7 +248,7 @@ def _hidden_scores(fam: str, state: dict[str, Any], hidden: int) -> Any:
     score = torch.zeros(hidden)
     seen: set[int] = set()
     for key, tensor in state.items():
-        roles = _roles(fam, key)
+        roles = tensor_roles(fam, key)
         if roles is None or tensor.dim() != len(roles) or tensor.data_ptr() in seen:
             continue
         seen.add(tensor.data_ptr())
@@ -480,19 +283,19 @@ def _choose_heads(
         kv_score = proj["k"].reshape(t_kv, -1).pow(2).sum(1) + proj["v"].reshape(t_kv, -1).pow(2).sum(1)
     q_score, kv_score = q_score.float().cpu(), kv_score.float().cpu()
     group, s_group = t_heads // t_kv, s_heads // s_kv
-    groups = _top(kv_score + q_score.reshape(t_kv, group).sum(1), s_kv).tolist()
+    groups = top_indices(kv_score + q_score.reshape(t_kv, group).sum(1), s_kv).tolist()
     heads: list[int] = []
     used: set[int] = set()
     for g in groups:
         members = torch.arange(g * group, (g + 1) * group)
-        own = members[_top(q_score[members], min(s_group, group))].tolist()
+        own = members[top_indices(q_score[members], min(s_group, group))].tolist()
         used.update(own)
         heads.extend(own)
         if s_group > group:
             # More query heads per group than the teacher has: borrow the best heads of other groups. They are
             # paired with this group's key/value head, so they start close to, not equal to, the teacher.
             rest = torch.tensor([h for h in range(t_heads) if h not in used and h // group not in groups])
-            extra = rest[_top(q_score[rest], s_group - group)].tolist()
+            extra = rest[top_indices(q_score[rest], s_group - group)].tolist()
             used.update(extra)
             heads.extend(extra)
     return heads, groups
@@ -521,7 +324,7 @@ def _choose_head_dims(fam: str, proj: dict[str, Any], heads: list[int], d: int, 
             + proj["v"][kvsl].pow(2).sum(1)
             + proj["o"][:, sl].pow(2).sum(0)
         )
-        rows.append(_top(score, s_d))
+        rows.append(top_indices(score, s_d))
     return torch.stack(rows)
 
 
@@ -540,7 +343,7 @@ def plan_student(
     import torch
 
     cfg = teacher_model.config
-    spec = _as_spec(spec, cfg, keep_head_dim)
+    spec = student_spec(spec, cfg, keep_head_dim)
     scores = scores or StructureScores()
     fam = arch.family(cfg)
     teacher = teacher_sizes(cfg)
@@ -548,16 +351,16 @@ def plan_student(
     s_d = spec["hidden"] // spec["heads"] if head_dim_coupled(cfg) and not keep_head_dim else t_d
     state = teacher_model.state_dict()
     if scores.layers is not None:
-        layers = _top(scores.layers.float().cpu(), spec["layers"]).tolist()
+        layers = top_indices(scores.layers.float().cpu(), spec["layers"]).tolist()
     else:
         layers = select_layers(teacher["layers"], spec["layers"])
     if spec["hidden"] < teacher["hidden"]:
         h_score = scores.hidden if scores.hidden is not None else _hidden_scores(fam, state, teacher["hidden"])
-        hidden = _top(h_score.float().cpu(), spec["hidden"])
+        hidden = top_indices(h_score.float().cpu(), spec["hidden"])
     else:
         hidden = torch.arange(teacher["hidden"])
     plan = StudentPlan(spec=spec, family=fam, layers=layers, hidden=hidden)
-    index = _layer_index(state)
+    index = keys_by_layer(state)
     same_heads = spec["heads"] == teacher["heads"] and spec["kv_heads"] == teacher["kv_heads"]
     for t_layer in layers:
         proj = _projections(fam, state, index[t_layer], cfg)
@@ -585,7 +388,7 @@ def plan_student(
                 m_score = scores.mlp[t_layer].float().cpu()
             else:
                 m_score = sum(u.pow(2).sum(1) for u in proj["ups"]) + proj["down"].pow(2).sum(0)
-            mlp = _top(m_score, spec["intermediate"])
+            mlp = top_indices(m_score, spec["intermediate"])
         else:
             mlp = torch.arange(teacher["intermediate"])
         plan.heads.append(heads)
@@ -660,12 +463,12 @@ def _teacher_state_for(
     globals_ = cache.for_hidden(plan.hidden) if cache is not None else None
     out = {}
     for key, target in student.state_dict().items():
-        prefix, layer, suffix = _split_key(key)
+        prefix, layer, suffix = split_layer_key(key)
         t_key = key if layer is None else f"{prefix}.{plan.layers[layer]}.{suffix}"
         if t_key not in teacher_state:
             raise ModelError(f"the student parameter {key} has no counterpart {t_key} in the teacher")
         tensor = teacher_state[t_key]
-        roles = _roles(plan.family, key)
+        roles = tensor_roles(plan.family, key)
         if roles is None or len(roles) != tensor.dim():
             if tensor.shape != target.shape:
                 raise ModelError(
@@ -687,7 +490,8 @@ def _teacher_state_for(
     return out
 
 
-def _construct(cls: Any, cfg: Any, teacher_model: Any) -> Any:
+def construct_model(cls: Any, cfg: Any, teacher_model: Any) -> Any:
+    """``cls(cfg)`` with the constructor flags of ``teacher_model`` (randomly initialised, or on the meta device)."""
     # Base models take constructor flags that the config does not record; mirror the teacher's choices so
     # the student has the same parameters.
     kwargs: dict[str, Any] = {}
@@ -709,7 +513,7 @@ def _construct_uninitialised(cls: Any, cfg: Any, teacher_model: Any) -> Any:
     from transformers.initialization import no_init_weights
 
     with no_init_weights():
-        student = _construct(cls, cfg, teacher_model)
+        student = construct_model(cls, cfg, teacher_model)
     student.tie_weights()
     return student
 
@@ -741,9 +545,9 @@ def build_student(
     if init not in INITS:
         raise ConfigError(f"unknown student init {init!r}", hint=f"choose one of: {', '.join(INITS)}")
     cfg = teacher_model.config
-    spec = _as_spec(spec, cfg, keep_head_dim)
+    spec = student_spec(spec, cfg, keep_head_dim)
     fam = arch.family(cfg)
-    if fam not in _LAYER_RULES:  # pragma: no cover - resolve_spec already refused it
+    if fam not in LAYER_RULES:  # pragma: no cover - resolve_spec already refused it
         raise ConfigError(f"cannot build {fam} students", hint=f"supported: {', '.join(arch.SUPPORTED_FAMILIES)}")
     s_cfg = student_config(cfg, spec, layers=plan.layers if plan is not None else None, keep_head_dim=keep_head_dim)
     param = next(teacher_model.parameters())
@@ -753,7 +557,7 @@ def build_student(
         if init == "teacher":
             student = _construct_uninitialised(type(teacher_model), s_cfg, teacher_model)
         else:
-            student = _construct(type(teacher_model), s_cfg, teacher_model)
+            student = construct_model(type(teacher_model), s_cfg, teacher_model)
     if init == "teacher":
         plan = plan if plan is not None else plan_student(teacher_model, spec, keep_head_dim=keep_head_dim)
         with torch.no_grad():
@@ -766,6 +570,9 @@ def build_student(
     return student
 
 
+# The old private name, for callers not yet moved to :func:`student_spec`.
+_as_spec = student_spec
+
 __all__ = [
     "INITS",
     "SPEC_KEYS",
@@ -773,8 +580,11 @@ __all__ = [
     "StructureScores",
     "StudentPlan",
     "build_student",
+    "construct_model",
     "plan_student",
     "select_layers",
     "student_config",
+    "student_spec",
+    "top_indices",
     "weight_scores",
 ]

@@ -60,7 +60,8 @@ def transformer_scores(model: Any, sal: dict[str, Any]) -> Any:
     import torch
 
     from distillkit.models import arch
-    from distillkit.models.student import StructureScores, _roles, _split_key
+    from distillkit.models.layout import split_layer_key, tensor_roles
+    from distillkit.models.student import StructureScores
 
     cfg = model.config
     fam = arch.family(cfg)
@@ -73,10 +74,10 @@ def transformer_scores(model: Any, sal: dict[str, Any]) -> Any:
         mlp=[torch.zeros(inter) for _ in range(n_layers)],
     )
     for key, s in sal.items():
-        roles = _roles(fam, key)
+        roles = tensor_roles(fam, key)
         if roles is None or s.dim() != len(roles):
             continue
-        _, layer, _ = _split_key(key)
+        _, layer, _ = split_layer_key(key)
         for dim, role in enumerate(roles):
             n = s.shape[dim]
             v = s.detach().float().transpose(0, dim).reshape(n, -1).sum(1).cpu()
@@ -198,7 +199,8 @@ def _transformer_activation(ctx: ImportanceContext) -> Any:
 
     from distillkit.models import arch
     from distillkit.models.forward import model_inputs
-    from distillkit.models.student import _LAYOUTS, StructureScores, _layer_index
+    from distillkit.models.layout import PROJECTION_LAYOUTS, keys_by_layer
+    from distillkit.models.student import StructureScores
 
     model = ctx.model
     cfg = model.config
@@ -206,7 +208,7 @@ def _transformer_activation(ctx: ImportanceContext) -> Any:
     n_layers, heads, kv, d = arch.num_layers(cfg), arch.num_heads(cfg), arch.num_kv_heads(cfg), arch.head_dim(cfg)
     hidden_n = arch.hidden_size(cfg)
     modules = dict(model.named_modules())
-    index = _layer_index(model.state_dict())
+    index = keys_by_layer(model.state_dict())
     scores = StructureScores(
         hidden=torch.zeros(hidden_n),
         heads=[torch.zeros(heads) for _ in range(n_layers)],
@@ -244,7 +246,7 @@ def _transformer_activation(ctx: ImportanceContext) -> Any:
     try:
         for layer in range(n_layers):
             keys = index[layer]
-            layout = next(lo for lo in _LAYOUTS[fam] if (lo.get("q") or lo.get("qkv")) in keys)
+            layout = next(lo for lo in PROJECTION_LAYOUTS[fam] if (lo.get("q") or lo.get("qkv")) in keys)
             handles.append(module_of(keys[layout["o"]]).register_forward_pre_hook(head_hook(layer)))
             handles.append(module_of(keys[layout["down"]]).register_forward_pre_hook(mlp_hook(layer)))
         for name, module in modules.items():

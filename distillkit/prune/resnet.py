@@ -1,11 +1,7 @@
 """Channel pruning of HF ResNet-style CNNs (``ResNetModel``, ``ResNetForImageClassification``).
 
-Channels live in *spaces*: ``stem`` (the embedder's output), ``stage{s}`` (the residual stream of stage ``s``:
-every block's last conv, the shortcut projection, the next stage's input and the classifier share it, so its
-channels are pruned together) and ``inner{s}.{j}.{k}`` (the output of conv ``k`` inside block ``j``, read only by
-the next conv of the block). A conv weight ``[out, in, kh, kw]`` is sliced on its output space and its input space,
-a BatchNorm on its output space. Where a shortcut is the identity (stage 0 when the embedder is as wide as it and
-does not downsample), ``stem`` and ``stage0`` are one space.
+Channels live in *spaces* (the stem, each stage's residual stream, each block's inner convs), defined in
+:mod:`distillkit.models.resnet_layout`, which the student search shares.
 
 ``ResNetConfig`` can express one width per stage (``hidden_sizes``), the stem width (``embedding_size``), and inner
 widths only as ``hidden_size // 4`` (bottleneck) or ``hidden_size`` (basic). So a ratio shrinks every stage and the
@@ -15,68 +11,11 @@ per block by importance.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from distillkit.errors import ConfigError
+from distillkit.models.resnet_layout import slice_state, space_sizes, spaces_of, stem_coupled
 from distillkit.progress import track
-
-_STEM = re.compile(r"(?:^|\.)embedder\.embedder\.(convolution|normalization)\.(\w+)$")
-_BLOCK = re.compile(
-    r"(?:^|\.)encoder\.stages\.(\d+)\.layers\.(\d+)\.(shortcut|layer\.(\d+))\.(convolution|normalization)\.(\w+)$"
-)
-_HEAD = re.compile(r"^classifier\.1\.(weight|bias)$")
-
-
-def _stem_coupled(cfg: Any) -> bool:
-    """Whether stage 0's first block adds the stem's output unchanged (identity shortcut)."""
-    return cfg.embedding_size == cfg.hidden_sizes[0] and not cfg.downsample_in_first_stage
-
-
-def _space(cfg: Any, name: str) -> str:
-    return "stage0" if name == "stem" and _stem_coupled(cfg) else name
-
-
-def spaces_of(cfg: Any, key: str) -> tuple[str | None, ...] | None:
-    """The channel space of each dimension of a parameter or buffer (None: kept whole); None for unknown keys."""
-    m = _STEM.search(key)
-    if m:
-        out = _space(cfg, "stem")
-        return (out, None, None, None) if m.group(1) == "convolution" else _bn(m.group(2), out)
-    m = _HEAD.search(key)
-    if m:
-        last = f"stage{len(cfg.hidden_sizes) - 1}"
-        return (None, last) if m.group(1) == "weight" else (None,)
-    m = _BLOCK.search(key)
-    if m is None:
-        return None
-    s, j, part, k, module, pname = int(m.group(1)), int(m.group(2)), m.group(3), m.group(4), m.group(5), m.group(6)
-    stage = f"stage{s}"
-    block_in = stage if j > 0 else (_space(cfg, "stem") if s == 0 else f"stage{s - 1}")
-    if part == "shortcut":
-        out, inp = stage, block_in
-    else:
-        k = int(k)
-        last = 2 if cfg.layer_type == "bottleneck" else 1
-        out = stage if k == last else f"inner{s}.{j}.{k}"
-        inp = block_in if k == 0 else f"inner{s}.{j}.{k - 1}"
-    return (out, inp, None, None) if module == "convolution" else _bn(pname, out)
-
-
-def _bn(pname: str, space: str) -> tuple[str | None, ...]:
-    return () if pname == "num_batches_tracked" else (space,)
-
-
-def space_sizes(cfg: Any) -> dict[str, int]:
-    """Width of every channel space of a config."""
-    sizes = {"stem": cfg.embedding_size} if not _stem_coupled(cfg) else {}
-    for s, (width, depth) in enumerate(zip(cfg.hidden_sizes, cfg.depths, strict=True)):
-        sizes[f"stage{s}"] = width
-        inner = width // 4 if cfg.layer_type == "bottleneck" else width
-        for j in range(depth):
-            for k in range(2 if cfg.layer_type == "bottleneck" else 1):
-                sizes[f"inner{s}.{j}.{k}"] = inner
-    return sizes
 
 
 def _kept(width: int, ratio: float, round_to: int, what: str) -> int:
@@ -105,8 +44,8 @@ def pruned_config(cfg: Any, ratio: float, round_to: int = 1) -> Any:
                     f"--channels {ratio} leaves stage {s} {w} channels, fewer than the 4 a bottleneck block needs",
                     hint="use a smaller ratio",
                 )
-    new.embedding_size = new.hidden_sizes[0] if _stem_coupled(cfg) else _kept(cfg.embedding_size, ratio, 1, "the stem")
-    if _stem_coupled(new) != _stem_coupled(cfg):
+    new.embedding_size = new.hidden_sizes[0] if stem_coupled(cfg) else _kept(cfg.embedding_size, ratio, 1, "the stem")
+    if stem_coupled(new) != stem_coupled(cfg):
         raise ConfigError(
             f"--channels {ratio} makes the stem and stage 0 equally wide ({new.embedding_size}), which would turn "
             "their projection shortcut into an identity",
@@ -178,27 +117,14 @@ def plan_channels(cfg: Any, new_cfg: Any, scores: dict[str, Any] | None) -> dict
     """Sorted kept indices of every channel space: the top channels by ``scores`` (all when none are removed)."""
     import torch
 
-    from distillkit.models.student import _top
+    from distillkit.models.student import top_indices
 
     old, new = space_sizes(cfg), space_sizes(new_cfg)
     keep = {}
     for space, n in old.items():
         k = new[space]
-        keep[space] = torch.arange(n) if k == n or scores is None else _top(scores[space].float().cpu(), k)
+        keep[space] = torch.arange(n) if k == n or scores is None else top_indices(scores[space].float().cpu(), k)
     return keep
-
-
-def slice_state(cfg: Any, state: dict[str, Any], keep: dict[str, Any]) -> dict[str, Any]:
-    """``state`` (keys and shapes of a model of ``cfg``) with every tensor cut to the ``keep`` indices of its spaces."""
-    out = {}
-    for key, tensor in state.items():
-        roles = spaces_of(cfg, key)
-        if roles:
-            for dim, space in enumerate(roles):
-                if space is not None and keep[space].numel() != tensor.shape[dim]:
-                    tensor = tensor.index_select(dim, keep[space].to(tensor.device))
-        out[key] = tensor
-    return out
 
 
 def prune_resnet(model: Any, new_cfg: Any, keep: dict[str, Any]) -> Any:

@@ -9,7 +9,7 @@ equally wide and stage 0 does not downsample), so every candidate is a config th
 
 Teacher initialisation (:func:`build_resnet_student`): stage ``s`` keeps teacher blocks
 :func:`~distillkit.models.student.select_layers` (evenly spread, always the first, whose shortcut projects, and the
-last); then channels are cut with the pruner's slicer (:mod:`distillkit.prune.resnet`), each channel space keeping
+last); then channels are cut with the pruner's slicer (:mod:`distillkit.models.resnet_layout`), each channel space keeping
 its top channels by weight magnitude (every conv and BatchNorm weight that reads or writes the space votes, each
 normalised by its mean).
 """
@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from distillkit.errors import ConfigError
+from distillkit.search.constraints import constrain_values
 
 FAMILY = "resnet"
 WIDTH_STEPS = 8
@@ -103,12 +104,7 @@ class ResNetSpace:
         return out
 
     def _constrain(self, space: str) -> None:
-        from distillkit.search.space import SearchSpace
-
-        # The transformer space's parser, over this space's keys (depth0.., width0..).
-        helper = SearchSpace("resnet", self.teacher, self.values, False, False, 0, self.teacher_config)
-        helper.KEYS = self.keys
-        helper._constrain(space)
+        constrain_values(self.values, self.teacher, self.keys, space, family=FAMILY)
 
     # --- validity ---------------------------------------------------------------------------------------------
 
@@ -242,8 +238,8 @@ def build_resnet_student(teacher_model: Any, spec: dict[str, int], *, init: str 
     """
     import torch
 
-    from distillkit.models.student import INITS, _top
-    from distillkit.prune.resnet import slice_state, space_sizes, spaces_of
+    from distillkit.models.resnet_layout import slice_state, space_sizes, spaces_of
+    from distillkit.models.student import INITS, top_indices
 
     if init not in INITS:
         raise ConfigError(f"unknown student init {init!r}", hint=f"choose one of: {', '.join(INITS)}")
@@ -265,7 +261,7 @@ def build_resnet_student(teacher_model: Any, spec: dict[str, int], *, init: str 
                 if norms.mean() > 0:
                     scores[space] += norms / norms.mean()
         new_sizes = space_sizes(s_cfg)
-        keep = {name: _top(score, new_sizes[name]) for name, score in scores.items()}
+        keep = {name: top_indices(score, new_sizes[name]) for name, score in scores.items()}
         with torch.no_grad():
             student.load_state_dict(slice_state(d_cfg, state, keep), strict=True)
     param = next(teacher_model.parameters())

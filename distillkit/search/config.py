@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from distillkit.config import BaseConfig, _check
+from distillkit.config import BaseConfig, require
 
 SEARCH_INIT = ("teacher", "random")
 RELATIONS = ("gram", "cka")
@@ -56,31 +56,31 @@ class SearchConfig(BaseConfig):
     def __post_init__(self) -> None:
         from distillkit.registry import SCORES
 
-        _check(bool(self.teacher), "a teacher is required", "pass the teacher model as the first argument")
-        _check(
+        require(bool(self.teacher), "a teacher is required", "pass the teacher model as the first argument")
+        require(
             self.params is not None or self.max_params is not None or self.max_latency_ms is not None,
             "search-student needs a budget",
             "pass --params 0.25 (a fraction of the teacher), --max-params N, or --max-latency-ms X",
         )
-        _check(
+        require(
             self.params is None or self.max_params is None,
             "--params and --max-params both set a parameter budget",
             "give only one of them",
         )
         if self.params is not None:
-            _check(
+            require(
                 isinstance(self.params, (int, float)) and 0.0 < self.params <= 1.0,
                 f"--params must be a fraction of the teacher's size in (0, 1] (got {self.params})",
                 "pass e.g. --params 0.25, or --max-params N for an absolute count",
             )
         if self.max_params is not None:
-            _check(
+            require(
                 isinstance(self.max_params, int) and self.max_params > 0,
                 f"--max-params must be a positive integer (got {self.max_params})",
                 "pass e.g. --max-params 20000000",
             )
         if self.max_latency_ms is not None:
-            _check(
+            require(
                 self.max_latency_ms > 0 and math.isfinite(self.max_latency_ms),
                 f"--max-latency-ms must be > 0 (got {self.max_latency_ms})",
                 "pass e.g. --max-latency-ms 20",
@@ -94,30 +94,30 @@ class SearchConfig(BaseConfig):
             ("--max-length", self.max_length, 2),
             ("--batch-size", self.batch_size, 2),
         ):
-            _check(
+            require(
                 isinstance(value, int) and not isinstance(value, bool) and value >= lo,
                 f"{name} must be an integer >= {lo} (got {value})",
                 f"pass {name} {max(lo, 2)} or more",
             )
-        _check(
+        require(
             self.tournament <= self.population,
             f"--tournament {self.tournament} is larger than --population {self.population}",
             "a tournament samples from the population; use a smaller --tournament",
         )
-        _check(0.0 <= self.crossover <= 1.0, f"--crossover must be in [0, 1] (got {self.crossover})", "e.g. 0.5")
-        _check(
+        require(0.0 <= self.crossover <= 1.0, f"--crossover must be in [0, 1] (got {self.crossover})", "e.g. 0.5")
+        require(
             self.time_budget is None or self.time_budget > 0,
             f"--time-budget must be > 0 seconds (got {self.time_budget})",
             "omit it to stop after --candidates",
         )
-        _check(
+        require(
             self.init in SEARCH_INIT, f"--init must be one of {', '.join(SEARCH_INIT)}", "pass --init teacher or random"
         )
-        _check(
+        require(
             self.relation in RELATIONS,
             f"--relation must be one of {', '.join(RELATIONS)}",
             "gram (row-normalised Gram matrices) or cka (linear CKA)",
         )
-        _check(self.max_samples is None or self.max_samples > 0, "max samples must be > 0", "omit it to use all data")
+        require(self.max_samples is None or self.max_samples > 0, "max samples must be > 0", "omit it to use all data")
         for name in (self.score, *self.report):
             SCORES.get(name)  # raises ConfigError listing the registered scores

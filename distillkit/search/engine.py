@@ -309,9 +309,9 @@ def search_student(
     cfg: SearchConfig, teacher_source: str | Source | None = None, *, out: str, overwrite: bool = False
 ) -> dict[str, Any]:
     """Search, write the best student (teacher-initialised) as the artifact ``out``, return its manifest."""
-    from distillkit.distill.engine import _save_student
     from distillkit.models import load_config, load_model
     from distillkit.models.load import resolve_device
+    from distillkit.models.save import save_student
 
     t_start = time.perf_counter()
     src = teacher_source if isinstance(teacher_source, Source) else read_source(teacher_source or cfg.teacher)
@@ -426,7 +426,7 @@ def search_student(
         extra={"ranking": ranking, "data": data_info, "pooling": teacher.pooling, "device": str(device)},
     )
     with atomic_artifact(out_path, overwrite) as tmp:
-        _save_student(student, teacher, Path(tmp))
+        save_student(student, teacher, Path(tmp))
         teacher.processor.save_pretrained(tmp)
         manifest.timings["total_s"] = time.perf_counter() - t_start
         finalize_artifact(tmp, manifest, out_path)

@@ -333,12 +333,12 @@ def flops(ctx: ScoreContext, model: Any) -> dict[str, float]:
 def _activation_modules(model: Any) -> list[Any]:
     from torch import nn
 
-    from distillkit.models.student import _split_key
+    from distillkit.models.layout import split_layer_key
 
     kinds = (nn.ReLU, nn.GELU, nn.SiLU, nn.Mish, nn.LeakyReLU, nn.ELU)
     found = []
     for name, module in model.named_modules():
-        if _split_key(name)[1] is None:
+        if split_layer_key(name)[1] is None:
             continue  # only activations inside the blocks (not a pooler's tanh)
         if isinstance(module, kinds) or type(module).__module__.endswith("transformers.activations"):
             found.append(module)

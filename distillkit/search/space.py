@@ -27,10 +27,10 @@ from typing import Any
 from distillkit.errors import ConfigError
 from distillkit.models import arch
 from distillkit.models.spec import SPEC_KEYS, head_dim_coupled, resolve_spec, teacher_sizes
+from distillkit.search.constraints import constrain_values
 
 DIMS = SPEC_KEYS
 WIDTH_STEPS = 8
-_SPACE_EXAMPLE = "layers=2..6,hidden=128|256,heads=4"
 FAMILY_NAMES = {
     "llama": "Llama-style (Llama, Mistral, Qwen2, Qwen3)",
     "gpt2": "GPT-2",
@@ -128,64 +128,8 @@ class SearchSpace:
 
     # --- --space ------------------------------------------------------------------------------------------------
 
-    def _number(self, key: str, raw: str) -> int:
-        raw = raw.strip()
-        try:
-            value = int(raw)
-        except ValueError:
-            try:
-                frac = float(raw)
-            except ValueError:
-                frac = float("nan")
-            if not 0.0 < frac < 1.0:
-                raise ConfigError(
-                    f"--space value {key}={raw} is not a whole number or a fraction in (0, 1)",
-                    hint=f"write e.g. {_SPACE_EXAMPLE}",
-                ) from None
-            value = max(1, round(frac * self.teacher[key]))
-        if value <= 0:
-            raise ConfigError(f"--space value {key}={raw} must be positive", hint=f"write e.g. {_SPACE_EXAMPLE}")
-        if value > self.teacher[key]:
-            raise ConfigError(
-                f"--space allows {key}={value}, larger than the teacher's {self.teacher[key]}",
-                hint=f"a student is at most the teacher's size; use {key} values up to {self.teacher[key]}",
-            )
-        return value
-
     def _constrain(self, space: str) -> None:
-        seen = set()
-        for part in (p.strip() for p in space.split(",")):
-            if not part:
-                continue
-            key, sep, expr = part.partition("=")
-            key, expr = key.strip(), expr.strip()
-            if not sep or not expr:
-                raise ConfigError(f"malformed --space entry {part!r}", hint=f"write key=values, e.g. {_SPACE_EXAMPLE}")
-            if key not in self.KEYS:
-                raise ConfigError(f"unknown --space key {key!r}", hint=f"valid keys: {', '.join(self.KEYS)}")
-            if key in seen:
-                raise ConfigError(f"--space key {key!r} is given twice", hint="give each key once")
-            seen.add(key)
-            if key == "kv_heads" and not self.gqa:
-                raise ConfigError(
-                    f"kv_heads is only searched for models with grouped-query attention, and {self.family} has none",
-                    hint="drop kv_heads from --space; key/value heads follow heads",
-                )
-            if ".." in expr:
-                lo_raw, _, hi_raw = expr.partition("..")
-                lo, hi = self._number(key, lo_raw), self._number(key, hi_raw)
-                if lo > hi:
-                    raise ConfigError(f"--space range {key}={expr} is empty", hint="write low..high")
-                kept = [v for v in self.values[key] if lo <= v <= hi]
-                if not kept:
-                    raise ConfigError(
-                        f"--space range {key}={expr} holds none of the searched values "
-                        f"({', '.join(map(str, self.values[key]))})",
-                        hint=f"widen the range, or list exact values as {key}=a|b",
-                    )
-                self.values[key] = kept
-            else:
-                self.values[key] = sorted({self._number(key, v) for v in expr.split("|")})
+        constrain_values(self.values, self.teacher, self.KEYS, space, gqa=self.gqa, family=self.family)
 
     # --- validity -----------------------------------------------------------------------------------------------
 
@@ -317,11 +261,11 @@ class ParamCounter:
     def _build_count(self, spec: dict[str, int]) -> int:
         import torch
 
-        from distillkit.models.student import _construct, student_config
+        from distillkit.models.student import construct_model, student_config
 
         cfg = student_config(self.cfg, spec)
         with torch.device("meta"):
-            model = _construct(type(self.teacher), cfg, self.teacher)
+            model = construct_model(type(self.teacher), cfg, self.teacher)
         return sum(p.numel() for p in model.parameters())
 
     def __call__(self, spec: dict[str, int]) -> int:

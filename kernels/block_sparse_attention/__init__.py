@@ -21,6 +21,7 @@ _EXPORTS = {
     "video_tile_block_mask": ".masks",
     "adaptive_block_mask": ".masks",
     "dense_block_mask": ".masks",
+    "flex_block_mask": ".masks",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -87,10 +87,8 @@ def _bench_length(flex, T, heads, head_dim, densities, dtype, batch, block_size,
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from distillkit.attention import flex_block_mask
-
-    from .masks import adaptive_block_mask, block_index
-    from .op import _bsa_fwd
+    from .masks import adaptive_block_mask, block_index, flex_block_mask
+    from .op import block_sparse_attention_forward
 
     nb = math.ceil(T / block_size)
     shape = (batch, heads, T, head_dim)
@@ -112,7 +110,9 @@ def _bench_length(flex, T, heads, head_dim, densities, dtype, batch, block_size,
         bm = flex_block_mask(mask, T, block_size)
 
         def ours(idx=idx):
-            return _bsa_fwd(q, k, v, idx.row_idx, idx.row_cnt, idx.col_idx, idx.col_cnt, block_size, False, scale)[0]
+            return block_sparse_attention_forward(
+                q, k, v, idx.row_idx, idx.row_cnt, idx.col_idx, idx.col_cnt, block_size, False, scale
+            )[0]
 
         def flex_call(bm=bm):
             return flex(q, k, v, block_mask=bm, scale=scale)

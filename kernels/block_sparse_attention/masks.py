@@ -367,3 +367,48 @@ def check_block_mask(mask: torch.Tensor, batch: int, heads: int, seq_len: int, b
             "build the mask with the same block_size as the op",
         )
     return mask.to(torch.bool)
+
+
+def flex_block_mask(mask: torch.Tensor, seq_len: int, block_size: int, causal: bool = False):
+    """A FlexAttention ``BlockMask`` that keeps exactly the blocks of ``mask [B or 1, H or 1, nb, nb]``.
+
+    Kept blocks off the diagonal (all of them without ``causal``) are passed as full blocks, so FlexAttention
+    skips ``mask_mod`` there; with ``causal`` the diagonal blocks are partial with a causal ``mask_mod``.
+    """
+    import torch
+    from torch.nn.attention.flex_attention import BlockMask
+
+    nb = mask.shape[-1]
+    if causal:
+        tri = torch.ones(nb, nb, dtype=torch.bool, device=mask.device)
+        mask = mask & tri.tril()
+        partial = mask & torch.eye(nb, dtype=torch.bool, device=mask.device)
+        full = mask & ~partial
+    else:
+        partial, full = torch.zeros_like(mask), mask
+
+    def lists(m):
+        cnt = m.sum(-1, dtype=torch.int32)
+        idx = torch.sort(m.to(torch.uint8), dim=-1, descending=True, stable=True).indices.to(torch.int32)
+        return cnt.contiguous(), idx.contiguous()
+
+    p_cnt, p_idx = lists(partial)
+    f_cnt, f_idx = lists(full)
+
+    # mask_mod must agree with the block lists: the fused kernels skip it on full blocks, but the unfused
+    # (eager, CPU) path applies only mask_mod, over every position.
+    B_, H_ = mask.shape[:2]
+
+    def block_mod(b, h, q_idx, kv_idx):
+        keep = mask[b if B_ > 1 else 0, h if H_ > 1 else 0, q_idx // block_size, kv_idx // block_size]
+        return keep & (q_idx >= kv_idx) if causal else keep
+
+    return BlockMask.from_kv_blocks(
+        p_cnt,
+        p_idx,
+        f_cnt,
+        f_idx,
+        BLOCK_SIZE=block_size,
+        mask_mod=block_mod,
+        seq_lengths=(seq_len, seq_len),
+    )

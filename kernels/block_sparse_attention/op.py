@@ -14,7 +14,7 @@ from .masks import BlockIndex, MaskSpec, block_index, check_block_mask, parse_ma
 
 
 @torch.library.custom_op("distillkit::block_sparse_attention_fwd", mutates_args=())
-def _bsa_fwd(
+def block_sparse_attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -26,13 +26,14 @@ def _bsa_fwd(
     causal: bool,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward op alone (what the benchmarks time): ``(out [B, H, T, D], lse [B, H, T] float32)``."""
     # The column lists are unused here; they are inputs so that autograd saves them for the dK/dV pass.
     from .triton_ops import bsa_forward
 
     return bsa_forward(q, k, v, row_idx, row_cnt, block_size, causal, scale)
 
 
-@_bsa_fwd.register_fake
+@block_sparse_attention_forward.register_fake
 def _(q, k, v, row_idx, row_cnt, col_idx, col_cnt, block_size, causal, scale):
     B, H, T, _ = q.shape
     return torch.empty_like(q), q.new_empty((B, H, T), dtype=torch.float32)
@@ -81,7 +82,7 @@ def _backward(ctx, dout, dlse):
     return dq, dk, dv, None, None, None, None, None, None, None
 
 
-_bsa_fwd.register_autograd(_backward, setup_context=_setup_context)
+block_sparse_attention_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def block_sparse_attention(
@@ -125,7 +126,7 @@ def block_sparse_attention(
         mask = check_block_mask(mask, B, H, T, block_size).to(q.device)
         idx = block_index(mask, causal=causal)
     scale = D**-0.5 if scale is None else float(scale)
-    out, _ = _bsa_fwd(
+    out, _ = block_sparse_attention_forward(
         q.contiguous(),
         k.contiguous(),
         v.contiguous(),

@@ -266,7 +266,7 @@ def test_custom_op_opcheck():
 
 
 def test_compile_fullgraph_and_export_trace_the_op():
-    from distillkit.kernels.block_sparse_attention.op import _bsa_fwd
+    from distillkit.kernels.block_sparse_attention.op import block_sparse_attention_forward as _bsa_fwd
 
     q, k, v, idx = _op_inputs()
 

@@ -7,12 +7,12 @@ import torch
 
 from distillkit.models.student import (
     SliceCache,
-    _construct,
     _teacher_state_for,
     build_student,
     plan_student,
     weight_scores,
 )
+from distillkit.models.student import construct_model as _construct
 from tests.tiny import sample_inputs, tiny_bert, tiny_bert_mlm, tiny_gpt2, tiny_llama, tiny_vit
 
 SPECS = [
@@ -24,7 +24,8 @@ SPECS = [
 
 def _reference_build(teacher, spec):
     """The builder before the search's speed-ups: seeded class initialisation, then the teacher's weights."""
-    from distillkit.models.student import _as_spec, student_config
+    from distillkit.models.student import student_config
+    from distillkit.models.student import student_spec as _as_spec
 
     spec = _as_spec(spec, teacher.config, False)
     with torch.random.fork_rng(devices=[]):
