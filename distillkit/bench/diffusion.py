@@ -5,8 +5,9 @@ file size, load time, the sampling step count, latency of sampling one ``--batch
 and per denoiser evaluation too), images/s, peak memory (the transformers bench's method: load plus one sampled
 batch), and the MSE / PSNR of its samples against the baseline's samples from the same noise and labels.
 
-Sampling reuses distillkit's own solvers (:mod:`distillkit.models.diffusion`, :mod:`distillkit.distill.diffusion`):
-deterministic DDIM with trailing timestep spacing, the consistency sampler for LCM students, classifier-free
+Sampling reuses distillkit's own solvers (:mod:`distillkit.models.diffusion`, :mod:`distillkit.distill.diffusion`,
+:mod:`distillkit.models.flow`): Euler on the saved scheduler's sigma grid for flow-matching models
+(FlowMatchEulerDiscreteScheduler), deterministic DDIM with trailing timestep spacing, the consistency sampler for LCM students, classifier-free
 guidance (two evaluations per step) for a baseline that a guidance-distilled student is compared with, and the
 guidance embedding (one evaluation per step) for that student.
 
@@ -36,6 +37,7 @@ from distillkit.errors import ConfigError, ModelError
 
 DEFAULT_STEPS = 50  # diffusers' DDIM pipelines sample in 50 steps by default
 QUALITY_SAMPLES = 16  # distill's default --eval-samples, so its evaluation noise is reproduced
+DISTRIBUTION_SAMPLES = 256  # samples per model for the Fréchet distance (--max-samples changes it)
 
 
 def is_diffusers_source(src: mf.Source) -> bool:
@@ -79,7 +81,8 @@ def _check_flags(cfg: BenchConfig) -> None:
 
 @dataclass(frozen=True)
 class Plan:
-    """How one model samples: ``steps`` with ``sampler`` (``ddim`` | ``consistency``), and ``guidance`` w for
+    """How one model samples: ``steps`` with ``sampler`` (``ddim`` | ``consistency`` | ``euler`` for flow-matching
+    models), and ``guidance`` w for
     classifier-free guidance (``embedded``: through a guidance-distilled student's ``timestep_cond``)."""
 
     steps: int
@@ -159,6 +162,9 @@ def plan_for(
         steps, steps_from = taught, "students' --teacher-steps"
     else:
         steps, steps_from = DEFAULT_STEPS, "default"
+    if dm.flow:
+        # every flow student (progressive, reflow, consistency, dmd) samples with Euler on its saved scheduler
+        return Plan(steps, steps_from, "euler")
     consistency = extra.get("method") == "consistency" or type(dm.scheduler).__name__ == "LCMScheduler"
     if extra.get("guidance_embedding"):
         return Plan(steps, steps_from, guidance=guidance, embedded=True)
@@ -176,7 +182,12 @@ class Sampler:
         from distillkit.models.diffusion import NoiseSchedule, encode_prompts
 
         self.dm, self.plan = dm, plan
-        self.schedule = NoiseSchedule(dm.scheduler, device)
+        if dm.flow:
+            from distillkit.models.flow import FlowSchedule
+
+            self.schedule = FlowSchedule(dm.scheduler)
+        else:
+            self.schedule = NoiseSchedule(dm.scheduler, device)
         self.prompt_embeds = encode_prompts(dm.text_encoder, dm.tokenizer, prompts) if dm.text_conditioned else None
         self.timesteps: list[int] | None = None
         if plan.sampler == "consistency":
@@ -214,6 +225,10 @@ class Sampler:
         model, plan = self.dm.model, self.plan
         labels = self.condition(labels)
         with torch.no_grad():
+            if plan.sampler == "euler":
+                from distillkit.models.flow import euler_sample
+
+                return euler_sample(model, self.schedule, noise, plan.steps, labels)
             if plan.sampler == "consistency":
                 return consistency_sample(model, self.schedule, noise, self.timesteps, labels, self.scaling)
             if plan.embedded:
@@ -228,6 +243,11 @@ class Sampler:
 
         from distillkit.models.diffusion import guided_output
 
+        if self.plan.sampler == "euler":
+            from distillkit.models.flow import velocity
+
+            with torch.no_grad():
+                return velocity(self.dm.model, self.schedule, noise, torch.full((noise.shape[0],), 0.5), labels)
         t = torch.full((noise.shape[0],), self.schedule.num_train_timesteps // 2, device=noise.device)
         emb = self._embedding(noise.shape[0], noise.device) if self.plan.embedded else None
         g = (self.plan.guidance, self.dm.null_condition) if self.plan.guidance is not None and emb is None else None
@@ -252,6 +272,9 @@ class Inputs:
     sample_shape: tuple[int, int, int]
     classes: int
     prompts: list[str] | None = None
+    # the distribution noises [M, C, H, W] / labels [M] of the Fréchet distance (seed + 2)
+    dist_noise: Any = None
+    dist_labels: Any = None
 
 
 def draw_inputs(cfg: BenchConfig, dm: Any, device: Any, prompts: list[str] | None = None) -> Inputs:
@@ -272,7 +295,19 @@ def draw_inputs(cfg: BenchConfig, dm: Any, device: Any, prompts: list[str] | Non
 
     noise, labels = draw(cfg.batch, cfg.seed)
     qn, ql = draw(QUALITY_SAMPLES, cfg.seed + 1)
-    return Inputs(noise, labels, qn, ql, tuple(dm.sample_shape), classes, prompts)
+    dn, dl = draw(distribution_samples(cfg), cfg.seed + 2)
+    return Inputs(noise, labels, qn, ql, tuple(dm.sample_shape), classes, prompts, dn, dl)
+
+
+def distribution_samples(cfg: BenchConfig) -> int:
+    """How many samples per model the Fréchet distance is computed over: ``--max-samples``, else 256."""
+    n = cfg.max_samples or DISTRIBUTION_SAMPLES
+    if n < 2:
+        raise ConfigError(
+            f"the Fréchet distance of diffusers samples needs at least 2 samples (--max-samples {n})",
+            hint=f"pass --max-samples {DISTRIBUTION_SAMPLES} or more, or omit it",
+        )
+    return n
 
 
 def _check_compatible(dm: Any, inputs: Inputs, name: str, baseline: str) -> None:
@@ -301,16 +336,71 @@ def _check_compatible(dm: Any, inputs: Inputs, name: str, baseline: str) -> None
 def quality_samples(sampler: Sampler, inputs: Inputs, batch: int) -> Any:
     """The model's samples [Q, C, H, W] of the quality noises, in chunks of ``batch`` (at least all Q at once, as
     ``distill``'s evaluation samples them, so that its numbers are reproduced to the last digit)."""
+    return _chunked(sampler, inputs.quality_noise, inputs.quality_labels, batch)
+
+
+def _chunked(sampler: Sampler, noise: Any, labels: Any, batch: int) -> Any:
     import torch
 
-    n = inputs.quality_noise.shape[0]
-    labels = inputs.quality_labels
+    n = noise.shape[0]
     return torch.cat(
         [
-            sampler.sample(inputs.quality_noise[i : i + batch], labels[i : i + batch] if labels is not None else None)
+            sampler.sample(noise[i : i + batch], labels[i : i + batch] if labels is not None else None)
             for i in range(0, n, batch)
         ]
     )
+
+
+class Quality:
+    """Every model's samples of the quality noises (MSE/PSNR) and distribution noises (Fréchet distance of the
+    fixed features of :mod:`distillkit.models.sample_features`), against the baseline's; and the baseline run at
+    each model's step count from the same noises (``same_steps_*``), the same-cost comparison."""
+
+    def __init__(self, inputs: Inputs, batch: int, device: Any):
+        from distillkit.models.sample_features import SampleFeatures
+
+        self.inputs, self.batch = inputs, batch
+        self.features = SampleFeatures(inputs.sample_shape[0], device)
+        self.reference: Any = None
+        self.reference_stats: Any = None
+        self.baseline: Sampler | None = None
+        self.same_steps: dict[int, dict[str, float]] = {}
+
+    def _run(self, sampler: Sampler) -> tuple[Any, Any]:
+        from distillkit.models.sample_features import gaussian_stats
+
+        samples = quality_samples(sampler, self.inputs, self.batch)
+        dist = _chunked(sampler, self.inputs.dist_noise, self.inputs.dist_labels, self.batch)
+        return samples, gaussian_stats(self.features.features(dist))
+
+    def _against_reference(self, sampler: Sampler) -> dict[str, float]:
+        from distillkit.models.sample_features import frechet_distance
+
+        samples, stats = self._run(sampler)
+        q = _quality(samples, self.reference)
+        if q["mse"] > 0:  # identical samples (the baseline's own model and steps): nothing to measure, as for PSNR
+            q["fd"] = frechet_distance(stats, self.reference_stats)
+        return q
+
+    def of_baseline(self, sampler: Sampler) -> dict[str, float]:
+        """Record the baseline (kept for the same-steps runs); its quality against itself is an MSE of 0."""
+        self.reference, self.reference_stats = self._run(sampler)
+        self.baseline = sampler
+        return _quality(self.reference, self.reference)
+
+    def of_model(self, sampler: Sampler) -> dict[str, float]:
+        import dataclasses
+
+        q = self._against_reference(sampler)
+        base = self.baseline
+        steps = sampler.plan.steps
+        if base is not None and steps != base.plan.steps:
+            if steps not in self.same_steps:
+                plan = dataclasses.replace(base.plan, steps=steps, steps_from=f"{steps} steps, as {base.plan.steps}")
+                same = Sampler(base.dm, plan, self.inputs.noise.device, self.inputs.prompts)
+                self.same_steps[steps] = self._against_reference(same)
+            q.update({f"same_steps_{k}": v for k, v in self.same_steps[steps].items()})
+        return q
 
 
 # ----------------------------------------------------------------------------------------------
@@ -471,7 +561,7 @@ def run_diffusion_bench(
     _trim_heap()
     records: list[dict[str, Any]] = []
     inputs: Inputs | None = None
-    reference = None
+    quality: Quality | None = None
     for i, ((src, is_teacher), name) in enumerate(zip(entries, names, strict=True)):
         sys.stderr.write(f"bench: {name}\n")
         record, sampler, inputs = measure(
@@ -488,19 +578,25 @@ def run_diffusion_bench(
             prompts_from=prompts_from,
         )
         record["role"] = "teacher" if is_teacher else "model"
-        samples = quality_samples(sampler, inputs, max(cfg.batch, QUALITY_SAMPLES))
-        if reference is None:
-            reference = samples
-        record["quality"] = _quality(samples, reference)
+        if quality is None:
+            quality = Quality(inputs, max(cfg.batch, QUALITY_SAMPLES), device)
+            record["quality"] = quality.of_baseline(sampler)
+        else:
+            record["quality"] = quality.of_model(sampler)
         records.append(record)
-        del sampler, samples
+        del sampler
         _trim_heap()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     base = records[0]
+    n_dist = distribution_samples(cfg)
     notes = [
         f"quality: MSE/PSNR of {QUALITY_SAMPLES} samples against {base['name']}'s {base['steps']}-step samples "
-        f"from the same noise (seed {cfg.seed + 1}); PSNR peak = max - min of the baseline's samples"
+        f"from the same noise (seed {cfg.seed + 1}); PSNR peak = max - min of the baseline's samples",
+        f"fd: Fréchet distance of {n_dist} samples per model (seed {cfg.seed + 2}) to {base['name']}'s, on the "
+        "features of a fixed random conv net (distillkit.models.sample_features; not comparable to published FID)",
+        f"same_steps_*: {base['name']} itself sampled at the model's step count from the same noises (the "
+        "same-cost comparison)",
     ]
     report = build_report(
         cfg,
@@ -520,6 +616,9 @@ def run_diffusion_bench(
     report["diffusion"] = {
         "quality_samples": QUALITY_SAMPLES,
         "quality_seed": cfg.seed + 1,
+        "distribution_samples": n_dist,
+        "distribution_seed": cfg.seed + 2,
+        "distribution_measure": "frechet distance, fixed random conv features (distillkit.models.sample_features)",
         "reference": base["name"],
         "reference_steps": base["steps"],
         "guidance_scale": guidance,
@@ -527,11 +626,45 @@ def run_diffusion_bench(
         "prompts_from": prompts_from if inputs is not None and inputs.prompts is not None else None,
     }
     print_table(report)
+    _side_by_side(records)
     if cfg.plot:
         report["plot"] = write_plot(report, cfg.plot)
     if cfg.out:
         write_report(report, cfg.out)
     return report
+
+
+def _side_by_side(records: list[dict[str, Any]]) -> None:
+    """Each model beside the baseline run at the model's own step count (stderr)."""
+    from rich.table import Table
+
+    from distillkit.cli.options import stderr_console
+
+    rows = [m for m in records[1:] if "same_steps_mse" in m["quality"]]
+    if not rows:
+        return
+    base = records[0]
+    table = Table(title=f"against {base['name']} at {base['steps']} steps: each model vs {base['name']} at its steps")
+    for col in (
+        "model",
+        "steps",
+        "MSE",
+        "PSNR dB",
+        "FD",
+        f"{base['name']} MSE",
+        f"{base['name']} PSNR dB",
+        f"{base['name']} FD",
+    ):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for m in rows:
+        q = m["quality"]
+        table.add_row(
+            m["name"],
+            str(m["steps"]),
+            *(f"{q[k]:.4g}" if k in q else "-" for k in ("mse", "psnr", "fd")),
+            *(f"{q[k]:.4g}" if k in q else "-" for k in ("same_steps_mse", "same_steps_psnr", "same_steps_fd")),
+        )
+    stderr_console().print(table)
 
 
 def _fast(cfg: BenchConfig) -> BenchConfig:

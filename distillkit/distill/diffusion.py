@@ -75,7 +75,9 @@ EMA_DECAY = 0.95
 SIGMA_DATA = 0.5  # LCMScheduler's sigma_data of the boundary scalings
 GUIDANCE_EMBED_DIM = 256  # the time_cond_proj_dim of diffusers' LCM UNets
 # Methods a model kind can use: guidance needs a null class and a timestep_cond input (UNet2DConditionModel).
-METHODS = ("progressive", "consistency", "guidance")
+METHODS = ("progressive", "consistency", "guidance", "reflow", "dmd")
+# flow-matching teachers (distillkit.distill.flow) take every method but guidance; reflow and dmd need a flow teacher
+FLOW_ONLY_METHODS = ("reflow", "dmd")
 
 
 # --------------------------------------------------------------------------------------------
@@ -87,12 +89,30 @@ def check_method(cfg: DistillConfig, dm: DiffusionModel) -> None:
     if cfg.method is None:
         raise ConfigError(
             f"{dm.path} is a diffusers model; say which distillation to run",
-            hint="pass --method progressive, consistency or guidance",
+            hint="pass --method progressive, consistency or guidance (flow-matching teachers: progressive, reflow, "
+            "consistency or dmd)",
         )
     if cfg.data is not None:
         raise ConfigError(
             "diffusion distillation is data-free (it trains on the teacher's own samples); --data is not used",
             hint="drop --data",
+        )
+    if dm.flow and cfg.method == "guidance":
+        raise ConfigError(
+            f"{dm.path} is a flow-matching model sampled without classes or prompts; guidance distillation does "
+            "not apply",
+            hint="use --method progressive, reflow, consistency or dmd",
+        )
+    if not dm.flow and cfg.method in FLOW_ONLY_METHODS:
+        raise ConfigError(
+            f"--method {cfg.method} distils flow-matching teachers (FlowMatchEulerDiscreteScheduler); {dm.class_name} "
+            f"at {dm.path} predicts {dm.prediction_type}",
+            hint="use --method progressive or consistency for a DDPM/DDIM-family teacher",
+        )
+    if cfg.alpha > 0 and cfg.method != "dmd":
+        raise ConfigError(
+            f"--alpha weighs dmd's regression term and does nothing for --method {cfg.method}",
+            hint="drop --alpha",
         )
     if cfg.method == "guidance":
         if not dm.conditional or dm.null_condition is None:
@@ -558,6 +578,9 @@ def student_scheduler(cfg: DistillConfig, dm: DiffusionModel) -> Any:
     """DDIM with trailing spacing (progressive, guidance) or LCMScheduler (consistency), on the teacher's schedule."""
     from diffusers import DDIMScheduler, LCMScheduler
 
+    if dm.flow:
+        # Euler on the teacher's own sigma schedule, shift included: a flow student samples as its teacher does
+        return type(dm.scheduler).from_config(dm.scheduler.config)
     if cfg.method == "consistency":
         return LCMScheduler.from_config(dm.scheduler.config, original_inference_steps=cfg.teacher_steps)
     return DDIMScheduler.from_config(ddim_sampler_config(dm.scheduler))
@@ -648,7 +671,12 @@ def run_diffusion_distill(cfg: DistillConfig, *, out: str, overwrite: bool = Fal
     check_method(cfg, dm)
     labels = read_labels(cfg, dm)
     sparse = _sparse_spec(cfg)
-    schedule = NoiseSchedule(dm.scheduler, device)
+    if dm.flow:
+        from distillkit.models.flow import FlowSchedule
+
+        schedule = FlowSchedule(dm.scheduler)
+    else:
+        schedule = NoiseSchedule(dm.scheduler, device)
     scaling = float(getattr(dm.scheduler.config, "timestep_scaling", 10.0))
     load_s = time.perf_counter() - t0
     n_params = sum(p.numel() for p in dm.model.parameters())
@@ -663,19 +691,26 @@ def run_diffusion_distill(cfg: DistillConfig, *, out: str, overwrite: bool = Fal
 
     gen = torch.Generator().manual_seed(cfg.seed)
     t0 = time.perf_counter()
-    pool = teacher_pool(
-        dm,
-        schedule,
-        labels,
-        cfg.max_samples or DEFAULT_POOL,
-        cfg.teacher_steps,
-        gen,
-        device,
-        guidance=cfg.guidance_scale if cfg.method == "guidance" else None,
-    )
+    if dm.flow:
+        from distillkit.distill.flow import evaluate_flow, flow_pool, run_flow_method
+
+        pool = flow_pool(dm, schedule, cfg.max_samples or DEFAULT_POOL, cfg.teacher_steps, gen, device)
+    else:
+        pool = teacher_pool(
+            dm,
+            schedule,
+            labels,
+            cfg.max_samples or DEFAULT_POOL,
+            cfg.teacher_steps,
+            gen,
+            device,
+            guidance=cfg.guidance_scale if cfg.method == "guidance" else None,
+        )
     pool_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    if cfg.method == "progressive":
+    if dm.flow:
+        student, rounds = run_flow_method(cfg, dm, schedule, pool, gen, sparse)
+    elif cfg.method == "progressive":
         student, rounds = run_progressive(cfg, dm, schedule, pool, gen, sparse)
     elif cfg.method == "consistency":
         student, rounds = run_consistency(cfg, dm, schedule, pool, gen, sparse, scaling)
@@ -683,7 +718,10 @@ def run_diffusion_distill(cfg: DistillConfig, *, out: str, overwrite: bool = Fal
         student, rounds = run_guidance(cfg, dm, schedule, pool, gen, sparse)
     train_s = time.perf_counter() - t0
     student.requires_grad_(False).eval()
-    metrics = evaluate(cfg, dm, schedule, student, labels, scaling, device)
+    if dm.flow:
+        metrics = evaluate_flow(cfg, dm, schedule, student, device)
+    else:
+        metrics = evaluate(cfg, dm, schedule, student, labels, scaling, device)
     metrics["rounds"] = rounds
     metrics["final_train_loss"] = rounds[-1]["final_loss"]
     console.print(
@@ -694,7 +732,14 @@ def run_diffusion_distill(cfg: DistillConfig, *, out: str, overwrite: bool = Fal
 
     scheduler = student_scheduler(cfg, dm)
     steps = metrics["student_steps"]
-    if cfg.method == "consistency":
+    if dm.flow:
+        usage = (
+            f"Sample with the saved {type(scheduler).__name__} (Euler, the teacher's shift) in "
+            f"`num_inference_steps={steps}`. The transformer is conditioned on zero text embeddings: with a "
+            f"pipeline, pass `prompt_embeds=torch.zeros(B, 1, {dm.model.config.joint_attention_dim})`, "
+            f"`pooled_prompt_embeds=torch.zeros(B, {dm.model.config.pooled_projection_dim})`, `guidance_scale=1.0`."
+        )
+    elif cfg.method == "consistency":
         usage = (
             f"Sample with the saved LCMScheduler in {steps} steps (`scheduler.set_timesteps({steps})`); "
             "distillkit's evaluation re-noises deterministically between steps (see distillkit.json)."

@@ -7,7 +7,7 @@ What distillkit accepts as a diffusers teacher (``--teacher DIR``):
   copied into the output unchanged. A pipeline with a ``vae`` is a latent model: samples are compared in
   latent space and never decoded.
 - a **model directory**: ``config.json`` whose ``_class_name`` is ``UNet2DModel``, ``UNet2DConditionModel``,
-  ``DiTTransformer2DModel`` or ``Transformer2DModel``, with its scheduler in ``DIR/scheduler/`` or as
+  ``DiTTransformer2DModel``, ``Transformer2DModel`` or ``SD3Transformer2DModel``, with its scheduler in ``DIR/scheduler/`` or as
   ``DIR/scheduler_config.json`` beside the model config.
 
 Conditioning is by class label: ``UNet2DModel`` / ``UNet2DConditionModel`` with ``num_class_embeds`` and
@@ -20,7 +20,11 @@ branch of guidance is the empty prompt's embedding. A cross-attention UNet witho
 for a class-conditional UNet, its last embedding (id ``num_class_embeds - 1``), which then is not sampled as a
 class; the UNet must have been trained with that label dropout for guidance to mean anything.
 
-Sampling here is deterministic DDIM (eta 0) with ``trailing`` timestep spacing, so that a few-step run starts
+Flow-matching transformers (``SD3Transformer2DModel`` with ``FlowMatchEulerDiscreteScheduler``, velocity prediction)
+are sampled with Euler on the scheduler's own sigma grid (:mod:`distillkit.models.flow`); they are conditioned on zero
+text embeddings (a pipeline saved without its text encoders), and a pipeline with text encoders is refused.
+
+Sampling of DDPM-family models here is deterministic DDIM (eta 0) with ``trailing`` timestep spacing, so that a few-step run starts
 from pure noise; :func:`ddim_step` reproduces ``DDIMScheduler.step`` (clip_sample included) for any pair of
 timesteps per sample, which training needs.
 """
@@ -35,7 +39,17 @@ from typing import Any
 
 from distillkit.errors import ConfigError, ModelError
 
-MODEL_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel", "Transformer2DModel")
+MODEL_CLASSES = (
+    "UNet2DModel",
+    "UNet2DConditionModel",
+    "DiTTransformer2DModel",
+    "Transformer2DModel",
+    "SD3Transformer2DModel",
+)
+# flow-matching transformers (velocity prediction, FlowMatchEulerDiscreteScheduler); see distillkit.models.flow
+FLOW_MODEL_CLASSES = ("SD3Transformer2DModel",)
+# pipeline components of a text-conditioned flow pipeline, which distillkit does not encode prompts with yet
+FLOW_TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 DENOISER_FOLDERS = ("unet", "transformer")
 SCHEDULER_DIR = "scheduler"
 SCHEDULER_CONFIG = "scheduler_config.json"
@@ -109,8 +123,15 @@ class DiffusionModel:
         return self.null_embedding if self.text_conditioned else self.null_class
 
     @property
+    def flow(self) -> bool:
+        """A flow-matching model: velocity prediction on FlowMatchEulerDiscreteScheduler's straight path."""
+        from distillkit.models.flow import is_flow_scheduler
+
+        return is_flow_scheduler(self.scheduler)
+
+    @property
     def prediction_type(self) -> str:
-        return self.scheduler.config.prediction_type
+        return "flow (velocity)" if self.flow else self.scheduler.config.prediction_type
 
 
 def _model_class(name: str) -> Any:
@@ -171,6 +192,36 @@ def load_diffusion(path: str | Path, *, device: Any = "cpu") -> DiffusionModel:
     except (OSError, ValueError, AttributeError) as e:
         raise ModelError(f"cannot load the diffusers model in {path}: {str(e).splitlines()[0]}") from None
     cfg = model.config
+    from distillkit.models.flow import check_flow_scheduler, is_flow_scheduler
+
+    if (name in FLOW_MODEL_CLASSES) != is_flow_scheduler(scheduler):
+        raise ModelError(
+            f"{path} pairs a {name} with a {type(scheduler).__name__}",
+            hint="flow-matching transformers (SD3Transformer2DModel) sample with FlowMatchEulerDiscreteScheduler; "
+            "UNet and DiT denoisers with a DDPM/DDIM-family scheduler",
+        )
+    if name in FLOW_MODEL_CLASSES:
+        check_flow_scheduler(scheduler, str(path))
+        texts = [k for k in FLOW_TEXT_COMPONENTS if (index.get(k) or [None])[0]]
+        if texts:
+            raise ModelError(
+                f"{path} is a text-conditioned flow pipeline ({', '.join(texts)}); distillkit distils flow "
+                "transformers with zero text conditioning only",
+                hint="save the pipeline without its text encoders (text_encoder*=None) to distil it unconditionally",
+            )
+        h, w = _square(cfg.sample_size)
+        model.to(device).eval().requires_grad_(False)
+        return DiffusionModel(
+            model=model,
+            scheduler=scheduler,
+            path=str(path.resolve()),
+            layout=layout,
+            class_name=name,
+            subfolder=sub,
+            sample_shape=(int(cfg.in_channels), h, w),
+            space="latent" if (index.get("vae") or [None])[0] else "pixel",
+            pipeline_index=index,
+        )
     if getattr(scheduler.config, "thresholding", False):
         raise ModelError(
             f"the scheduler of {path} uses dynamic thresholding, which distillkit's DDIM solver does not reproduce",
@@ -225,6 +276,11 @@ def load_diffusion(path: str | Path, *, device: Any = "cpu") -> DiffusionModel:
         tokenizer=tokenizer,
         null_embedding=null_embedding,
     )
+
+
+def _square(size: Any) -> tuple[int, int]:
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return int(h), int(w)
 
 
 def _load_text_encoder(path: Path, index: dict[str, Any], device: Any) -> tuple[Any, Any]:
@@ -288,7 +344,8 @@ def label_range(dm: DiffusionModel) -> int:
 
 
 def denoise(model: Any, x: Any, t: Any, labels: Any = None, timestep_cond: Any = None) -> Any:
-    """The raw model output for noisy samples ``x`` [B, C, H, W] at integer timesteps ``t`` [B].
+    """The raw model output for noisy samples ``x`` [B, C, H, W] at integer timesteps ``t`` [B] (float
+    ``sigma * num_train_timesteps`` for a flow transformer, which gets zero text conditioning and returns its velocity).
 
     ``labels`` [B] (int64) for class-conditional models, or prompt embeddings [B, L, D] (float) for a
     text-conditioned UNet2DConditionModel; ``timestep_cond`` [B, time_cond_proj_dim] for a
@@ -296,6 +353,11 @@ def denoise(model: Any, x: Any, t: Any, labels: Any = None, timestep_cond: Any =
     that learns its variance returns 2C channels; the variance half is dropped, as DiTPipeline does).
     """
     name = type(model).__name__
+    if name in FLOW_MODEL_CLASSES:
+        from distillkit.models.flow import null_text_condition
+
+        states, pooled = null_text_condition(model, x.shape[0], x.device)
+        return model(x, encoder_hidden_states=states, pooled_projections=pooled, timestep=t).sample
     if name == "UNet2DModel":
         out = model(x, t, class_labels=labels).sample
     elif name == "UNet2DConditionModel":

@@ -1,0 +1,124 @@
+"""Flow-matching denoisers (SD3-style transformers with ``FlowMatchEulerDiscreteScheduler``): the noise path,
+the model's velocity, and Euler sampling on the scheduler's own sigma grid.
+
+A flow-matching model predicts the velocity ``v = eps - x0`` of the straight path
+``x_sigma = (1 - sigma) x0 + sigma eps`` (``sigma`` from 1, pure noise, to 0, the sample); the transformer is fed
+the timestep ``sigma * num_train_timesteps``. ``FlowMatchEulerDiscreteScheduler.step`` is one Euler step
+``x <- x + (sigma_next - sigma) v`` on the grid ``set_timesteps(n)`` makes (shift included); :func:`flow_sigmas`
+asks the scheduler for that grid, so :func:`euler_sample` and a plain diffusers loop with the saved scheduler give
+the same samples.
+
+Deterministic multistep consistency sampling (re-noise the predicted ``x0`` with the model's own implied noise)
+is the same Euler step: ``(1 - s') x0 + s' eps = x + (s' - s) v``; consistency students therefore sample with the
+Euler scheduler too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from distillkit.errors import ModelError
+
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
+
+
+def is_flow_scheduler(scheduler: Any) -> bool:
+    return type(scheduler).__name__ in FLOW_SCHEDULERS
+
+
+def check_flow_scheduler(scheduler: Any, path: str) -> None:
+    """Refuse scheduler settings distillkit's Euler solver does not reproduce, by name."""
+    cfg = scheduler.config
+    bad = [
+        (getattr(cfg, "use_dynamic_shifting", False), "use_dynamic_shifting", "a resolution-dependent shift (mu)"),
+        (getattr(cfg, "stochastic_sampling", False), "stochastic_sampling", "stochastic sampling"),
+        (getattr(cfg, "invert_sigmas", False), "invert_sigmas", "inverted sigmas"),
+    ]
+    for on, key, what in bad:
+        if on:
+            raise ModelError(
+                f"the scheduler of {path} uses {what} ({key}=true), which distillkit's Euler solver does not reproduce",
+                hint=f"set {key}=false in its scheduler_config.json",
+            )
+
+
+def flow_sigmas(scheduler: Any, steps: int) -> list[float]:
+    """The ``steps + 1`` sigmas (the last 0) of a ``steps``-step run, exactly as ``scheduler.set_timesteps`` makes
+    them (on a copy, so the caller's scheduler is not changed)."""
+    sch = type(scheduler).from_config(scheduler.config)
+    sch.set_timesteps(steps)
+    return [float(s) for s in sch.sigmas]
+
+
+def shift_sigma(scheduler: Any, u: Any) -> Any:
+    """The scheduler's static shift ``shift * u / (1 + (shift - 1) u)`` of sigmas ``u`` in [0, 1] (a tensor)."""
+    shift = float(getattr(scheduler.config, "shift", 1.0))
+    return shift * u / (1 + (shift - 1) * u)
+
+
+class FlowSchedule:
+    """The straight noise path and its velocity arithmetic; sigmas are float tensors [B] (viewed [B, 1, 1, 1])."""
+
+    def __init__(self, scheduler: Any):
+        self.scheduler = scheduler
+        self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
+
+    @staticmethod
+    def _v(sigma: Any) -> Any:
+        return sigma.float().view(-1, *([1] * 3))
+
+    def timestep(self, sigma: Any) -> Any:
+        """What the transformer is fed: ``sigma * num_train_timesteps`` [B], as the pipelines do."""
+        return sigma.float() * self.num_train_timesteps
+
+    def add_noise(self, x0: Any, noise: Any, sigma: Any) -> Any:
+        s = self._v(sigma).to(x0)
+        return (1 - s) * x0 + s * noise
+
+    def x0_eps(self, v: Any, x: Any, sigma: Any) -> tuple[Any, Any]:
+        """(x0, eps) implied by the velocity ``v`` at ``x``, ``sigma``."""
+        s = self._v(sigma).to(x)
+        return x - s * v, x + (1 - s) * v
+
+    def euler(self, x: Any, v: Any, sigma: Any, sigma_next: Any) -> Any:
+        return x + (self._v(sigma_next) - self._v(sigma)).to(x) * v
+
+    def sigmas(self, steps: int) -> list[float]:
+        return flow_sigmas(self.scheduler, steps)
+
+
+def velocity(model: Any, schedule: FlowSchedule, x: Any, sigma: Any, labels: Any = None) -> Any:
+    """The model's velocity [B, C, H, W] at ``x`` and sigmas ``sigma`` [B]."""
+    from distillkit.models.diffusion import denoise
+
+    return denoise(model, x, schedule.timestep(sigma.to(x.device)), labels)
+
+
+def euler_sample(
+    model: Any, schedule: FlowSchedule, noise: Any, steps: int | list[float], labels: Any = None, start: int = 0
+) -> Any:
+    """Euler on the scheduler's ``steps``-step grid (or on the given sigmas) from ``noise`` [B, C, H, W]; returns
+    x0. ``start`` skips the first grid steps (``noise`` is then the state at ``sigmas[start]``)."""
+    import torch
+
+    sigmas = schedule.sigmas(steps) if isinstance(steps, int) else list(steps)
+    x = noise
+    b = x.shape[0]
+    for j in range(start, len(sigmas) - 1):
+        s = torch.full((b,), sigmas[j], device=x.device)
+        v = velocity(model, schedule, x, s, labels)
+        x = schedule.euler(x, v, s, torch.full((b,), sigmas[j + 1], device=x.device))
+    return x
+
+
+def null_text_condition(model: Any, batch: int, device: Any = "cpu") -> tuple[Any, Any]:
+    """The conditioning an SD3 transformer without text encoders is sampled with: zero prompt embeddings
+    [B, 1, joint_attention_dim] and zero pooled projections [B, pooled_projection_dim]. A pipeline call reproduces it
+    with ``prompt_embeds=torch.zeros(B, 1, D)``, ``pooled_prompt_embeds=torch.zeros(B, P)``, ``guidance_scale=1``."""
+    import torch
+
+    cfg = model.config
+    return (
+        torch.zeros(batch, 1, int(cfg.joint_attention_dim), device=device),
+        torch.zeros(batch, int(cfg.pooled_projection_dim), device=device),
+    )

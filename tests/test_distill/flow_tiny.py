@@ -1,0 +1,82 @@
+"""Tiny flow-matching teachers built from configs: an SD3Transformer2DModel with a FlowMatchEulerDiscreteScheduler,
+saved as a StableDiffusion3Pipeline without VAE or text encoders (zero text conditioning), or as a model
+directory with its scheduler in ``scheduler/``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+# what DiffusionPipeline.from_pretrained must be told for a pipeline saved without these components
+ABSENT = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
+
+
+def tiny_sd3(*, seed: int = 0, shift: float = 3.0, **overrides: Any) -> tuple[Any, Any]:
+    """(SD3Transformer2DModel on 4x8x8 latents: patch 2 (16 tokens), 2 joint blocks of 2 heads x 8, joint/pooled
+    dims 16; its FlowMatchEulerDiscreteScheduler with ``shift``)."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    kwargs: dict[str, Any] = dict(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        caption_projection_dim=16,
+        pooled_projection_dim=16,
+        pos_embed_max_size=8,
+    )
+    kwargs.update(overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = SD3Transformer2DModel(**kwargs)
+    return model.eval(), FlowMatchEulerDiscreteScheduler(shift=shift)
+
+
+def tiny_sd3_pipeline(save_dir: str | Path, *, seed: int = 0, shift: float = 3.0, **overrides: Any) -> tuple[Any, str]:
+    """A StableDiffusion3Pipeline directory holding only the tiny transformer and its scheduler."""
+    from diffusers import StableDiffusion3Pipeline
+
+    model, scheduler = tiny_sd3(seed=seed, shift=shift, **overrides)
+    pipe = StableDiffusion3Pipeline(transformer=model, scheduler=scheduler, **{k: None for k in ABSENT})
+    path = Path(save_dir) / "sd3"
+    pipe.save_pretrained(path)
+    return pipe, str(path)
+
+
+def tiny_sd3_model_dir(save_dir: str | Path, *, seed: int = 0, shift: float = 3.0, **overrides: Any) -> tuple[Any, str]:
+    """The tiny transformer as a model directory, its scheduler in ``scheduler/``."""
+    model, scheduler = tiny_sd3(seed=seed, shift=shift, **overrides)
+    path = Path(save_dir) / "sd3-model"
+    model.save_pretrained(path)
+    scheduler.save_pretrained(path / "scheduler")
+    return model, str(path)
+
+
+def load_pipeline(path: str | Path) -> Any:
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(str(path), **{k: None for k in ABSENT})
+
+
+def pipeline_sample(pipe: Any, noise: Any, steps: int) -> Any:
+    """The pipeline's own sampling (zero text conditioning, no guidance) from latents ``noise``; returns latents."""
+    import torch
+
+    b = noise.shape[0]
+    cfg = pipe.transformer.config
+    out = pipe(
+        prompt_embeds=torch.zeros(b, 1, cfg.joint_attention_dim),
+        pooled_prompt_embeds=torch.zeros(b, cfg.pooled_projection_dim),
+        guidance_scale=1.0,
+        num_inference_steps=steps,
+        latents=noise.clone(),
+        height=noise.shape[-2] * pipe.vae_scale_factor,
+        width=noise.shape[-1] * pipe.vae_scale_factor,
+        output_type="latent",
+    )
+    return out.images
