@@ -56,7 +56,31 @@ def quantize(
         bool | None,
         typer.Option("--embeddings/--no-embeddings", help="Quantize embedding tables too (default yes)."),
     ] = None,
-    damp: Annotated[float | None, typer.Option("--damp", help="GPTQ Hessian dampening (default 0.01).")] = None,
+    embedding_bits: Annotated[
+        int | None,
+        typer.Option(
+            "--embedding-bits",
+            help="Bits of the embedding tables (8, 4, 2; default 8 for post-training int4/int2, else the scheme's).",
+        ),
+    ] = None,
+    damp: Annotated[
+        float | None,
+        typer.Option("--damp", help="GPTQ Hessian dampening, relative to its mean diagonal (default 0.1)."),
+    ] = None,
+    act_order: Annotated[
+        bool | None,
+        typer.Option(
+            "--act-order/--no-act-order",
+            help="GPTQ: quantize columns by decreasing input energy, with static groups (default yes).",
+        ),
+    ] = None,
+    clip_search: Annotated[
+        bool | None,
+        typer.Option(
+            "--clip-search/--no-clip-search",
+            help="Shrink each group's range where that lowers its Hessian-weighted error (default yes).",
+        ),
+    ] = None,
     teacher: Annotated[
         str | None,
         typer.Option(
@@ -135,7 +159,10 @@ def quantize(
         method=method,
         skip=tuple(skip) if skip else None,
         embeddings=embeddings,
+        embedding_bits=embedding_bits,
         damp=damp,
+        act_order=act_order,
+        clip_search=clip_search,
         teacher=teacher,
         qat_steps=qat_steps,
         qat_lr=qat_lr,

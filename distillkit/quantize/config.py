@@ -23,7 +23,10 @@ class QuantizeConfig(BaseConfig):
     method: str | None = None  # None: gptq for packed schemes
     skip: tuple[str, ...] = ()
     embeddings: bool = True
-    damp: float = 0.01
+    embedding_bits: int | None = None  # None: 8 for post-training int4/int2 (embedding tables are the most sensitive)
+    damp: float = 0.1
+    act_order: bool = True  # GPTQ: columns by decreasing Hessian diagonal, static groups
+    clip_search: bool = True  # per-group range shrink minimising the (Hessian-weighted) quantization error
     task: str | None = None
     # quantized distillation
     teacher: str | None = None
@@ -57,6 +60,18 @@ class QuantizeConfig(BaseConfig):
         scheme = SCHEMES.get(self.scheme).obj
         if self.group_size is not None:
             check_group_size(self.group_size)
+        if self.embedding_bits is not None:
+            check_bits(self.embedding_bits)
+            if scheme.format != "packed":
+                raise ConfigError(
+                    "--embedding-bits applies to the packed schemes", hint="use --scheme int8, int4 or int2"
+                )
+            if self.qat_steps:
+                raise ConfigError(
+                    "--embedding-bits is post-training only: quantized distillation trains every table at the "
+                    "scheme's bits",
+                    hint="drop --embedding-bits, or --qat-steps",
+                )
         if self.act_bits is not None and self.act_bits not in ACT_BITS:
             raise ConfigError(
                 f"{self.act_bits}-bit activations are not supported",
@@ -113,7 +128,7 @@ class QuantizeConfig(BaseConfig):
             "pass e.g. --temperature 2.0",
         )
         check_temperature(self.temperature)
-        _check(self.damp > 0, "--damp must be positive", "GPTQ's usual dampening is 0.01")
+        _check(self.damp > 0, "--damp must be positive", "e.g. 0.1 (the default) or 0.01")
         _check(0 <= self.eval_split <= 0.5, "--eval-split must be in [0, 0.5]", "e.g. 0.05")
         for name in ("calib_batches", "batch_size", "max_length"):
             _check(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive", "give a positive number")
@@ -127,4 +142,14 @@ class QuantizeConfig(BaseConfig):
         group = s.group_size if self.group_size is None else self.group_size
         sym = s.symmetric if self.symmetric is None else self.symmetric
         method = self.method or ("gptq" if s.format in ("packed", "dynamic") else "bnb")
-        return {"format": s.format, "bits": s.bits, "group_size": group, "symmetric": sym, "method": method}
+        emb = self.embedding_bits
+        if emb is None:
+            emb = 8 if s.format == "packed" and s.bits < 8 and not self.qat_steps else s.bits
+        return {
+            "format": s.format,
+            "bits": s.bits,
+            "group_size": group,
+            "symmetric": sym,
+            "method": method,
+            "embedding_bits": emb,
+        }

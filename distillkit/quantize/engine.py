@@ -71,24 +71,35 @@ def _refuse_quantized(path: str) -> None:
 # Post-training quantization
 
 
-def gptq_states(model: Any, targets: list, batches: list[dict], r: dict, damp: float, device: Any) -> dict:
+def gptq_states(
+    model: Any,
+    targets: list,
+    batches: list[dict],
+    r: dict,
+    damp: float,
+    device: Any,
+    *,
+    act_order: bool = False,
+    clip_search: bool = False,
+) -> dict:
     """GPTQ every Linear target, block by block in model order.
 
     The inputs of a layer's Linears are collected with every earlier layer already quantized (sequential GPTQ), so
-    later layers correct for the error of earlier ones. Embeddings and tied outputs get round-to-nearest.
+    later layers correct for the error of earlier ones. Embeddings and tied outputs get round-to-nearest (with the
+    clip search when asked). Each block runs on its own recorded inputs: the model runs once up to the first block,
+    and a block's quantized outputs become the next block's inputs wherever the model chains them (checked on the
+    first batch); elsewhere the model runs from the start up to the block.
     """
     import torch
 
-    from distillkit.models.forward import model_inputs
-    from distillkit.quantize import functional as qf
-    from distillkit.quantize.gptq import HessianAccumulator, gptq_quantize
+    from distillkit.quantize.gptq import HessianAccumulator, gptq_quantize, group_params
     from distillkit.quantize.surgery import weight_of
 
     bits, group, sym = r["bits"], r["group_size"], r["symmetric"]
     states = {}
     for t in targets:
         if t.kind == "embedding":
-            states[t.name] = qf.quantize_rtn(weight_of(model, t).detach(), bits, group, sym)
+            states[t.name] = _rtn_state(weight_of(model, t).detach(), bits, group, sym, clip_search, group_params)
     linears = [t for t in targets if t.kind in ("linear", "conv1d")]
     # one stage per parent block (the module holding the Linears), in model order
     stages: list[list] = []
@@ -98,44 +109,185 @@ def gptq_states(model: Any, targets: list, batches: list[dict], r: dict, damp: f
             stages[-1].append(t)
         else:
             stages.append([t])
+    if not stages:
+        return states
+    blocks = [model.get_submodule(_block_of(s[0].name)) for s in stages]
+    masks = [b.get("attention_mask") for b in batches]
     originals = {t.name: weight_of(model, t).detach().clone() for t in linears}
     try:
-        for stage in _progress(stages, "gptq"):
-            accs = {t.name: HessianAccumulator(t.in_features, device) for t in stage}
-            hooks = []
-            for t in stage:
-                mod = model.get_submodule(t.name)
-                hooks.append(mod.register_forward_pre_hook(lambda m, args, _a=accs[t.name]: _a.add(args[0])))
-            # nothing after this block matters for its Hessians: stop the forward pass there
-            hooks.append(model.get_submodule(_block_of(stage[0].name)).register_forward_hook(_stop))
-            try:
-                with torch.no_grad():
-                    for b in batches:
-                        try:
-                            model(**model_inputs(model, b, device))
-                        except _StopForward:
-                            pass
-            finally:
-                for h in hooks:
-                    h.remove()
-            for t in stage:
-                st = gptq_quantize(
-                    weight_of(model, t), accs[t.name].H, bits=bits, group_size=group, symmetric=sym, damp=damp
-                )
-                states[t.name] = st
-                _set_weight(model, t, st.dequantize(torch.float32))
+        with torch.no_grad():
+            chains = _chains(model, blocks, batches[0], device)
+            inputs = _block_inputs(model, blocks[0], batches, device)
+            for k, stage in enumerate(_progress(stages, "gptq")):
+                accs = {t.name: HessianAccumulator(t.in_features, device) for t in stage}
+                current: dict[str, Any] = {"mask": None}
+                hooks = []
+                for t in stage:
+                    mod = model.get_submodule(t.name)
+                    hooks.append(
+                        mod.register_forward_pre_hook(
+                            lambda m, args, _a=accs[t.name], _c=current: _a.add(args[0], _c["mask"])
+                        )
+                    )
+                try:
+                    for (args, kwargs), mask in zip(inputs, masks, strict=True):
+                        current["mask"] = mask
+                        blocks[k](*args, **kwargs)
+                finally:
+                    for h in hooks:
+                        h.remove()
+                for t in stage:
+                    st = gptq_quantize(
+                        weight_of(model, t),
+                        accs[t.name].H,
+                        bits=bits,
+                        group_size=group,
+                        symmetric=sym,
+                        damp=damp,
+                        act_order=act_order,
+                        clip_search=clip_search,
+                    )
+                    states[t.name] = st
+                    _set_weight(model, t, st.dequantize(torch.float32))
+                    del accs[t.name]
+                if k + 1 == len(stages):
+                    break
+                if chains[k]:  # the next block takes this one's (now quantized) output
+                    inputs = [_chain_input(args, kwargs, blocks[k](*args, **kwargs)) for args, kwargs in inputs]
+                else:
+                    inputs = _block_inputs(model, blocks[k + 1], batches, device)
     finally:
         for t in linears:  # the caller quantizes from the states; the float model is left as it was
             _set_weight(model, t, originals[t.name])
     return states
 
 
+def _group_params() -> Any:
+    from distillkit.quantize.gptq import group_params
+
+    return group_params
+
+
+def _rtn_state(w: Any, bits: int, group: int, sym: bool, clip_search: bool, group_params: Any) -> Any:
+    import torch
+
+    from distillkit.quantize import functional as qf
+
+    if not clip_search:
+        return qf.quantize_rtn(w, bits, group, sym)
+    o, i = w.shape
+    g = qf.effective_group(i, group)
+    x = w.float().reshape(o, i // g, g)
+    s, z = group_params(x, bits, sym, None, True)
+    u = qf.quantize_codes(w, s, z, bits, g)
+    return qf.QuantState(
+        codes=u.to(torch.uint8),
+        scales=s.to(qf.SCALE_DTYPE),
+        zeros=None if z is None else z.to(torch.uint8),
+        bits=bits,
+        group_size=g,
+        symmetric=sym,
+    )
+
+
+def _calib_inputs(model: Any, batch: dict, device: Any) -> dict:
+    from distillkit.models.forward import _forward_params, model_inputs
+
+    inputs = model_inputs(model, batch, device)
+    if "use_cache" in _forward_params(type(model)):
+        inputs["use_cache"] = False  # a key/value cache shared by calls would grow when a block runs again
+    return inputs
+
+
+def _block_inputs(model: Any, block: Any, batches: list[dict], device: Any) -> list[tuple[tuple, dict]]:
+    """The (args, kwargs) ``block`` is called with, per batch, running the model only up to it."""
+    got: list[tuple[tuple, dict]] = []
+
+    def grab(module: Any, args: tuple, kwargs: dict) -> None:
+        got.append((args, dict(kwargs)))
+        raise _StopForward
+
+    h = block.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for b in batches:
+            try:
+                model(**_calib_inputs(model, b, device))
+            except _StopForward:
+                pass
+    finally:
+        h.remove()
+    if len(got) != len(batches):
+        raise ModelError("a calibration batch never reached a quantized layer", hint="use --method rtn")
+    return got
+
+
+def _hidden_of(args: tuple, kwargs: dict) -> Any:
+    return args[0] if args else kwargs.get("hidden_states")
+
+
+def _chain_input(args: tuple, kwargs: dict, out: Any) -> tuple[tuple, dict]:
+    h = out if hasattr(out, "shape") else out[0]
+    if args:
+        return (h, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": h}
+
+
+def _same(a: Any, b: Any) -> bool:
+    import torch
+
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.shape == b.shape
+            and bool(torch.equal(a, b))
+        )
+    if isinstance(a, tuple | list) and isinstance(b, tuple | list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a is b or (type(a) is type(b) and isinstance(a, int | float | bool | str | type(None)) and a == b)
+
+
+def _chains(model: Any, blocks: list, batch: dict, device: Any) -> list[bool]:
+    """Per block, whether the next block is called with this block's output and otherwise the same arguments.
+
+    Checked on one batch with the float model: every block's call is recorded in one forward pass.
+    """
+    import torch
+
+    calls: dict[int, tuple[tuple, dict]] = {}
+
+    def record(i: int) -> Any:
+        def hook(module: Any, args: tuple, kwargs: dict) -> None:
+            calls.setdefault(i, (args, dict(kwargs)))
+
+        return hook
+
+    hooks = [b.register_forward_pre_hook(record(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    try:
+        model(**_calib_inputs(model, batch, device))
+    finally:
+        for h in hooks:
+            h.remove()
+    out = []
+    for k in range(len(blocks) - 1):
+        if k not in calls or k + 1 not in calls:
+            out.append(False)
+            continue
+        (a0, k0), (a1, k1) = calls[k], calls[k + 1]
+        h1 = _hidden_of(a1, k1)
+        ok = isinstance(h1, torch.Tensor) and len(a0) == len(a1) and set(k0) == set(k1)
+        ok = ok and all(_same(x, y) for x, y in zip(a0[1:], a1[1:], strict=True))
+        ok = ok and all(_same(k0[n], k1[n]) for n in k0 if n != "hidden_states")
+        if ok:
+            args, kwargs = _chain_input(a0, k0, blocks[k](*a0, **k0))
+            h = _hidden_of(args, kwargs)
+            ok = isinstance(h, torch.Tensor) and h.shape == h1.shape and bool(torch.allclose(h, h1, atol=1e-5))
+        out.append(ok)
+    return out
+
+
 class _StopForward(Exception):
     pass
-
-
-def _stop(module: Any, args: Any, output: Any) -> None:
-    raise _StopForward
 
 
 def _block_of(name: str) -> str:
@@ -217,6 +369,7 @@ def _qat(cfg: QuantizeConfig, src: mf.Source, loaded: Any, r: dict, init: dict, 
         device=cfg.device,
         mixed_precision="no",
         eval_batches=cfg.eval_batches,
+        eval_data="none",  # this stage measures its own artifact
         allow_pickle=cfg.allow_pickle,
         trust_remote_code=cfg.trust_remote_code,
     )
@@ -265,8 +418,8 @@ def quantize_model(cfg: QuantizeConfig, source: str | mf.Source, out: str, overw
     import torch
 
     from distillkit.data.calibration import calibration_batches, held_out_quality
-    from distillkit.distill.engine import copy_sentence_transformers_files
     from distillkit.models.load import load_model, resolve_device
+    from distillkit.models.save import copy_sentence_transformers_files
     from distillkit.quantize import functional as qf
     from distillkit.quantize.format import FORMAT_VERSION, QUANT_METHOD, save_quantized, to_dynamic_int8_
     from distillkit.quantize.surgery import (
@@ -342,9 +495,21 @@ def quantize_model(cfg: QuantizeConfig, source: str | mf.Source, out: str, overw
                 raise DataError(
                     "GPTQ needs calibration data, and there is none", hint="give --data or use --method rtn"
                 )
-            states = gptq_states(model, targets, calib, r, cfg.damp, device)
+            states = gptq_states(
+                model, targets, calib, r, cfg.damp, device, act_order=cfg.act_order, clip_search=cfg.clip_search
+            )
         else:
             states = quantize_states_rtn(model, targets, r["bits"], r["group_size"], r["symmetric"])
+        if r["embedding_bits"] != r["bits"]:  # mixed precision: embedding tables at their own bits
+            eb = r["embedding_bits"]
+            for t in targets:
+                if t.kind == "embedding":
+                    w = weight_of(model, t).detach()
+                    states[t.name] = (
+                        qf.quantize_rtn(w, 8, 0, True)
+                        if eb == 8
+                        else _rtn_state(w, eb, r["group_size"], r["symmetric"], cfg.clip_search, _group_params())
+                    )
         timings["calibrate_s"] = time.perf_counter() - t0
         qmodel = model
         if cfg.qat_steps:

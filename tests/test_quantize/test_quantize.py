@@ -58,15 +58,17 @@ def test_int4_g128_artifact_is_small_and_reloads_exactly(llama_bf16, tmp_path, c
     assert code == 0, err
     m = json.loads(stdout)
     assert m["stage"] == "quantize" and m["config"]["resolved"] == {
-        "format": "packed", "bits": 4, "group_size": 128, "symmetric": False, "method": "gptq"
+        "format": "packed", "bits": 4, "group_size": 128, "symmetric": False, "method": "gptq",
+        "embedding_bits": 8,
     }  # fmt: skip
-    # every Linear and the embedding are packed: 4 bits + fp16 scale and uint8 zero per 128 weights
-    assert m["metrics"]["size_ratio"] <= 0.3
+    # every Linear is packed at 4 bits + fp16 scale and uint8 zero per 128 weights, the embedding at 8 bits
+    assert m["metrics"]["size_ratio"] <= 0.35
     assert (out / "quantized.safetensors").stat().st_size == m["metrics"]["artifact_bytes"]
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["quantization_config"]["quant_method"] == "distillkit"
     layout = cfg["quantization_config"]["modules"]
     assert layout["model.layers.0.mlp.down_proj"]["bits"] == 4 and layout["model.embed_tokens"]["kind"] == "embedding"
+    assert layout["model.embed_tokens"]["bits"] == 8 and layout["model.embed_tokens"]["group_size"] == 128
 
     import distillkit
 

@@ -1,0 +1,172 @@
+"""The blocked GPTQ against a plain column-by-column reference, the clip search against brute force, and the
+block-by-block calibration against running the whole model for every block."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distillkit.quantize import functional as qf
+from distillkit.quantize.gptq import CLIP_GRID, HessianAccumulator, gptq_quantize, group_params
+
+
+def _reference_gptq(w, H, bits, g, sym, damp, act_order):
+    """GPTQ as the paper states it: one column at a time, every later column updated after each, in float64."""
+    W = w.double().clone()
+    o, n = W.shape
+    H = H.double().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    diag = torch.diag(H).clone()
+    H += torch.eye(n, dtype=torch.float64) * damp * torch.mean(torch.diag(H))
+    order = torch.argsort(diag, descending=True, stable=True) if act_order else torch.arange(n)
+    static = act_order or g == n
+    scales = torch.zeros(o, n // g, dtype=torch.float64)
+    zeros = torch.full((o, n // g), float(2 ** (bits - 1)), dtype=torch.float64)
+    if static:
+        s, z = qf.uniform_params(W, bits, g, sym)
+        scales[:] = s
+        if z is not None:
+            zeros[:] = z
+    W, H = W[:, order], H[order][:, order]
+    Hinv = torch.linalg.cholesky(torch.linalg.inv(H), upper=True)
+    codes = torch.zeros(o, n, dtype=torch.uint8)
+    for c in range(n):
+        j = int(order[c])
+        if not static and j % g == 0:
+            s, z = qf.uniform_params(W[:, c : c + g], bits, 0, sym)
+            scales[:, j // g] = s[:, 0]
+            if z is not None:
+                zeros[:, j // g] = z[:, 0]
+        s, z = scales[:, j // g], zeros[:, j // g]
+        u = torch.clamp(torch.round(W[:, c] / s) + z, 0, 2**bits - 1)
+        codes[:, j] = u.to(torch.uint8)
+        err = (W[:, c] - (u - z) * s) / Hinv[c, c]
+        W[:, c:] -= err[:, None] * Hinv[c, c:][None, :]
+    return codes, scales
+
+
+def _problem(seed, o=48, n=256):
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(n, n, generator=gen, dtype=torch.float64) * 0.2 + torch.eye(n, dtype=torch.float64)
+    x = torch.randn(2048, n, generator=gen, dtype=torch.float64) @ mix
+    x[:, 5] = 0.0  # a dead input
+    x[:, 7] *= 6.0  # and a loud one, so activation order moves columns
+    w = torch.randn(o, n, generator=gen, dtype=torch.float64)
+    return w, 2 * x.t() @ x / len(x), x
+
+
+@pytest.mark.parametrize(
+    "bits,g,sym,act_order",
+    [(4, 64, False, False), (4, 64, False, True), (3, 32, False, True), (4, 0, True, False), (2, 128, True, True)],
+)
+def test_blocked_gptq_equals_the_column_by_column_reference(bits, g, sym, act_order):
+    w, H, _ = _problem(bits * 10 + g)
+    st = gptq_quantize(w, H, bits=bits, group_size=g, symmetric=sym, damp=0.01, act_order=act_order)
+    codes, scales = _reference_gptq(w, H, bits, qf.effective_group(w.shape[1], g), sym, 0.01, act_order)
+    assert torch.equal(st.codes, codes)
+    torch.testing.assert_close(st.scales.double(), scales, rtol=0, atol=0)
+
+
+def test_activation_order_and_clip_search_lower_the_layer_error():
+    # heavy-tailed weights and inputs whose channels differ in scale, as in trained models
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2048, 256, generator=gen) * torch.exp(torch.randn(256, generator=gen))
+    torch.manual_seed(3)
+    w = torch.distributions.StudentT(3.0).sample((48, 256))
+    H = 2 * x.t() @ x / len(x)
+
+    def err(**kw):
+        q = gptq_quantize(w, H, bits=4, group_size=64, symmetric=False, **kw).dequantize()
+        return ((x @ w.t() - x @ q.t()) ** 2).mean().item()
+
+    plain, better = err(), err(act_order=True, clip_search=True)
+    assert better < 0.95 * plain, (better, plain)
+
+
+@pytest.mark.parametrize("sym", [False, True])
+def test_clip_search_picks_the_best_factor_of_the_grid(sym):
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(6, 3, 32, generator=gen)
+    w[0, 0, 0] = 9.0  # an outlier a shrunk range should clip
+    wt = torch.rand(3, 32, generator=gen) + 0.1
+    s, z = group_params(w, 4, sym, wt, clip_search=True)
+    for row in range(6):
+        for grp in range(3):
+            x = w[row, grp]
+            best = None
+            for p in CLIP_GRID:
+                if sym:
+                    cs = qf.round_scale(x.abs().max() * p / 7)
+                    cz = torch.tensor(8.0)
+                else:
+                    lo, hi = x.min().clamp(max=0) * p, x.max().clamp(min=0) * p
+                    cs = qf.round_scale((hi - lo) / 15)
+                    cz = torch.round(-lo / cs).clamp(0, 15)
+                q = (torch.clamp(torch.round(x / cs) + cz, 0, 15) - cz) * cs
+                e = float(((x - q) ** 2 * wt[grp]).sum())
+                if best is None or e < best[0]:
+                    best = (e, cs, cz)
+            assert s[row, grp] == best[1]
+            if not sym:
+                assert z[row, grp] == best[2]
+    plain_s, _ = qf.uniform_params(w.reshape(6, 96), 4, 32, sym)
+    assert s[0, 0] < plain_s[0, 0]  # the outlier's group was clipped
+
+
+def test_hessian_leaves_padding_out():
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 7, 16, generator=gen)
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, 4:] = 0
+    mask[2, 2:] = 0
+    acc = HessianAccumulator(16)
+    acc.add(x[:2], mask[:2])
+    acc.add(x[2:], mask[2:])
+    real = x[mask.bool()]
+    assert acc.n == len(real)
+    torch.testing.assert_close(acc.H, 2 * real.t() @ real / len(real))
+
+
+def test_block_by_block_calibration_equals_running_the_model_for_every_block(tmp_path, monkeypatch):
+    from distillkit.models.load import load_model
+    from distillkit.quantize import engine
+    from distillkit.quantize.surgery import find_targets
+    from tests import tiny
+
+    _, path = tiny.tiny_llama(tmp_path / "m")
+    model = load_model(path, task="causal-lm", dtype="float32", device="cpu").model.eval()
+    gen = torch.Generator().manual_seed(6)
+    batches = []
+    for _ in range(3):
+        ids = torch.randint(3, 120, (2, 12), generator=gen)
+        mask = torch.ones_like(ids)
+        mask[1, 9:] = 0
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    targets = find_targets(model, (), embeddings=True)
+    r = {"bits": 4, "group_size": 32, "symmetric": False}
+    chains = engine._chains(model, [model.model.layers[0], model.model.layers[1]], batches[0], "cpu")
+    assert chains == [True]  # decoder layers chain, so the fast path is the one compared
+    fast = engine.gptq_states(model, targets, batches, r, 0.01, "cpu", act_order=True)
+    monkeypatch.setattr(engine, "_chains", lambda model, blocks, batch, device: [False] * (len(blocks) - 1))
+    slow = engine.gptq_states(model, targets, batches, r, 0.01, "cpu", act_order=True)
+    assert fast.keys() == slow.keys()
+    for name in fast:
+        assert torch.equal(fast[name].codes, slow[name].codes), name
+        assert torch.equal(fast[name].scales, slow[name].scales), name
+
+
+def test_embedding_bits_defaults_and_refusals():
+    from distillkit.errors import ConfigError
+    from distillkit.quantize import QuantizeConfig
+
+    assert QuantizeConfig(scheme="int4").resolved()["embedding_bits"] == 8
+    assert QuantizeConfig(scheme="int2", embedding_bits=4).resolved()["embedding_bits"] == 4
+    assert QuantizeConfig(scheme="int4", qat_steps=5, teacher="t").resolved()["embedding_bits"] == 4
+    with pytest.raises(ConfigError, match="not supported"):
+        QuantizeConfig(scheme="int4", embedding_bits=3)
+    with pytest.raises(ConfigError, match="post-training only"):
+        QuantizeConfig(scheme="int4", embedding_bits=8, qat_steps=5, teacher="t")
+    with pytest.raises(ConfigError, match="packed schemes"):
+        QuantizeConfig(scheme="dynamic-int8", embedding_bits=8)
