@@ -175,3 +175,152 @@ def _finish(s: dict[str, float], task: str) -> dict[str, float]:
             m["similarity_corr"] = s["corr_sum"] / s["corr_n"]
         m["eval_examples"] = s["n_examples"]
     return m
+
+
+# --------------------------------------------------------------------------------------------
+# Held-out evaluation on a list of texts (``--eval-data``): the whole set at once, not in-batch.
+
+HELDOUT_TOPK = 5
+
+
+def _text_batches(
+    texts: list[str], tokenizer: Any, max_length: int, batch_size: int
+) -> Iterable[tuple[list[int], Any]]:
+    """Batches of (original indices, tokenised batch), shortest texts first so padding stays small."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        enc = tokenizer(
+            [texts[i] for i in idx], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
+        yield idx, dict(enc)
+
+
+def heldout_embeddings(
+    model: Any, texts: list[str], tokenizer: Any, *, pooling: str, max_length: int, batch_size: int = 64
+) -> Any:
+    """Pooled sentence embeddings [N, H] (float32, in ``texts`` order) of ``model`` for every text."""
+    import torch
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out: Any = None
+    for idx, batch in _text_batches(texts, tokenizer, max_length, batch_size):
+        e = _embedding(model, batch, device, pooling).float().cpu()
+        if out is None:
+            out = torch.empty(len(texts), e.shape[-1])
+        out[torch.tensor(idx)] = e
+    if was_training:
+        model.train()
+    return out
+
+
+def _ranks(x: Any) -> Any:
+    import torch
+
+    r = torch.empty_like(x, dtype=torch.float64)
+    r[x.argsort()] = torch.arange(x.numel(), dtype=torch.float64)
+    return r
+
+
+def spearman(a: Any, b: Any) -> float:
+    """Spearman rank correlation of two 1-D tensors (ordinal ranks; ties among float similarities are negligible)."""
+    ra, rb = _ranks(a.flatten()), _ranks(b.flatten())
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()).clamp_min(1e-12))
+
+
+def embedding_geometry(student: Any, teacher: Any) -> dict[str, float]:
+    """How well ``student`` [N, Hs] keeps the geometry of ``teacher`` [N, Ht] over a whole held-out set.
+
+    - ``spearman``: Spearman correlation between the two models' cosine similarities over all N(N-1)/2 pairs;
+    - ``nn_agreement``: fraction of records whose nearest other record (by cosine) is the same for both models;
+    - ``embedding_cosine``: mean cosine between a record's two embeddings (equal widths only).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    s, t = F.normalize(student.double(), dim=-1), F.normalize(teacher.double(), dim=-1)
+    n = s.shape[0]
+    sim_s, sim_t = s @ s.T, t @ t.T
+    iu = torch.triu_indices(n, n, offset=1)
+    out = {"spearman": spearman(sim_s[iu[0], iu[1]], sim_t[iu[0], iu[1]])}
+    eye = torch.eye(n, dtype=torch.bool)
+    nn_s = sim_s.masked_fill(eye, -2.0).argmax(dim=1)
+    nn_t = sim_t.masked_fill(eye, -2.0).argmax(dim=1)
+    out["nn_agreement"] = float((nn_s == nn_t).double().mean())
+    if s.shape[-1] == t.shape[-1]:
+        out["embedding_cosine"] = float((s * t).sum(-1).mean())
+    return out
+
+
+def _lm_positions(model: Any, batch: dict[str, Any], device: Any) -> tuple[Any, Any]:
+    """Next-token logits at real positions [n, V] and their targets [n] (position t predicts token t+1)."""
+    logits = _token_logits(model, batch, device)
+    ids = batch["input_ids"].to(device)
+    mask = batch["attention_mask"].to(device).bool()
+    valid = mask[:, 1:] & mask[:, :-1]
+    return logits[:, :-1][valid], ids[:, 1:][valid]
+
+
+def heldout_lm_reference(
+    teacher: Any, texts: list[str], tokenizer: Any, *, max_length: int, batch_size: int = 16
+) -> list[dict[str, Any]]:
+    """What the causal-LM measures need of the teacher, per batch: its NLL sum, argmax and top-k ids."""
+    import torch.nn.functional as F
+
+    device = next(teacher.parameters()).device
+    ref = []
+    for _, batch in _text_batches(texts, tokenizer, max_length, batch_size):
+        lg, y = _lm_positions(teacher, batch, device)
+        ref.append(
+            {
+                "nll": float(F.cross_entropy(lg, y, reduction="sum")),
+                "top1": lg.argmax(-1).cpu(),
+                "topk": lg.topk(min(HELDOUT_TOPK, lg.shape[-1]), dim=-1).indices.cpu(),
+            }
+        )
+    return ref
+
+
+def heldout_lm(
+    model: Any,
+    texts: list[str],
+    tokenizer: Any,
+    *,
+    max_length: int,
+    reference: list[dict[str, Any]] | None = None,
+    batch_size: int = 16,
+) -> dict[str, float]:
+    """Held-out ``perplexity`` of ``model`` and, with the teacher's ``reference``, ``teacher_perplexity``,
+    ``top1_agreement`` (same next-token argmax) and ``top5_overlap`` (the share of the teacher's top-5 next tokens
+    that are also in the model's top 5)."""
+    import torch.nn.functional as F
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    nll = t_nll = agree = overlap = 0.0
+    n = 0
+    for b, (_, batch) in enumerate(_text_batches(texts, tokenizer, max_length, batch_size)):
+        lg, y = _lm_positions(model, batch, device)
+        nll += float(F.cross_entropy(lg, y, reduction="sum"))
+        n += y.numel()
+        if reference is not None:
+            ref = reference[b]
+            t_nll += ref["nll"]
+            agree += float((lg.argmax(-1).cpu() == ref["top1"]).sum())
+            k = ref["topk"].shape[-1]
+            mine = lg.topk(k, dim=-1).indices.cpu()
+            overlap += float((mine.unsqueeze(-1) == ref["topk"].unsqueeze(-2)).any(-1).sum()) / k
+    if was_training:
+        model.train()
+    if n == 0:
+        return {}
+    out = {"perplexity": math.exp(min(nll / n, 50.0)), "tokens": float(n)}
+    if reference is not None:
+        out["teacher_perplexity"] = math.exp(min(t_nll / n, 50.0))
+        out["top1_agreement"] = agree / n
+        out[f"top{HELDOUT_TOPK}_overlap"] = overlap / n
+    return out

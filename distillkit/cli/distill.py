@@ -48,7 +48,7 @@ def distill(
         typer.Option(
             "--data",
             "-d",
-            help="Training text: .txt, .jsonl/.json, .csv, .parquet, a `datasets` directory or hub name (default: the embedded corpus).",
+            help="Training text: .txt, .jsonl/.json, .csv, .parquet, a `datasets` directory or hub name, or builtin:NAME (default: builtin:english, general English shipped with distillkit).",
         ),
     ] = None,
     text_column: o.TextColumn = None,
@@ -57,6 +57,15 @@ def distill(
     ] = None,
     eval_split: Annotated[
         float | None, typer.Option("--eval-split", help="Held-out fraction for evaluation [0, 0.5] (default 0.05).")
+    ] = None,
+    eval_data: Annotated[
+        str | None,
+        typer.Option(
+            "--eval-data",
+            help="Held-out text for the final quality report, measured on the saved student: a file (as --data reads) "
+            "or builtin:quotes / builtin:docstrings / builtin:english; `none` turns it off (default for embedding "
+            "models and causal LMs: builtin:quotes, another domain than the default training corpus).",
+        ),
     ] = None,
     max_length: o.MaxLength = None,
     max_samples: o.MaxSamples = None,
@@ -213,8 +222,11 @@ def distill(
         str | None,
         typer.Option(
             "--method",
-            help="diffusers teachers: progressive (halve DDIM steps per round), consistency (LCM) or guidance "
-            "(classifier-free guidance in one pass).",
+            help="diffusers teachers: progressive (halve the sampling steps per round), consistency (LCM; for "
+            "flow-matching teachers, consistency on the Euler ODE), guidance (classifier-free guidance in one pass), "
+            "reflow (rectified flow on the teacher's noise/sample pairs; flow-matching teachers) or dmd (DMD2 "
+            "distribution matching with a fake-score model; flow-matching teachers; --alpha weighs its regression "
+            "term on teacher pairs).",
         ),
     ] = None,
     target_steps: Annotated[
@@ -277,6 +289,7 @@ def distill(
         text_column=text_column,
         label_column=label_column,
         eval_split=eval_split,
+        eval_data=eval_data,
         max_length=max_length,
         max_samples=max_samples,
         losses=tuple(loss) if loss else None,

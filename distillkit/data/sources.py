@@ -1,6 +1,7 @@
 """Read what ``--data`` names into a ``datasets.Dataset`` of raw rows.
 
-A source is one of: nothing (the embedded corpus), a file (``.txt`` one example per non-blank line, ``.jsonl`` /
+A source is one of: nothing (the embedded general-English corpus, ``builtin:english``), an embedded corpus by name
+(``builtin:NAME``, :mod:`distillkit.data.corpus`), a file (``.txt`` one example per non-blank line, ``.jsonl`` /
 ``.json`` records, ``.csv``, ``.parquet``, each optionally ``.gz``), a directory written by ``save_to_disk`` (a
 ``Dataset`` or a ``DatasetDict``), an image folder (class sub-directories of images), a directory of data files of
 one format, or else a ``datasets`` hub name (``name`` or ``name:config``). Reading goes through the ``datasets``
@@ -23,7 +24,7 @@ from distillkit.errors import ConfigError, DataError
 _BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 SUPPORTED_EXTENSIONS = tuple(_BUILDERS)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-EMBEDDED_SOURCE = "embedded:stdlib-docstrings"
+EMBEDDED_SOURCE = "builtin:english"  # what --data reads when it is not given
 # Splits that, when a saved DatasetDict has them, serve as the held-out set instead of a random split.
 EVAL_SPLIT_NAMES = ("validation", "valid", "dev", "test")
 _SUPPORTED_TEXT = ", ".join(SUPPORTED_EXTENSIONS)
@@ -109,8 +110,11 @@ def read_dataset(spec: DataSpec) -> Any:
 
 def read_raw(spec: DataSpec) -> RawData:
     """Read ``spec.data`` into :class:`RawData`; a provided validation split, if any, comes back as ``eval``."""
-    if spec.data is None:
-        raw = _read_embedded()
+    from distillkit.data.corpus import builtin_name
+
+    name = builtin_name(spec.data) if spec.data is not None else None
+    if spec.data is None or name is not None:
+        raw = _read_embedded(spec.data or EMBEDDED_SOURCE)
     else:
         path = Path(spec.data).expanduser()
         if path.exists():
@@ -135,12 +139,14 @@ def _head(ds: Any, n: int) -> Any:
     return ds if len(ds) <= n else ds.select(range(n))
 
 
-def _read_embedded() -> RawData:
+def _read_embedded(source: str) -> RawData:
     from datasets import Dataset
 
-    from distillkit.data.corpus import load_corpus
+    from distillkit.data.corpus import builtin_name, load_builtin
 
-    return RawData(Dataset.from_dict({"text": load_corpus()}), None, EMBEDDED_SOURCE, "embedded", "text")
+    name = builtin_name(source)
+    assert name is not None, source
+    return RawData(Dataset.from_dict({"text": load_builtin(name)}), None, source, "embedded", "text")
 
 
 def _looks_like_path(name: str) -> bool:

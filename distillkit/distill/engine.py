@@ -40,11 +40,11 @@ from distillkit.manifest import (
     releases_locks,
     work_dir,
 )
+from distillkit.models.save import save_student
 
 CHECKPOINT = "checkpoint"
 STATE_FILE = "trainer_state.json"
 METRICS_FILE = "metrics.jsonl"
-_ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
 
 
 # --------------------------------------------------------------------------------------------
@@ -441,7 +441,16 @@ RESUMABLE_CHANGES = frozenset(
 )
 # Settings that do not change what is trained (evaluation, logging, checkpoints, placement, load permissions).
 NOT_TRAINING = frozenset(
-    {"eval_every", "eval_batches", "save_every", "log_to", "device", "allow_pickle", "trust_remote_code"}
+    {
+        "eval_every",
+        "eval_batches",
+        "eval_data",
+        "save_every",
+        "log_to",
+        "device",
+        "allow_pickle",
+        "trust_remote_code",
+    }
 )
 # Everything else (student architecture, data and its order, losses and their modules, precision) is fixed
 # by the checkpoint: its weights, optimizer state and data position mean nothing under other values.
@@ -694,6 +703,17 @@ def _run(
         raise ConfigError(
             "--alpha needs labels, and a feature-extraction model has no label head", hint="use --alpha 0"
         )
+    from distillkit.distill.heldout import build_heldout_eval
+
+    heldout = build_heldout_eval(
+        cfg.eval_data,
+        task,
+        teacher.model,
+        processor,
+        pooling=teacher.pooling,
+        max_length=cfg.max_length,
+        teacher_comparable=not cfg.cross_tokenizer,
+    )
 
     if cfg.mode == "sequence":  # train on teacher completions cached on disk
         from distillkit.distill.sequence import sequence_data
@@ -782,6 +802,9 @@ def _run(
     )
     initial_eval = evaluate(state.step) if state.step == 0 else state.best.get("initial_eval", {})
     state.best["initial_eval"] = initial_eval
+    if heldout is not None and state.step == 0 and accelerator.is_main_process:
+        state.best["initial_heldout"] = heldout.measure(accelerator.unwrap_model(module).student)
+        _show_heldout(console, "untrained student", state.best["initial_heldout"])
 
     train_t0 = time.perf_counter() - state.elapsed
     with _progress(accelerator, cfg.steps, state.step, hooks.label) as bar:
@@ -868,6 +891,7 @@ def _run(
     metrics = {
         **{f"student_{k}" if not k.startswith("teacher_") else k: v for k, v in final_eval.items()},
         **{f"initial_student_{k}": v for k, v in initial_eval.items() if not k.startswith("teacher_")},
+        **{f"initial_student_{k}": v for k, v in state.best.get("initial_heldout", {}).items()},
         "final_train_loss": state.last_loss,
         "steps": state.step,
         "train_tokens": state.tokens,
@@ -894,6 +918,7 @@ def _run(
         history=history_of(student_src),
         extra={
             "data": data.info,
+            **({"eval_data": heldout.info()} if heldout is not None else {}),
             "pooling": teacher.pooling,
             # config holds the values of the last stretch; these say what ran before each --resume-changed
             **({"resume_changes": state.resume_changes} if state.resume_changes else {}),
@@ -901,8 +926,11 @@ def _run(
     )
     # the lock stays until the work directory is gone too (run_distill releases it)
     with atomic_artifact(out_path, overwrite, keep_lock=True) as tmp:
-        _save_student(student_model, teacher, tmp)
+        save_student(student_model, teacher, tmp)
         processor.save_pretrained(tmp)
+        if heldout is not None:  # measured on what was written, reloaded the way the next stage will load it
+            manifest.metrics.update(_heldout_of_saved(heldout, tmp, task, device))
+            _show_heldout(console, "student (saved)", manifest.metrics)
         if metrics_log.exists():
             shutil.copy(metrics_log, tmp / METRICS_FILE)
         if (wd / "tensorboard").exists():
@@ -913,6 +941,19 @@ def _run(
     _summary(console, manifest)
     accelerator.wait_for_everyone()
     return manifest.to_dict()
+
+
+def _heldout_of_saved(heldout: Any, directory: Path, task: str, device: Any) -> dict[str, float]:
+    from distillkit.models.load import load_model
+
+    saved = load_model(str(directory), task=task, device=str(device))
+    return heldout.measure(saved.model)
+
+
+def _show_heldout(console: Any, who: str, metrics: dict[str, float]) -> None:
+    shown = ", ".join(f"{k.removeprefix('heldout_')} {v:.4g}" for k, v in metrics.items() if k.startswith("heldout_"))
+    if shown:
+        console.print(f"[bold]held-out[/] {who}: {shown}")
 
 
 def _stop_non_finite(
@@ -951,29 +992,6 @@ def _trim_log(path: Path, step: int) -> None:
 
 def _has_labels(dataset: Any) -> bool:
     return len(dataset) > 0 and "labels" in dataset[0]
-
-
-def _save_student(model: nn.Module, teacher: Any, directory: Path) -> None:
-    """save_pretrained in the teacher checkpoint's dtype, plus sentence-transformers files if it had them."""
-    dtype = getattr(teacher.config, "dtype", None) or getattr(teacher.config, "torch_dtype", None)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None)
-    if dtype in (torch.bfloat16, torch.float16):
-        model = model.to(dtype)
-    model.save_pretrained(directory, safe_serialization=True)
-    copy_sentence_transformers_files(teacher.path, directory)
-
-
-def copy_sentence_transformers_files(source: str | Path, directory: Path) -> None:
-    """The sentence-transformers files (modules.json, pooling config) of a model directory, copied beside a new one."""
-    src = Path(source)
-    if src.is_dir() and (src / "modules.json").is_file():
-        for name in _ST_FILES:
-            if (src / name).is_file():
-                shutil.copy(src / name, directory / name)
-        for sub in src.iterdir():
-            if sub.is_dir() and sub.name.startswith("1_Pooling"):
-                shutil.copytree(sub, directory / sub.name)
 
 
 def _eval_batches(data: Any, cfg: DistillConfig) -> Any:

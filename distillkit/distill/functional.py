@@ -24,8 +24,10 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 __all__ = [
+    "contrastive_kd",
     "embedding_cosine",
     "forward_kl",
     "hidden_cosine",
@@ -36,6 +38,7 @@ __all__ = [
     "minilm_relation",
     "relation_log_probs",
     "reverse_kl",
+    "similarity_kd",
     "skew_kl",
     "skew_reverse_kl",
     "taid",
@@ -324,6 +327,41 @@ def embedding_cosine(
     if student_embedding.shape != teacher_embedding.shape:
         raise ValueError(f"embeddings {tuple(student_embedding.shape)} and {tuple(teacher_embedding.shape)} differ")
     return (1.0 - _cosine(student_embedding, teacher_embedding, eps)).mean()
+
+
+def similarity_kd(student_embedding: torch.Tensor, teacher_embedding: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Relational KD on the embedding space: mean squared difference of the in-batch cosine-similarity matrices.
+
+    ``S = norm(e_S) norm(e_S)^T`` and ``T = norm(e_T) norm(e_T)^T`` ([B, B]); the loss is ``mean((S - T)^2)`` over the
+    ``B * (B - 1)`` off-diagonal pairs (the diagonal is 1 on both sides). Widths may differ: only each model's own
+    similarities are compared. Needs ``B >= 2``.
+    """
+    if student_embedding.shape[0] != teacher_embedding.shape[0] or student_embedding.shape[0] < 2:
+        raise ValueError(
+            f"similarity_kd needs the same batch of >= 2 embeddings, got {student_embedding.shape[0]} and "
+            f"{teacher_embedding.shape[0]}"
+        )
+    s = F.normalize(student_embedding, dim=-1, eps=eps)
+    t = F.normalize(teacher_embedding.to(s.dtype), dim=-1, eps=eps)
+    n = s.shape[0]
+    diff = (s @ s.T - t @ t.T).pow(2)
+    return (diff.sum() - diff.diagonal().sum()) / (n * (n - 1))
+
+
+def contrastive_kd(
+    student_embedding: torch.Tensor, teacher_embedding: torch.Tensor, temperature: float = 0.05, eps: float = 1e-8
+) -> torch.Tensor:
+    """In-batch contrastive KD: each student embedding must pick its own teacher embedding among the batch's.
+
+    ``logits = norm(e_S) norm(e_T)^T / temperature`` ([B, B]); cross-entropy with target ``i`` for row ``i``, mean
+    over the batch. The same width on both sides (project first otherwise).
+    """
+    if student_embedding.shape != teacher_embedding.shape:
+        raise ValueError(f"embeddings {tuple(student_embedding.shape)} and {tuple(teacher_embedding.shape)} differ")
+    s = F.normalize(student_embedding, dim=-1, eps=eps)
+    t = F.normalize(teacher_embedding.to(s.dtype), dim=-1, eps=eps)
+    logits = s @ t.T / temperature
+    return F.cross_entropy(logits, torch.arange(s.shape[0], device=s.device))
 
 
 def relation_log_probs(a: torch.Tensor, b: torch.Tensor, heads: int, mask: torch.Tensor | None = None) -> torch.Tensor:

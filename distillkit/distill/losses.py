@@ -29,6 +29,7 @@ __all__ = [
     "JSD",
     "TAID",
     "TVD",
+    "ContrastiveKD",
     "EmbeddingCosine",
     "Features",
     "ForwardKL",
@@ -39,6 +40,7 @@ __all__ = [
     "MiniLMAttention",
     "MiniLMValue",
     "ReverseKL",
+    "SimilarityKD",
     "SkewKL",
     "SkewReverseKL",
     "resolve_layer_map",
@@ -602,3 +604,52 @@ class EmbeddingCosine(Loss):
                 "pool the last hidden state without an extra dense layer",
             )
         return functional.embedding_cosine(_project(projection, student), teacher)
+
+
+def _embeddings(s: Features, t: Features, loss: str) -> tuple[Any, Any]:
+    if s.embedding is None or t.embedding is None:
+        raise ValueError(f"the {loss} loss needs student and teacher embeddings (Features.embedding)")
+    return s.embedding, t.embedding.detach()
+
+
+@LOSSES.register(
+    "similarity_kd",
+    help="relational KD: MSE between the student's and the teacher's in-batch cosine-similarity matrices",
+    kind="embedding",
+)
+class SimilarityKD(Loss):
+    """The geometry of the embedding space: ``mean((S_S - S_T)^2)`` over off-diagonal in-batch cosine similarities.
+
+    Width-agnostic (each side's similarities use its own embeddings), so no projection is learned.
+    """
+
+    name = "similarity_kd"
+    needs = frozenset({"embedding"})
+
+    def __call__(self, s: Features, t: Features, mask: Any, *, progress: float) -> Any:
+        from distillkit.distill import functional
+
+        student, teacher = _embeddings(s, t, self.name)
+        return functional.similarity_kd(student, teacher)
+
+
+@LOSSES.register(
+    "contrastive_kd",
+    help="in-batch contrastive KD: each student embedding must retrieve its own teacher embedding (InfoNCE, t=0.05)",
+    kind="embedding",
+)
+class ContrastiveKD(EmbeddingCosine):
+    """InfoNCE over the batch, student embeddings as queries and teacher embeddings as keys, temperature 0.05.
+
+    Shares :class:`EmbeddingCosine`'s learned projection when the widths differ.
+    """
+
+    name = "contrastive_kd"
+    temperature = 0.05
+
+    def __call__(self, s: Features, t: Features, mask: Any, *, progress: float) -> Any:
+        from distillkit.distill import functional
+
+        student, teacher = _embeddings(s, t, self.name)
+        projection = self._projections.get("proj")
+        return functional.contrastive_kd(_project(projection, student), teacher, self.temperature)

@@ -79,4 +79,8 @@ def build_feed(cfg: Any, *, task: str, teacher: Any, device: Any, data: Any, pro
         from distillkit.distill.onpolicy import OnPolicyFeed
 
         return OnPolicyFeed(cfg, teacher, task, device, processor, module)
+    if task == "feature-extraction":  # a frozen teacher on fixed tokens: its outputs are computed once per example
+        from distillkit.distill.memo import MemoTeacherFeed
+
+        return MemoTeacherFeed(teacher, task, device)
     return OfflineFeed(teacher, task, device)

@@ -249,7 +249,7 @@ def _builders(cfg: PruneConfig, model: Any, requested: list[str]) -> tuple[Calla
             return _param_count(lambda: type(model)(new))
 
         return config_for, count
-    from distillkit.models.student import _construct, student_config
+    from distillkit.models.student import construct_model, student_config
 
     def config_for(amounts: dict[str, float]) -> Any:
         spec, keep = resolve_sizes(cfg, model.config, amounts)
@@ -257,7 +257,7 @@ def _builders(cfg: PruneConfig, model: Any, requested: list[str]) -> tuple[Calla
 
     def count(r: float) -> int:
         new = config_for(_amounts(cfg, requested, r))
-        return _param_count(lambda: _construct(type(model), new, model))
+        return _param_count(lambda: construct_model(type(model), new, model))
 
     return config_for, count
 
@@ -460,9 +460,9 @@ def prune_model(cfg: PruneConfig, source: str | mf.Source, out: str, overwrite: 
 
 def _save(model: Any, loaded: Any, directory: Path) -> None:
     """save_pretrained in the source checkpoint's dtype, its tokenizer/processor and sentence-transformers files."""
-    from distillkit.distill.engine import _save_student
+    from distillkit.models.save import save_student
 
-    _save_student(model, loaded, directory)
+    save_student(model, loaded, directory)
     if loaded.processor is not None:
         loaded.processor.save_pretrained(directory)
 
@@ -494,6 +494,7 @@ def _recover(cfg: PruneConfig, src: mf.Source, loaded: Any, pruned: Any, final: 
             seed=cfg.seed,
             device=cfg.device,
             eval_batches=cfg.eval_batches,
+            eval_data="none",  # this stage measures its own artifact
             allow_pickle=cfg.allow_pickle,
             trust_remote_code=cfg.trust_remote_code,
         )
@@ -513,7 +514,7 @@ def _recover(cfg: PruneConfig, src: mf.Source, loaded: Any, pruned: Any, final: 
 
 
 def _report(manifest: mf.Manifest) -> None:
-    from distillkit.cli.options import stderr_console
+    from distillkit.progress import stderr_console
 
     m = manifest.metrics
     console = stderr_console()

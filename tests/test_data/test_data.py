@@ -291,7 +291,7 @@ def test_feature_extraction_pads_dynamically_and_pad_token_from_eos(data_files, 
 
 def test_embedded_corpus_is_the_default_source(gpt):
     prep = prepare_data(DataSpec(max_samples=300, max_length=32), gpt, "causal-lm")
-    assert prep.info["source"] == "embedded:stdlib-docstrings" and prep.info["n_rows"] == 300
+    assert prep.info["source"] == "builtin:english" and prep.info["n_rows"] == 300
     assert (prep.info["n_train_examples"], prep.info["n_eval_examples"]) == (285, 15)
     assert len(prep.train) == prep.info["n_train_tokens"] // 32 > 100
     json.dumps(prep.info)  # goes into the manifest
