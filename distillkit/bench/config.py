@@ -32,6 +32,7 @@ class BenchConfig(BaseConfig):
     repeats: int = 10
     warmup: int = 3
     data: str | None = None
+    eval_data: str | None = None  # held-out texts for embedding geometry / causal-LM agreement (PyTorch models)
     text_column: str | None = None
     label_column: str | None = None
     max_samples: int | None = None

@@ -521,6 +521,38 @@ def _quality(
     record["quality"] = {k: float(v) for k, v in quality.items()}
 
 
+def _heldout(cfg: BenchConfig, bm: Any, record: dict[str, Any], heldout: Any, is_teacher: bool, notes: list) -> Any:
+    """``--eval-data``: the held-out measures of ``bm`` into ``record["quality"]`` (``heldout_*``). The set and the
+    teacher's side are built from the first model that can take them (the ``--against`` teacher when given)."""
+    from distillkit.data.heldout import read_heldout
+    from distillkit.distill.heldout import HELDOUT_TASKS, HeldOutEval
+
+    if bm.runtime != "pytorch" or bm.task not in HELDOUT_TASKS or bm.processor is None:
+        record["notes"].append(f"held-out measures skipped: they need a PyTorch {' or '.join(HELDOUT_TASKS)} model")
+        return heldout
+    if heldout is None:
+        comparable = is_teacher
+        heldout = HeldOutEval(
+            read_heldout(cfg.eval_data),
+            bm.task,
+            bm.model,
+            bm.processor,
+            pooling=bm.pooling,
+            max_length=cfg.seq,
+            teacher_comparable=comparable,
+        )
+        if not comparable and bm.task == "feature-extraction":
+            notes.append("--eval-data without --against: embedding geometry needs a teacher to compare with")
+    if heldout.task != bm.task:
+        record["notes"].append(f"held-out measures skipped: task {bm.task} differs from {heldout.task}")
+        return heldout
+    if not is_teacher:
+        record["quality"].update(heldout.measure(bm.model))
+    elif bm.task == "causal-lm":
+        record["quality"]["heldout_perplexity"] = heldout.measure(bm.model)["heldout_perplexity"]
+    return heldout
+
+
 # ----------------------------------------------------------------------------------------------
 # The run
 
@@ -592,7 +624,7 @@ def run_bench(cfg: BenchConfig, sources: list[Any] | None = None) -> dict[str, A
     if cfg.prompts is not None:
         raise ConfigError("--prompts applies to text-conditioned diffusers pipelines only", hint="drop --prompts")
     notes: list[str] = []
-    if cfg.data is None:
+    if cfg.data is None and cfg.eval_data is None:
         notes.append(
             "quality not measured: pass --data FILE for perplexity/accuracy"
             + (" and agreement with --against" if cfg.against else "")
@@ -607,6 +639,7 @@ def run_bench(cfg: BenchConfig, sources: list[Any] | None = None) -> dict[str, A
     batches: list[dict[str, Any]] | None = None
     data_task: str | None = None
     data_info: dict[str, Any] | None = None
+    heldout: Any = None
     for (src, is_teacher), name in zip(entries, names, strict=True):
         sys.stderr.write(f"bench: {name}\n")
         record, loaded = measure(cfg, src, name, device)
@@ -620,6 +653,8 @@ def run_bench(cfg: BenchConfig, sources: list[Any] | None = None) -> dict[str, A
                 data_task = loaded.task
                 batches, data_info = _quality_batches(cfg, loaded.processor, loaded.task)
         _quality(loaded, record, batches, data_task, teacher_loaded, device)
+        if cfg.eval_data is not None:
+            heldout = _heldout(cfg, loaded, record, heldout, is_teacher, notes)
         records.append(record)
         if is_teacher and batches is not None:
             teacher_loaded = loaded  # kept for the agreement of the others
@@ -640,6 +675,8 @@ def run_bench(cfg: BenchConfig, sources: list[Any] | None = None) -> dict[str, A
         notes=notes,
         data_info=data_info,
     )
+    if heldout is not None:
+        report["eval_data"] = heldout.info() | {"measured_on": "each model as benchmarked"}
     print_table(report)
     if cfg.plot:
         report["plot"] = write_plot(report, cfg.plot)

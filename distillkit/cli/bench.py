@@ -59,6 +59,16 @@ def bench(
             help="Evaluation data for quality (perplexity, accuracy, agreement): .txt, .jsonl/.json, .csv, .parquet, a `datasets` directory or an image folder; the whole file is used.",
         ),
     ] = None,
+    eval_data: Annotated[
+        str | None,
+        typer.Option(
+            "--eval-data",
+            help="Held-out text (a file as --data reads, or builtin:quotes / builtin:docstrings / builtin:english) for "
+            "the held-out measures of distill --eval-data: embedding geometry against --against (Spearman, "
+            "nearest-neighbour agreement, cosine) or causal-LM perplexity, top-1 agreement and top-5 overlap. "
+            "PyTorch models only.",
+        ),
+    ] = None,
     text_column: o.TextColumn = None,
     label_column: Annotated[
         str | None,
@@ -174,6 +184,7 @@ def bench(
         repeats=repeats,
         warmup=warmup,
         data=data,
+        eval_data=eval_data,
         text_column=text_column,
         label_column=label_column,
         max_samples=max_samples,

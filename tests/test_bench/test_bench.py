@@ -249,3 +249,26 @@ def test_bench_reads_an_onnx_export_from_stdin(models, text_file, tmp_path, monk
     for key in ("embedding_cosine", "similarity_corr"):
         assert exported["quality"][key] == pytest.approx(eager["quality"][key], abs=1e-5)
     assert report["ratios"]["encoder-onnx"]["param_ratio"] == exported["params"] / teacher["params"]
+
+
+def test_bench_eval_data_reports_heldout_geometry_against_the_teacher(models, text_file):
+    """--eval-data adds the held-out measures of distill --eval-data; they match a direct computation."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from distillkit.evaluate import embedding_geometry, heldout_embeddings
+
+    small, big = models["small-encoder"][1], models["encoder"][1]
+    code, lines, err = run_cli(["bench", small, "--against", big, "--eval-data", str(text_file), *FAST])
+    assert code == 0, err
+    report = json.loads(lines[0])
+    assert report["eval_data"]["records"] == 24 and report["eval_data"]["source"] == str(text_file)
+    student = report["models"][1]["quality"]
+    texts = text_file.read_text().splitlines()
+    seq = int(FAST[FAST.index("--seq") + 1])
+    tok = AutoTokenizer.from_pretrained(big)
+    t = heldout_embeddings(AutoModel.from_pretrained(big), texts, tok, pooling="mean", max_length=seq)
+    s = heldout_embeddings(AutoModel.from_pretrained(small), texts, tok, pooling="mean", max_length=seq)
+    want = embedding_geometry(s, t)
+    assert student["heldout_spearman"] == pytest.approx(want["spearman"], abs=1e-6)
+    assert student["heldout_nn_agreement"] == pytest.approx(want["nn_agreement"])
+    assert "heldout_spearman" not in report["models"][0]["quality"]  # the teacher is the reference
