@@ -712,7 +712,8 @@ def _run(
         processor,
         pooling=teacher.pooling,
         max_length=cfg.max_length,
-        teacher_comparable=not cfg.cross_tokenizer,
+        # no teacher outputs to compare with: another tokenizer, or a teacher cache (the teacher has no weights here)
+        teacher_comparable=not cfg.cross_tokenizer and not cfg.teacher_cache,
     )
 
     if cfg.mode == "sequence":  # train on teacher completions cached on disk

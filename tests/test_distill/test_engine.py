@@ -481,7 +481,7 @@ def test_gpt2_with_preset_and_flags(tmp_path, text_file, capsys):
     )
     assert code == 0, err
     cfg = json.loads(lines[0])["config"]
-    assert cfg["steps"] == 3 and cfg["student"] == "layers=3" and cfg["lr"] == 2e-4  # flag > preset > default
+    assert cfg["steps"] == 3 and cfg["student"] == "layers=3" and cfg["lr"] == 5e-4  # flag > preset > default
     assert cfg["resolved_losses"] == [["jsd", 1.0], ["taid", 0.5]]
 
 
