@@ -93,7 +93,7 @@ def prune(
         typer.Option(
             "--data",
             "-d",
-            help="Calibration and evaluation data, as for distill (default: the embedded corpus; random pixels for images).",
+            help="Calibration and evaluation data, as for distill (default: builtin:english; random pixels for images).",
         ),
     ] = None,
     text_column: o.TextColumn = None,

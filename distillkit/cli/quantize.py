@@ -120,7 +120,7 @@ def quantize(
     data: Annotated[
         str | None,
         typer.Option(
-            "--data", "-d", help="Calibration, QAT and evaluation data, as for distill (default: the embedded corpus)."
+            "--data", "-d", help="Calibration, QAT and evaluation data, as for distill (default: builtin:english)."
         ),
     ] = None,
     text_column: o.TextColumn = None,

@@ -82,7 +82,7 @@ def search_student(
     task: o.Task = None,
     data: Annotated[
         str | None,
-        typer.Option("--data", "-d", help="Calibration data, as for distill (default: the embedded corpus)."),
+        typer.Option("--data", "-d", help="Calibration data, as for distill (default: builtin:english)."),
     ] = None,
     text_column: o.TextColumn = None,
     label_column: o.LabelColumn = None,

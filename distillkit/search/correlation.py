@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", type=float, default=None, help="only students under this fraction of the teacher")
     p.add_argument("--space", default=None, help="--space constraints as for search-student")
     p.add_argument("--scores", default=None, help="comma-separated scores (default: every registered one)")
-    p.add_argument("--data", default=None, help="data for scoring and distillation (default: embedded corpus)")
+    p.add_argument("--data", default=None, help="data for scoring and distillation (default: builtin:english)")
     p.add_argument("--steps", type=int, default=40, help="distillation steps per candidate (default 40)")
     p.add_argument("--batch-size", type=int, default=16, help="distillation batch (default 16)")
     p.add_argument("--score-batch", type=int, default=8, help="calibration batch of the scores (default 8)")
