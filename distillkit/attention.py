@@ -58,54 +58,11 @@ def resolve_backend(q: torch.Tensor, block_size: int, backend: str = "auto") -> 
     return "naive" if q.device.type == "cpu" else "flex"
 
 
-def flex_block_mask(mask: torch.Tensor, seq_len: int, block_size: int, causal: bool = False):
-    """A FlexAttention ``BlockMask`` that keeps exactly the blocks of ``mask [B or 1, H or 1, nb, nb]``.
-
-    Kept blocks off the diagonal (all of them without ``causal``) are passed as full blocks, so FlexAttention
-    skips ``mask_mod`` there; with ``causal`` the diagonal blocks are partial with a causal ``mask_mod``.
-    """
-    import torch
-    from torch.nn.attention.flex_attention import BlockMask
-
-    nb = mask.shape[-1]
-    if causal:
-        tri = torch.ones(nb, nb, dtype=torch.bool, device=mask.device)
-        mask = mask & tri.tril()
-        partial = mask & torch.eye(nb, dtype=torch.bool, device=mask.device)
-        full = mask & ~partial
-    else:
-        partial, full = torch.zeros_like(mask), mask
-
-    def lists(m):
-        cnt = m.sum(-1, dtype=torch.int32)
-        idx = torch.sort(m.to(torch.uint8), dim=-1, descending=True, stable=True).indices.to(torch.int32)
-        return cnt.contiguous(), idx.contiguous()
-
-    p_cnt, p_idx = lists(partial)
-    f_cnt, f_idx = lists(full)
-
-    # mask_mod must agree with the block lists: the fused kernels skip it on full blocks, but the unfused
-    # (eager, CPU) path applies only mask_mod, over every position.
-    B_, H_ = mask.shape[:2]
-
-    def block_mod(b, h, q_idx, kv_idx):
-        keep = mask[b if B_ > 1 else 0, h if H_ > 1 else 0, q_idx // block_size, kv_idx // block_size]
-        return keep & (q_idx >= kv_idx) if causal else keep
-
-    return BlockMask.from_kv_blocks(
-        p_cnt,
-        p_idx,
-        f_cnt,
-        f_idx,
-        BLOCK_SIZE=block_size,
-        mask_mod=block_mod,
-        seq_lengths=(seq_len, seq_len),
-    )
-
-
 def _flex(q, k, v, mask, block_size, causal, scale):
     import torch
     from torch.nn.attention.flex_attention import flex_attention
+
+    from distillkit.kernels.block_sparse_attention.masks import flex_block_mask
 
     if q.device.type == "cpu" and any(t.requires_grad for t in (q, k, v)):
         raise ConfigError(
