@@ -83,20 +83,7 @@ def resolve_eval_data(spec: str | None, task: str) -> str | None:
     return spec or DEFAULT_EVAL_DATA
 
 
-def build_heldout_eval(
-    spec: str | None,
-    task: str,
-    teacher: Any,
-    tokenizer: Any,
-    *,
-    pooling: str,
-    max_length: int,
-    teacher_comparable: bool = True,
-) -> HeldOutEval | None:
+def build_heldout_eval(spec: str | None, task: str, teacher: Any, tokenizer: Any, **kwargs: Any) -> HeldOutEval | None:
+    """The :class:`HeldOutEval` for ``--eval-data spec`` (``kwargs`` as for it); None when there is nothing to measure."""
     name = resolve_eval_data(spec, task)
-    if name is None:
-        return None
-    data = read_heldout(name)
-    return HeldOutEval(
-        data, task, teacher, tokenizer, pooling=pooling, max_length=max_length, teacher_comparable=teacher_comparable
-    )
+    return None if name is None else HeldOutEval(read_heldout(name), task, teacher, tokenizer, **kwargs)
