@@ -62,10 +62,6 @@ _DISTILL_CYCLE = " ".join(
     f"distillkit.distill.{m}"
     for m in ("cross_tokenizer", "engine", "fused", "memo", "modes", "onpolicy", "sequence", "teacher_cache")
 )
-_STDERR = "stderr_console lives in distillkit.progress now; this import still goes through cli.options"
-_BENCH_HELPER = "a bench helper shared between bench modules under a private name; to become public"
-_FLOW = "flow distillation reuses diffusion.py's private training helpers; to become public there"
-_DIVERGENCE = "a divergence helper of distill.functional; to become public when the divergences move below distill"
 ALLOWLIST: dict[tuple[str, str, str], str] = {
     # cycles
     ("cycle", "distillkit.bench.diffusion", "distillkit.bench.diffusion distillkit.bench.engine"): (
@@ -89,51 +85,6 @@ ALLOWLIST: dict[tuple[str, str, str], str] = {
     ),
     ("upward", "distillkit.kernels.kd_loss.naive", "distillkit.distill.functional"): (
         "the divergences move below distill together with the tests that patch distill.functional.forward_kl"
-    ),
-    ("upward", "distillkit.bench.kernels", "distillkit.cli.options"): _STDERR,
-    ("upward", "distillkit.bench.diffusion", "distillkit.cli.options"): _STDERR,
-    ("upward", "distillkit.bench.report", "distillkit.cli.options"): _STDERR,
-    ("upward", "distillkit.quantize.engine", "distillkit.cli.options"): _STDERR,
-    # private names
-    ("private", "distillkit.bench.diffusion", "distillkit.bench.engine:_check_writable"): _BENCH_HELPER,
-    ("private", "distillkit.bench.diffusion", "distillkit.bench.engine:_device_name"): _BENCH_HELPER,
-    ("private", "distillkit.bench.diffusion", "distillkit.bench.engine:_sync"): _BENCH_HELPER,
-    ("private", "distillkit.bench.diffusion", "distillkit.bench.engine:_timed"): _BENCH_HELPER,
-    ("private", "distillkit.bench.diffusion", "distillkit.bench.engine:_trim_heap"): _BENCH_HELPER,
-    ("private", "distillkit.bench.diffusion", "distillkit.bench.engine:_versions"): _BENCH_HELPER,
-    ("private", "distillkit.bench.diffusion", "distillkit.bench.report:_ratio"): _BENCH_HELPER,
-    ("private", "distillkit.bench.speculative", "distillkit.bench.engine:_quality_batches"): _BENCH_HELPER,
-    ("private", "distillkit.bench.runtimes", "distillkit.export.signature:_image_shape"): (
-        "public as export.signature.image_shape_of; the old name is an alias"
-    ),
-    ("private", "distillkit.bench.runtimes", "distillkit.models.load:_pooling"): (
-        "public as models.load.pooling_mode; the old name is an alias"
-    ),
-    ("private", "distillkit.distill.cross_tokenizer", "distillkit.distill.functional:_as_bool_mask"): _DIVERGENCE,
-    ("private", "distillkit.distill.cross_tokenizer", "distillkit.distill.functional:_reduce"): _DIVERGENCE,
-    ("private", "distillkit.distill.cross_tokenizer", "distillkit.distill.functional:_upcast"): _DIVERGENCE,
-    ("private", "distillkit.distill.cross_tokenizer", "distillkit.distill.functional:_zero_padding"): _DIVERGENCE,
-    ("private", "distillkit.distill.flow", "distillkit.distill.diffusion:_Bar"): _FLOW,
-    ("private", "distillkit.distill.flow", "distillkit.distill.diffusion:_copy"): _FLOW,
-    ("private", "distillkit.distill.flow", "distillkit.distill.diffusion:_ms_per_call"): _FLOW,
-    ("private", "distillkit.distill.flow", "distillkit.distill.diffusion:_train"): _FLOW,
-    ("private", "distillkit.distill.modes", "distillkit.distill.engine:_to"): (
-        "the distill loop's batch-to-device helper; to move down beside models.forward.to_device"
-    ),
-    ("private", "distillkit.distill.teacher_cache", "distillkit.distill.engine:_to"): (
-        "the distill loop's batch-to-device helper; to move down beside models.forward.to_device"
-    ),
-    ("private", "distillkit.distill.sequence", "distillkit.distill.onpolicy:_mix_seed"): (
-        "a seed helper shared by the on-policy and sequence modes; to become public"
-    ),
-    ("private", "distillkit.distill.teacher_cache", "distillkit.models.student:_as_spec"): (
-        "public as models.student.student_spec; the old name is an alias"
-    ),
-    ("private", "distillkit.quantize.engine", "distillkit.models.forward:_forward_params"): (
-        "public as models.forward.forward_params; the old name is an alias"
-    ),
-    ("private", "distillkit.quantize.config", "distillkit.config:_check"): (
-        "public as config.require; the old name is an alias"
     ),
 }
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from distillkit.config import BaseConfig
 from distillkit.errors import ConfigError
+from distillkit.quantize.schemes import QUANT_KERNELS
 
 BENCH_DTYPES = ("auto", "float32", "bfloat16", "float16")
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
@@ -40,6 +41,7 @@ class BenchConfig(BaseConfig):
     out: str | None = None
     device: str = "auto"
     dtype: str = "auto"
+    quant_kernel: str = "auto"  # how distillkit's packed quantized layers multiply (quantize/kernels.py)
     task: str | None = None
     seed: int = 0
     diffusion_steps: int | None = None
@@ -62,6 +64,10 @@ class BenchConfig(BaseConfig):
             _positive_int("--diffusion-steps", self.diffusion_steps, 1, "pass e.g. --diffusion-steps 4")
         if self.dtype not in BENCH_DTYPES:
             raise ConfigError(f"unknown dtype {self.dtype!r}", hint=f"choose one of: {', '.join(BENCH_DTYPES)}")
+        if self.quant_kernel not in QUANT_KERNELS:
+            raise ConfigError(
+                f"unknown quant kernel {self.quant_kernel!r}", hint=f"choose one of: {', '.join(QUANT_KERNELS)}"
+            )
         if self.plot is not None and Path(self.plot).suffix.lower() not in PLOT_SUFFIXES:
             raise ConfigError(
                 f"--plot {self.plot} must end in {', '.join(PLOT_SUFFIXES)}", hint="pass e.g. --plot bench.png"

@@ -424,11 +424,11 @@ def measure(
     """Load ``src`` and time it; returns (record without quality, its Sampler, the shared inputs)."""
     import torch
 
-    from distillkit.bench.engine import PeakMemory, _sync, _timed, _trim_heap, percentile, weight_file_bytes
+    from distillkit.bench.engine import PeakMemory, percentile, sync_device, timed, trim_heap, weight_file_bytes
     from distillkit.models.diffusion import load_diffusion
     from distillkit.progress import Progress
 
-    _trim_heap()
+    trim_heap()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     with PeakMemory(device) as memory:
@@ -440,7 +440,7 @@ def measure(
                 f"{src.path} is a text-conditioned pipeline and no prompts were recorded by distill",
                 hint="pass --prompts FILE with one prompt per line",
             )
-        _sync(device)
+        sync_device(device)
         load_s = time.perf_counter() - t0
         if inputs is None:
             inputs = draw_inputs(cfg, dm, device, prompts)
@@ -450,10 +450,10 @@ def measure(
         sampler.sample(inputs.noise, inputs.labels)
     # timed runs show on stderr: sampling a large denoiser many times is minutes of otherwise silent work
     with Progress(f"bench {name}", 2 * (cfg.warmup + cfg.repeats), unit="run") as bar:
-        batch_ms = _timed(
+        batch_ms = timed(
             lambda: sampler.sample(inputs.noise, inputs.labels), device, cfg.warmup, cfg.repeats, tick=bar.advance
         )
-        step_ms = _timed(
+        step_ms = timed(
             lambda: sampler.step(inputs.noise, inputs.labels), device, cfg.warmup, cfg.repeats, tick=bar.advance
         )
     params = [p for p in dm.model.parameters()]
@@ -532,13 +532,13 @@ def run_diffusion_bench(
     return the report, printed, plotted and written as the transformers bench does."""
     import torch
 
-    from distillkit.bench.engine import _check_writable, _device_name, _trim_heap, _versions
-    from distillkit.bench.report import _ratio, build_report, print_table, write_plot, write_report
+    from distillkit.bench.engine import check_writable, device_name, software_versions, trim_heap
+    from distillkit.bench.report import build_report, print_table, safe_ratio, write_plot, write_report
 
     _check_flags(cfg)
     for path in (cfg.plot, cfg.out):
         if path:
-            _check_writable(path)
+            check_writable(path)
     guidance = _guidance_scale(entries)
     srcs = [s for s, _ in entries]
     prompts, prompts_from = prompt_texts(cfg, srcs)
@@ -558,7 +558,7 @@ def run_diffusion_bench(
         prompts_from=prompts_from,
     )
     del warm
-    _trim_heap()
+    trim_heap()
     records: list[dict[str, Any]] = []
     inputs: Inputs | None = None
     quality: Quality | None = None
@@ -585,7 +585,7 @@ def run_diffusion_bench(
             record["quality"] = quality.of_model(sampler)
         records.append(record)
         del sampler
-        _trim_heap()
+        trim_heap()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     base = records[0]
@@ -602,16 +602,16 @@ def run_diffusion_bench(
         cfg,
         records,
         baseline=base["name"],
-        device=_device_name(device),
+        device=device_name(device),
         device_type=device.type,
-        versions=_versions(),
+        versions=software_versions(),
         notes=notes,
         data_info=None,
     )
     for m in records[1:]:
         report["ratios"][m["name"]].update(
-            step_speedup=_ratio(base["step_ms_p50"], m["step_ms_p50"]),
-            evaluations_ratio=_ratio(m["evaluations_per_image"], base["evaluations_per_image"]),
+            step_speedup=safe_ratio(base["step_ms_p50"], m["step_ms_p50"]),
+            evaluations_ratio=safe_ratio(m["evaluations_per_image"], base["evaluations_per_image"]),
         )
     report["diffusion"] = {
         "quality_samples": QUALITY_SAMPLES,
@@ -638,7 +638,7 @@ def _side_by_side(records: list[dict[str, Any]]) -> None:
     """Each model beside the baseline run at the model's own step count (stderr)."""
     from rich.table import Table
 
-    from distillkit.cli.options import stderr_console
+    from distillkit.progress import stderr_console
 
     rows = [m for m in records[1:] if "same_steps_mse" in m["quality"]]
     if not rows:

@@ -45,7 +45,7 @@ MEMORY_METHODS = {
 # Measurement helpers
 
 
-def _sync(device: Any) -> None:
+def sync_device(device: Any) -> None:
     import torch
 
     if device.type == "cuda":
@@ -60,7 +60,7 @@ def _rss_bytes() -> int | None:
         return None
 
 
-def _trim_heap() -> None:
+def trim_heap() -> None:
     """Give freed heap back to the OS so the next model's RSS baseline is honest (glibc only)."""
     gc.collect()
     with contextlib.suppress(Exception):
@@ -126,7 +126,7 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q))
 
 
-def _timed(fn: Any, device: Any, warmup: int, repeats: int, tick: Any = None) -> list[float]:
+def timed(fn: Any, device: Any, warmup: int, repeats: int, tick: Any = None) -> list[float]:
     """Wall-clock milliseconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones.
 
     ``tick()`` (progress) runs after every call, outside the timed span.
@@ -135,12 +135,12 @@ def _timed(fn: Any, device: Any, warmup: int, repeats: int, tick: Any = None) ->
     for _ in range(warmup):
         fn()
         tick()
-    _sync(device)
+    sync_device(device)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync_device(device)
         times.append((time.perf_counter() - t0) * 1000.0)
         tick()
     return times
@@ -215,7 +215,7 @@ class _Stamps:
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
         import torch
 
-        _sync(self.device)
+        sync_device(self.device)
         self.times.append(time.perf_counter())
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
@@ -253,10 +253,10 @@ def _decode(model: Any, inputs: tuple[Any, ...], io: Any, n_tokens: int, device:
     kwargs.pop("token_type_ids", None)
     stamps = Stamps(device)
     with torch.no_grad():
-        _sync(device)
+        sync_device(device)
         t0 = time.perf_counter()
         out = model.generate(**kwargs, generation_config=gen, stopping_criteria=StoppingCriteriaList([stamps]))
-        _sync(device)
+        sync_device(device)
         total = (time.perf_counter() - t0) * 1000.0
     made = out.shape[1] - inputs[0].shape[1]
     if made != n_tokens:
@@ -273,7 +273,7 @@ def _decode(model: Any, inputs: tuple[Any, ...], io: Any, n_tokens: int, device:
 # Quality data
 
 
-def _quality_batches(cfg: BenchConfig, processor: Any, task: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def quality_batches(cfg: BenchConfig, processor: Any, task: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Every example of ``--data``, collated in batches of :data:`QUALITY_BATCH` once, so that every model sees
     identical batches (masked-LM masks included).
 
@@ -345,6 +345,7 @@ def load_for_bench(cfg: BenchConfig, src: mf.Source, device: Any) -> Any:
         _bench_dtype(cfg, src, device),
         allow_pickle=cfg.allow_pickle,
         trust_remote_code=cfg.trust_remote_code,
+        quant_kernel=cfg.quant_kernel,
     )
     from distillkit.attention import enable_sparse_attention, sparse_settings
 
@@ -388,7 +389,7 @@ def warm_up_process(cfg: BenchConfig, src: mf.Source, device: Any) -> None:
     if bm.can_generate:
         _decode(bm.model, inputs, bm.io, 2, device)
     del bm
-    _trim_heap()
+    trim_heap()
 
 
 def measure(cfg: BenchConfig, src: mf.Source, name: str, device: Any) -> tuple[dict[str, Any], Any]:
@@ -396,14 +397,14 @@ def measure(cfg: BenchConfig, src: mf.Source, name: str, device: Any) -> tuple[d
     import torch
 
     _import_model_code(cfg, src)
-    _trim_heap()
+    trim_heap()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     notes: list[str] = []
     with PeakMemory(device) as memory:
         t0 = time.perf_counter()
         bm = load_for_bench(cfg, src, device)
-        _sync(device)
+        sync_device(device)
         load_s = time.perf_counter() - t0
         io = bm.io
         check_positions(cfg, bm, name)
@@ -418,7 +419,7 @@ def measure(cfg: BenchConfig, src: mf.Source, name: str, device: Any) -> tuple[d
             _decode(bm.model, inputs, io, cfg.decode_tokens, device)
     # timed runs show on stderr: a large model's benchmark is minutes of otherwise silent work
     with Progress(f"bench {name} prefill", cfg.warmup + cfg.repeats, unit="run") as bar:
-        latencies = _timed(prefill, device, cfg.warmup, cfg.repeats, tick=bar.advance)
+        latencies = timed(prefill, device, cfg.warmup, cfg.repeats, tick=bar.advance)
     p50 = percentile(latencies, 50)
     units = cfg.batch * (cfg.seq if io.kind == "text" else 1)
     record: dict[str, Any] = {
@@ -430,6 +431,7 @@ def measure(cfg: BenchConfig, src: mf.Source, name: str, device: Any) -> tuple[d
         "task": bm.task,
         "model_type": io.model_type,
         "dtype": bm.dtype,
+        "quant_kernel": getattr(bm.model, "quant_kernel", None),
         "params": bm.params,
         "weights_bytes": bm.weights_bytes,
         "file_size_bytes": weight_file_bytes(src.path),
@@ -557,7 +559,7 @@ def _heldout(cfg: BenchConfig, bm: Any, record: dict[str, Any], heldout: Any, is
 # The run
 
 
-def _versions() -> dict[str, str]:
+def software_versions() -> dict[str, str]:
     import torch
 
     versions = {"distillkit": __version__, **mf.environment()}
@@ -566,7 +568,7 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def _device_name(device: Any) -> str:
+def device_name(device: Any) -> str:
     import platform
 
     import torch
@@ -577,7 +579,7 @@ def _device_name(device: Any) -> str:
     return f"cpu ({cpu}, {torch.get_num_threads()} threads)"
 
 
-def _check_writable(path: str) -> None:
+def check_writable(path: str) -> None:
     """Fail before the measurements, not after them, when a --plot / --out file cannot be written."""
     from distillkit.errors import OutputError
 
@@ -604,7 +606,7 @@ def run_bench(cfg: BenchConfig, sources: list[Any] | None = None) -> dict[str, A
     device = resolve_device(cfg.device)
     for path in (cfg.plot, cfg.out):
         if path:
-            _check_writable(path)
+            check_writable(path)
     raw = list(sources if sources is not None else cfg.models)
     resolved = [s if isinstance(s, mf.Source) else mf.read_source(s) for s in raw]
     teacher_src = mf.read_source(cfg.against) if cfg.against else None
@@ -651,7 +653,7 @@ def run_bench(cfg: BenchConfig, sources: list[Any] | None = None) -> dict[str, A
                 )
             else:
                 data_task = loaded.task
-                batches, data_info = _quality_batches(cfg, loaded.processor, loaded.task)
+                batches, data_info = quality_batches(cfg, loaded.processor, loaded.task)
         _quality(loaded, record, batches, data_task, teacher_loaded, device)
         if cfg.eval_data is not None:
             heldout = _heldout(cfg, loaded, record, heldout, is_teacher, notes)
@@ -660,7 +662,7 @@ def run_bench(cfg: BenchConfig, sources: list[Any] | None = None) -> dict[str, A
             teacher_loaded = loaded  # kept for the agreement of the others
         else:
             del loaded
-        _trim_heap()
+        trim_heap()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     del teacher_loaded
@@ -669,9 +671,9 @@ def run_bench(cfg: BenchConfig, sources: list[Any] | None = None) -> dict[str, A
         cfg,
         records,
         baseline=baseline,
-        device=_device_name(device),
+        device=device_name(device),
         device_type=device.type,
-        versions=_versions(),
+        versions=software_versions(),
         notes=notes,
         data_info=data_info,
     )

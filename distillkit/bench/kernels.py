@@ -59,7 +59,7 @@ def _fmt(v: Any) -> str:
 def _print(name: str, rows: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
-    from distillkit.cli.options import stderr_console
+    from distillkit.progress import stderr_console
 
     if not rows:
         return

@@ -23,7 +23,7 @@ PLOT_METRICS = (
 )
 
 
-def _ratio(num: Any, den: Any) -> float | None:
+def safe_ratio(num: Any, den: Any) -> float | None:
     if num is None or den is None or not math.isfinite(num) or not math.isfinite(den) or den == 0:
         return None
     return num / den
@@ -35,12 +35,12 @@ def ratios(model: dict[str, Any], base: dict[str, Any]) -> dict[str, float | Non
     A speed ratio that timing noise cannot support is None; :func:`speed_flags` says why."""
     flags = speed_flags(model, base)
     out = {
-        "latency_speedup": _ratio(base["latency_ms_p50"], model["latency_ms_p50"]),
-        "throughput_ratio": _ratio(model["throughput"], base["throughput"]),
-        "decode_speedup": _ratio(base["decode_ms_per_token_p50"], model["decode_ms_per_token_p50"]),
-        "param_ratio": _ratio(model["params"], base["params"]),
-        "size_ratio": _ratio(model["file_size_bytes"], base["file_size_bytes"]),
-        "memory_ratio": _ratio(model["peak_memory_mb"], base["peak_memory_mb"]),
+        "latency_speedup": safe_ratio(base["latency_ms_p50"], model["latency_ms_p50"]),
+        "throughput_ratio": safe_ratio(model["throughput"], base["throughput"]),
+        "decode_speedup": safe_ratio(base["decode_ms_per_token_p50"], model["decode_ms_per_token_p50"]),
+        "param_ratio": safe_ratio(model["params"], base["params"]),
+        "size_ratio": safe_ratio(model["file_size_bytes"], base["file_size_bytes"]),
+        "memory_ratio": safe_ratio(model["peak_memory_mb"], base["peak_memory_mb"]),
     }
     for key in flags:
         out[key] = None
@@ -80,11 +80,11 @@ def speed_flags(model: dict[str, Any], base: dict[str, Any]) -> dict[str, str]:
     Throughput is the inverse of latency and shares its verdict.
     """
     flags: dict[str, str] = {}
-    work = _ratio(base.get("params"), model.get("params"))
+    work = safe_ratio(base.get("params"), model.get("params"))
     bound = PLAUSIBLE_MARGIN * max(1.0, work or 1.0)
     for key, field in (("latency_ms", "latency_speedup"), ("decode_ms_per_token", "decode_speedup")):
         b, m = base.get(f"{key}_p50"), model.get(f"{key}_p50")
-        ratio = _ratio(b, m)
+        ratio = safe_ratio(b, m)
         if ratio is None:
             continue
         why = None
@@ -176,7 +176,7 @@ def print_table(report: dict[str, Any]) -> None:
     """A side-by-side table on stderr (people read stderr; stdout carries the JSON line)."""
     from rich.table import Table
 
-    from distillkit.cli.options import stderr_console
+    from distillkit.progress import stderr_console
 
     models = report["models"]
     quality_keys = sorted({k for m in models for k in (m.get("quality") or {}) if not k.startswith("eval_")})

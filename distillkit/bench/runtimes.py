@@ -17,7 +17,7 @@ from typing import Any
 from distillkit import manifest as mf
 from distillkit.errors import ModelError
 from distillkit.export.signature import ModelIO, describe_io
-from distillkit.models.load import _pooling
+from distillkit.models.load import pooling_mode
 
 ONNX_FILE = "model.onnx"
 PT2_FILE = "model.pt2"
@@ -60,7 +60,7 @@ def _export_io(
     """(config, processor, io) of an exported artifact, from its config.json and manifest."""
     from transformers import AutoConfig
 
-    from distillkit.export.signature import _image_shape
+    from distillkit.export.signature import image_shape_of
     from distillkit.models.load import TASKS, detect_task, load_processor
 
     try:
@@ -84,7 +84,7 @@ def _export_io(
             model_type,
             input_names,
             output,
-            image_shape=_image_shape(config, processor),
+            image_shape=image_shape_of(config, processor),
             token_level=False,
         )
     else:
@@ -176,7 +176,7 @@ def load_onnx(src: mf.Source, task: str | None, device: Any) -> BenchModel:
         processor=processor,
         task=io.task,
         path=src.path,
-        pooling=_pooling(src.path),
+        pooling=pooling_mode(src.path),
         io=io,
         runtime="onnxruntime",
         params=sum(n for n, _ in sizes),
@@ -218,7 +218,7 @@ def load_pt2(src: mf.Source, task: str | None, device: Any) -> BenchModel:
         processor=processor,
         task=io.task,
         path=src.path,
-        pooling=_pooling(src.path),
+        pooling=pooling_mode(src.path),
         io=io,
         runtime="torch.export",
         params=n_params,
@@ -262,12 +262,25 @@ def pt2_weight_footprint(program: Any, config: Any) -> tuple[int, int]:
 
 
 def load_pytorch(
-    src: mf.Source, task: str | None, device: Any, dtype: str, *, allow_pickle: bool, trust_remote_code: bool
+    src: mf.Source,
+    task: str | None,
+    device: Any,
+    dtype: str,
+    *,
+    allow_pickle: bool,
+    trust_remote_code: bool,
+    quant_kernel: str = "auto",
 ) -> BenchModel:
     from distillkit.models.load import load_model
 
     loaded = load_model(
-        src, task=task, dtype=dtype, device=str(device), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
+        src,
+        task=task,
+        dtype=dtype,
+        device=str(device),
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+        quant_kernel=quant_kernel,
     )
     model = loaded.model.eval()
     io = describe_io(model, loaded.task, loaded.processor, purpose="bench")

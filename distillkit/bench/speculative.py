@@ -63,9 +63,9 @@ def _prompts(cfg: Any, processor: Any, vocab: int, device: Any) -> list[Any]:
     import torch
 
     if cfg.data:
-        from distillkit.bench.engine import _quality_batches
+        from distillkit.bench.engine import quality_batches
 
-        batches, _ = _quality_batches(cfg, processor, "causal-lm")
+        batches, _ = quality_batches(cfg, processor, "causal-lm")
         rows = [row for b in batches for row in b["input_ids"]][:MAX_PROMPTS]
         return [row[None].to(device) for row in rows]
     g = torch.Generator().manual_seed(cfg.seed)

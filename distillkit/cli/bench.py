@@ -93,6 +93,16 @@ def bench(
         str | None,
         typer.Option("--dtype", help="auto (checkpoint dtype on CUDA, float32 on CPU), float32, bfloat16, float16."),
     ] = None,
+    quant_kernel: Annotated[
+        str | None,
+        typer.Option(
+            "--quant-kernel",
+            help="How distillkit's packed quantized layers multiply: auto (cpu-bf16 on a CPU with AVX512-BF16, "
+            "else dequant), cpu-bf16 (torch's int4 CPU kernel for batch-1 decode, a cached bf16 weight otherwise; "
+            "bf16 compute), dequant (the stored values dequantized in the model dtype every call; exact). "
+            "Default auto.",
+        ),
+    ] = None,
     task: o.Task = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed of the random inputs (default 0).")] = None,
     diffusion_steps: Annotated[
@@ -192,6 +202,7 @@ def bench(
         out=str(report_out) if report_out else None,
         device=device,
         dtype=dtype,
+        quant_kernel=quant_kernel,
         task=task,
         seed=seed,
         diffusion_steps=diffusion_steps,

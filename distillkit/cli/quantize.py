@@ -60,7 +60,7 @@ def quantize(
         int | None,
         typer.Option(
             "--embedding-bits",
-            help="Bits of the embedding tables (8, 4, 2; default 8 for post-training int4/int2, else the scheme's).",
+            help="Bits of the embedding tables (8, 4, 3, 2; default 8 for post-training int4/int3/int2, else the scheme's).",
         ),
     ] = None,
     damp: Annotated[
@@ -148,7 +148,7 @@ def quantize(
     overwrite: o.Overwrite = False,
     quiet: o.Quiet = False,
 ) -> None:
-    """Quantize weights to int8/int4/int2 (GPTQ or round-to-nearest, optionally with quantized distillation) or
+    """Quantize weights to int8/int4/int3/int2 (GPTQ or round-to-nearest, optionally with quantized distillation) or
     bitsandbytes formats, and write a low-bit artifact."""
     from distillkit.quantize import QuantizeConfig, quantize_model
 

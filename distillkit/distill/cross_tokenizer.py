@@ -41,23 +41,23 @@ def uld_loss(
     """
     import torch
 
-    from distillkit.distill.functional import _as_bool_mask, _reduce, _upcast, _zero_padding
+    from distillkit.distill.functional import as_bool_mask, reduce_masked, upcast, zero_padding
 
     if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
         raise ValueError(
             f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} "
             "must share their leading shape"
         )
-    mask = _as_bool_mask(mask, student_logits.shape[:-1], student_logits.device)
-    s = _zero_padding(_upcast(student_logits), mask)
-    t = _zero_padding(_upcast(teacher_logits.detach()).to(s.dtype), mask)
+    mask = as_bool_mask(mask, student_logits.shape[:-1], student_logits.device)
+    s = zero_padding(upcast(student_logits), mask)
+    t = zero_padding(upcast(teacher_logits.detach()).to(s.dtype), mask)
     p_s = torch.softmax(s / temperature, dim=-1).sort(dim=-1, descending=True).values
     p_t = torch.softmax(t / temperature, dim=-1).sort(dim=-1, descending=True).values
     width = max(p_s.shape[-1], p_t.shape[-1])
     p_s = torch.nn.functional.pad(p_s, (0, width - p_s.shape[-1]))
     p_t = torch.nn.functional.pad(p_t, (0, width - p_t.shape[-1]))
     per_position = (p_s - p_t).abs().sum(-1)
-    return _reduce(per_position, mask, reduction) * temperature**2
+    return reduce_masked(per_position, mask, reduction) * temperature**2
 
 
 class ULD(Loss):

@@ -241,7 +241,7 @@ def apply_sparse_attention(model: Any, sparse: tuple[str, int] | None) -> int:
 # Progress and optimisation
 
 
-class _Bar:
+class ProgressBar:
     """Progress on stderr: a rich bar on a terminal, periodic plain lines in a log (distillkit.progress)."""
 
     def __init__(self, label: str, total: int, unit: str = "step"):
@@ -249,7 +249,7 @@ class _Bar:
 
         self.progress = Progress(label, total, unit=unit)
 
-    def __enter__(self) -> _Bar:
+    def __enter__(self) -> ProgressBar:
         self.progress.__enter__()
         return self
 
@@ -260,7 +260,9 @@ class _Bar:
         self.progress.__exit__(*exc)
 
 
-def _train(student: torch.nn.Module, loss_fn: Any, cfg: DistillConfig, label: str, on_step: Any = None) -> list[float]:
+def train_student(
+    student: torch.nn.Module, loss_fn: Any, cfg: DistillConfig, label: str, on_step: Any = None
+) -> list[float]:
     """AdamW with warmup + cosine decay over ``cfg.steps``; ``loss_fn(step)`` returns the scalar loss."""
     from transformers import get_cosine_schedule_with_warmup
 
@@ -268,7 +270,7 @@ def _train(student: torch.nn.Module, loss_fn: Any, cfg: DistillConfig, label: st
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps(), cfg.steps)
     losses: list[float] = []
-    with _Bar(label, cfg.steps) as bar:
+    with ProgressBar(label, cfg.steps) as bar:
         for step in range(cfg.steps):
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(step)
@@ -305,7 +307,7 @@ def teacher_pool(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``size`` teacher samples x0 [P, C, H, W] (and their labels [P]) from ``steps`` DDIM steps."""
     xs, ys = [], []
-    with _Bar("teacher samples", size, unit="sample") as bar:
+    with ProgressBar("teacher samples", size, unit="sample") as bar:
         for start in range(0, size, POOL_BATCH):
             b = min(POOL_BATCH, size - start)
             noise = torch.randn(b, *dm.sample_shape, generator=gen).to(device)
@@ -372,20 +374,21 @@ def run_progressive(cfg, dm, schedule, pool, gen, sparse) -> tuple[Any, list[dic
     teacher, steps, rounds = dm.model, cfg.teacher_steps, []
     while steps > cfg.target_steps:
         steps //= 2
-        student = copy_student(dm) if teacher is dm.model else _copy(teacher)
+        student = copy_student(dm) if teacher is dm.model else trainable_copy(teacher)
         apply_sparse_attention(student, sparse)
 
         def loss_fn(_step: int, student=student, teacher=teacher, steps=steps) -> torch.Tensor:
             x0, y = _batch(pool, cfg.batch_size, gen)
             return progressive_loss(student, teacher, schedule, x0, y, steps, gen)
 
-        losses = _train(student, loss_fn, cfg, f"progressive {steps * 2}->{steps}")
+        losses = train_student(student, loss_fn, cfg, f"progressive {steps * 2}->{steps}")
         rounds.append({"steps": steps, "first_loss": losses[0], "final_loss": losses[-1]})
         teacher = student.requires_grad_(False)
     return teacher, rounds
 
 
-def _copy(model: Any) -> Any:
+def trainable_copy(model: Any) -> Any:
+    """A deep copy of ``model`` with every parameter trainable (a student or target network to start from)."""
     import copy
 
     return copy.deepcopy(model).requires_grad_(True)
@@ -451,7 +454,7 @@ def consistency_sample(model, schedule, noise, timesteps: list[int], labels, sca
 def run_consistency(cfg, dm, schedule, pool, gen, sparse, scaling) -> tuple[Any, list[dict[str, Any]]]:
     student = copy_student(dm)
     apply_sparse_attention(student, sparse)
-    target_net = _copy(student).requires_grad_(False)
+    target_net = trainable_copy(student).requires_grad_(False)
 
     def ema() -> None:
         with torch.no_grad():
@@ -462,7 +465,7 @@ def run_consistency(cfg, dm, schedule, pool, gen, sparse, scaling) -> tuple[Any,
         x0, y = _batch(pool, cfg.batch_size, gen)
         return consistency_loss(student, target_net, dm.model, schedule, x0, y, cfg.teacher_steps, scaling, gen)
 
-    losses = _train(student, loss_fn, cfg, "consistency", on_step=ema)
+    losses = train_student(student, loss_fn, cfg, "consistency", on_step=ema)
     return student, [{"steps": cfg.target_steps, "first_loss": losses[0], "final_loss": losses[-1]}]
 
 
@@ -499,7 +502,7 @@ def run_guidance(cfg, dm, schedule, pool, gen, sparse) -> tuple[Any, list[dict[s
             student, dm.model, schedule, x0, y, dm.null_condition, cfg.guidance_scale, cfg.teacher_steps, gen
         )
 
-    losses = _train(student, loss_fn, cfg, "guidance")
+    losses = train_student(student, loss_fn, cfg, "guidance")
     return student, [{"steps": cfg.teacher_steps, "first_loss": losses[0], "final_loss": losses[-1]}]
 
 
@@ -514,7 +517,8 @@ def sample_errors(samples: torch.Tensor, reference: torch.Tensor) -> dict[str, f
     return {"mse": mse, "psnr": 10 * math.log10(peak**2 / mse) if mse > 0 else float("inf")}
 
 
-def _ms_per_call(fn: Any, repeats: int = 3) -> float:
+def ms_per_call(fn: Any, repeats: int = 3) -> float:
+    """Mean wall-clock milliseconds of ``repeats`` calls of ``fn`` after one untimed call."""
     fn()
     t0 = time.perf_counter()
     for _ in range(repeats):
@@ -539,8 +543,8 @@ def evaluate(cfg, dm, schedule, student, labels, scaling, device) -> dict[str, A
         stu = ddim_sample(student, schedule, noise, N, y, timestep_cond=emb)
         base = ddim_sample(dm.model, schedule, noise, N, y)
         m.update(student_steps=N, guidance_scale=cfg.guidance_scale, baseline="teacher without guidance, same steps")
-        student_ms = _ms_per_call(lambda: denoise(student, noise, t_probe, y, emb))
-        teacher_ms = _ms_per_call(lambda: guided_output(dm.model, noise, t_probe, y, g))
+        student_ms = ms_per_call(lambda: denoise(student, noise, t_probe, y, emb))
+        teacher_ms = ms_per_call(lambda: guided_output(dm.model, noise, t_probe, y, g))
         evals_student = N
     else:
         K = cfg.target_steps
@@ -553,8 +557,8 @@ def evaluate(cfg, dm, schedule, student, labels, scaling, device) -> dict[str, A
         else:
             stu = ddim_sample(student, schedule, noise, K, y)
         m.update(student_steps=K, baseline=f"teacher at {K} steps")
-        student_ms = _ms_per_call(lambda: denoise(student, noise, t_probe, y))
-        teacher_ms = _ms_per_call(lambda: denoise(dm.model, noise, t_probe, y))
+        student_ms = ms_per_call(lambda: denoise(student, noise, t_probe, y))
+        teacher_ms = ms_per_call(lambda: denoise(dm.model, noise, t_probe, y))
         evals_student = K
     for name, samples in (("student", stu), ("baseline", base)):
         for k, v in sample_errors(samples, ref).items():

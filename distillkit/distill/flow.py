@@ -34,12 +34,12 @@ from typing import Any
 import torch
 
 from distillkit.distill.diffusion import (
-    _Bar,
-    _copy,
-    _ms_per_call,
-    _train,
+    ProgressBar,
     apply_sparse_attention,
+    ms_per_call,
     sample_errors,
+    train_student,
+    trainable_copy,
 )
 from distillkit.models.diffusion import copy_student
 from distillkit.models.flow import FlowSchedule, euler_sample, shift_sigma, velocity
@@ -68,7 +68,7 @@ def flow_pool(dm: Any, schedule: FlowSchedule, size: int, steps: int, gen: torch
     """``size`` (noise, teacher sample) pairs [P, C, H, W] each, from ``steps`` Euler steps of the teacher."""
     noises, xs = [], []
     sigmas = schedule.sigmas(steps)
-    with _Bar("teacher samples", size, unit="sample") as bar:
+    with ProgressBar("teacher samples", size, unit="sample") as bar:
         for start in range(0, size, POOL_BATCH):
             b = min(POOL_BATCH, size - start)
             noise = _randn((b, *dm.sample_shape), gen, device)
@@ -111,14 +111,14 @@ def run_progressive(cfg, dm, schedule, pool, gen, sparse):
     teacher, steps, rounds = dm.model, cfg.teacher_steps, []
     while steps > cfg.target_steps:
         steps //= 2
-        student = copy_student(dm) if teacher is dm.model else _copy(teacher)
+        student = copy_student(dm) if teacher is dm.model else trainable_copy(teacher)
         apply_sparse_attention(student, sparse)
 
         def loss_fn(_step: int, student=student, teacher=teacher, steps=steps) -> torch.Tensor:
             _, x0 = _pairs(pool, cfg.batch_size, gen)
             return progressive_flow_loss(student, teacher, schedule, x0, steps, gen)
 
-        losses = _train(student, loss_fn, cfg, f"progressive {steps * 2}->{steps}")
+        losses = train_student(student, loss_fn, cfg, f"progressive {steps * 2}->{steps}")
         rounds.append({"steps": steps, "first_loss": losses[0], "final_loss": losses[-1]})
         teacher = student.requires_grad_(False)
     return teacher, rounds
@@ -153,7 +153,7 @@ def run_reflow(cfg, dm, schedule, pool, gen, sparse):
         sigma = reflow_sigmas(schedule, cfg.target_steps, len(x0), gen, x0.device)
         return reflow_loss(student, schedule, noise, x0, sigma)
 
-    losses = _train(student, loss_fn, cfg, "reflow")
+    losses = train_student(student, loss_fn, cfg, "reflow")
     return student, [{"steps": cfg.target_steps, "first_loss": losses[0], "final_loss": losses[-1]}]
 
 
@@ -181,7 +181,7 @@ def flow_consistency_loss(student, target_net, teacher, schedule: FlowSchedule, 
 def run_consistency(cfg, dm, schedule, pool, gen, sparse):
     student = copy_student(dm)
     apply_sparse_attention(student, sparse)
-    target_net = _copy(student).requires_grad_(False)
+    target_net = trainable_copy(student).requires_grad_(False)
 
     def ema() -> None:
         with torch.no_grad():
@@ -192,7 +192,7 @@ def run_consistency(cfg, dm, schedule, pool, gen, sparse):
         _, x0 = _pairs(pool, cfg.batch_size, gen)
         return flow_consistency_loss(student, target_net, dm.model, schedule, x0, cfg.teacher_steps, gen)
 
-    losses = _train(student, loss_fn, cfg, "consistency", on_step=ema)
+    losses = train_student(student, loss_fn, cfg, "consistency", on_step=ema)
     return student, [{"steps": cfg.target_steps, "first_loss": losses[0], "final_loss": losses[-1]}]
 
 
@@ -292,7 +292,7 @@ def run_dmd(cfg, dm, schedule, pool, gen, sparse):
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
 
-    with _Bar("dmd", cfg.steps) as bar:
+    with ProgressBar("dmd", cfg.steps) as bar:
         for step in range(cfg.steps):
             for _ in range(DMD_FAKE_UPDATES):
                 k = torch.randint(K, (cfg.batch_size,), generator=gen).to(device)
@@ -359,8 +359,8 @@ def evaluate_flow(cfg, dm, schedule: FlowSchedule, student, device) -> dict[str,
             m[f"{name}_{key}"] = v
     m["mse_ratio"] = m["student_mse"] / m["baseline_mse"] if m["baseline_mse"] > 0 else float("nan")
     s_probe = torch.full((n,), 0.5, device=device)
-    student_ms = _ms_per_call(lambda: velocity(student, schedule, noise, s_probe))
-    teacher_ms = _ms_per_call(lambda: velocity(dm.model, schedule, noise, s_probe))
+    student_ms = ms_per_call(lambda: velocity(student, schedule, noise, s_probe))
+    teacher_ms = ms_per_call(lambda: velocity(dm.model, schedule, noise, s_probe))
     m.update(
         student_ms_per_step=student_ms / n,
         teacher_ms_per_step=teacher_ms / n,

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "as_bool_mask",
     "contrastive_kd",
     "embedding_cosine",
     "forward_kl",
@@ -36,6 +37,7 @@ __all__ = [
     "kl_from_log_probs",
     "masked_mean",
     "minilm_relation",
+    "reduce_masked",
     "relation_log_probs",
     "reverse_kl",
     "similarity_kd",
@@ -44,14 +46,18 @@ __all__ = [
     "taid",
     "taid_interpolation",
     "tvd",
+    "upcast",
+    "zero_padding",
 ]
 
 
-def _upcast(x: torch.Tensor) -> torch.Tensor:
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32, or as it is when already float32/float64: the precision every divergence computes in."""
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
-def _as_bool_mask(mask: torch.Tensor | None, shape: torch.Size, device: torch.device) -> torch.Tensor | None:
+def as_bool_mask(mask: torch.Tensor | None, shape: torch.Size, device: torch.device) -> torch.Tensor | None:
+    """``mask`` (bool or 0/1, of the values' leading ``shape``) as a bool tensor on ``device``; None stays None."""
     if mask is None:
         return None
     if tuple(mask.shape) != tuple(shape):
@@ -60,7 +66,7 @@ def _as_bool_mask(mask: torch.Tensor | None, shape: torch.Size, device: torch.de
     return mask if mask.dtype == torch.bool else mask != 0
 
 
-def _zero_padding(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def zero_padding(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """``x`` [..., D] with the vectors at padded positions (``mask`` [...] False) set to 0.
 
     Dropping padding only at the reduction keeps it out of the value, but a NaN/inf there would
@@ -73,10 +79,12 @@ def _zero_padding(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean of ``values`` [...] over positions where ``mask`` [...] is set; 0 when none is."""
-    return _reduce(values, _as_bool_mask(mask, values.shape, values.device), "mean")
+    return reduce_masked(values, as_bool_mask(mask, values.shape, values.device), "mean")
 
 
-def _reduce(values: torch.Tensor, mask: torch.Tensor | None, reduction: str) -> torch.Tensor:
+def reduce_masked(values: torch.Tensor, mask: torch.Tensor | None, reduction: str) -> torch.Tensor:
+    """``values`` [...] reduced over the positions where the bool ``mask`` is set: "mean", "sum" or "none" (0 where
+    masked); a mean over no position is 0."""
     if mask is not None:
         values = torch.where(mask, values, values.new_zeros(()))
     if reduction == "none":
@@ -122,8 +130,8 @@ def _prepare_logits(
         raise ValueError(
             f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ"
         )
-    mask = _as_bool_mask(mask, student_logits.shape[:-1], student_logits.device)
-    return _zero_padding(_upcast(student_logits), mask), _zero_padding(_upcast(teacher_logits), mask), mask
+    mask = as_bool_mask(mask, student_logits.shape[:-1], student_logits.device)
+    return zero_padding(upcast(student_logits), mask), zero_padding(upcast(teacher_logits), mask), mask
 
 
 def _softened_log_probs(
@@ -139,7 +147,7 @@ def _softened_log_probs(
 
 
 def _finish(per_position: torch.Tensor, mask: torch.Tensor | None, temperature: float, reduction: str) -> torch.Tensor:
-    return _reduce(per_position, mask, reduction) * (temperature**2)
+    return reduce_masked(per_position, mask, reduction) * (temperature**2)
 
 
 def forward_kl(
@@ -295,14 +303,14 @@ def hidden_mse(
     """
     if student_hidden.shape != teacher_hidden.shape:
         raise ValueError(f"hidden states {tuple(student_hidden.shape)} and {tuple(teacher_hidden.shape)} differ")
-    mask = _as_bool_mask(mask, student_hidden.shape[:-1], student_hidden.device)
-    student_hidden, teacher_hidden = _zero_padding(student_hidden, mask), _zero_padding(teacher_hidden, mask)
-    per_position = (_upcast(student_hidden) - _upcast(teacher_hidden)).pow(2).mean(-1)
-    return _reduce(per_position, mask, "mean")
+    mask = as_bool_mask(mask, student_hidden.shape[:-1], student_hidden.device)
+    student_hidden, teacher_hidden = zero_padding(student_hidden, mask), zero_padding(teacher_hidden, mask)
+    per_position = (upcast(student_hidden) - upcast(teacher_hidden)).pow(2).mean(-1)
+    return reduce_masked(per_position, mask, "mean")
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
-    a, b = _upcast(a), _upcast(b)
+    a, b = upcast(a), upcast(b)
     # Clamping each norm (not the product) keeps a zero vector, e.g. an all-zero padding state,
     # at cosine 0 with a finite gradient.
     norms = a.norm(dim=-1).clamp_min(eps) * b.norm(dim=-1).clamp_min(eps)
@@ -315,9 +323,9 @@ def hidden_cosine(
     """``1 - cosine`` per position, averaged over counted positions: [B, T, H] x2, mask [B, T] -> scalar."""
     if student_hidden.shape != teacher_hidden.shape:
         raise ValueError(f"hidden states {tuple(student_hidden.shape)} and {tuple(teacher_hidden.shape)} differ")
-    mask = _as_bool_mask(mask, student_hidden.shape[:-1], student_hidden.device)
-    student_hidden, teacher_hidden = _zero_padding(student_hidden, mask), _zero_padding(teacher_hidden, mask)
-    return _reduce(1.0 - _cosine(student_hidden, teacher_hidden, eps), mask, "mean")
+    mask = as_bool_mask(mask, student_hidden.shape[:-1], student_hidden.device)
+    student_hidden, teacher_hidden = zero_padding(student_hidden, mask), zero_padding(teacher_hidden, mask)
+    return reduce_masked(1.0 - _cosine(student_hidden, teacher_hidden, eps), mask, "mean")
 
 
 def embedding_cosine(
@@ -377,9 +385,9 @@ def relation_log_probs(a: torch.Tensor, b: torch.Tensor, heads: int, mask: torch
     if width % heads:
         raise ValueError(f"relation heads {heads} do not divide the width {width}")
     d = width // heads
-    keys = _as_bool_mask(mask, torch.Size((batch, length)), a.device)
-    a = _zero_padding(_upcast(a), keys).reshape(batch, length, heads, d).transpose(1, 2)
-    b = _zero_padding(_upcast(b), keys).reshape(batch, length, heads, d).transpose(1, 2)
+    keys = as_bool_mask(mask, torch.Size((batch, length)), a.device)
+    a = zero_padding(upcast(a), keys).reshape(batch, length, heads, d).transpose(1, 2)
+    b = zero_padding(upcast(b), keys).reshape(batch, length, heads, d).transpose(1, 2)
     scores = a @ b.transpose(-1, -2) / math.sqrt(d)
     if keys is not None:
         # The most negative finite value rather than -inf: a row with no real key (a fully padded
@@ -410,5 +418,5 @@ def minilm_relation(
     if mask is None:
         return per_query.mean()
     batch, _, length = per_query.shape
-    queries = _as_bool_mask(mask, torch.Size((batch, length)), per_query.device)
+    queries = as_bool_mask(mask, torch.Size((batch, length)), per_query.device)
     return masked_mean(per_query, queries[:, None, :].expand_as(per_query))

@@ -47,9 +47,9 @@ class OfflineFeed:
         self.teacher, self.task, self.device = teacher, task, device
 
     def next_batch(self, batches: Any, step: int, micro: int) -> dict[str, Any]:
-        from distillkit.distill.engine import _to
+        from distillkit.models.forward import to_device
 
-        return _to(batches.next(), self.device)
+        return to_device(batches.next(), self.device, non_blocking=True)
 
     def teacher_features(self, batch: dict[str, Any], needs: set[str], blocks: list[int], pooling: str) -> Any:
         from distillkit.distill.engine import student_features

@@ -26,7 +26,8 @@ from typing import Any
 from distillkit.distill.modes import OfflineFeed
 
 
-def _mix_seed(seed: int, step: int, micro: int) -> int:
+def mix_seed(seed: int, step: int, micro: int) -> int:
+    """The sampling seed of one (step, micro-batch) of a run seeded ``seed``: what on-policy and sequence modes use."""
     return (seed * 1_000_003 + step * 9_973 + micro) % (2**63 - 1)
 
 
@@ -123,7 +124,7 @@ class OnPolicyFeed(OfflineFeed):
 
         batch = super().next_batch(batches, step, micro)
         self.batches_total += 1
-        seed = _mix_seed(self.cfg.seed, step, micro)
+        seed = mix_seed(self.cfg.seed, step, micro)
         coin = torch.rand((), generator=torch.Generator().manual_seed(seed)).item()
         if coin >= self.cfg.student_data_fraction:
             return batch

@@ -86,7 +86,7 @@ def generate_sequences(cfg: Any, model: Any, prompts: Any, directory: Path, *, p
     """
     from datasets import Dataset
 
-    from distillkit.distill.onpolicy import _mix_seed, generate_continuations
+    from distillkit.distill.onpolicy import generate_continuations, mix_seed
     from distillkit.progress import track
 
     size = cfg.sequence_shard_size
@@ -119,7 +119,7 @@ def generate_sequences(cfg: Any, model: Any, prompts: Any, directory: Path, *, p
                 prompt,
                 max_new_tokens=cfg.max_new_tokens,
                 temperature=cfg.gen_temperature,
-                seed=_mix_seed(cfg.seed, s, b),
+                seed=mix_seed(cfg.seed, s, b),
                 pad_token_id=pad_token_id,
                 eos_token_id=eos_token_id,
             )

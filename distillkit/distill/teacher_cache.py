@@ -226,14 +226,14 @@ def spec_student_without_weights(cfg: Any, teacher: Any, device: Any) -> Any:
     """A randomly initialised spec student, built from the teacher's config alone (as ``build_student`` does)."""
     import torch
 
-    from distillkit.models.student import _as_spec, student_config
+    from distillkit.models.student import student_config, student_spec
 
     if cfg.student_init != "random":
         raise ConfigError(
             "with --teacher-cache there are no teacher weights to initialise a spec student from",
             hint="pass --student-init random, or give an existing --student model directory",
         )
-    s_cfg = student_config(teacher.config, _as_spec(cfg.student, teacher.config))
+    s_cfg = student_config(teacher.config, student_spec(cfg.student, teacher.config))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         student = type(teacher.model)(s_cfg)
@@ -308,9 +308,9 @@ class CachedTeacherFeed:
     def next_batch(self, batches: Any, step: int, micro: int) -> dict[str, Any]:
         import torch
 
-        from distillkit.distill.engine import _to
+        from distillkit.models.forward import to_device
 
-        batch = _to(batches.next(), self.device)
+        batch = to_device(batches.next(), self.device, non_blocking=True)
         batch["example_index"] = torch.tensor(batches.last_indices, dtype=torch.long)
         return batch
 

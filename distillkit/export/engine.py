@@ -200,7 +200,7 @@ def _export_quantized(cfg: ExportConfig, loaded: Any, tmp: Path) -> dict[str, An
     _save_sidecars(loaded, tmp)
     save_quantized(loaded.model, tmp, qc, config_dtype(loaded.model.config))
     t1 = time.perf_counter()
-    reloaded = load_quantized(tmp, loaded.task, dtype=loaded.model.dtype)
+    reloaded = load_quantized(tmp, loaded.task, dtype=loaded.model.dtype, kernel="dequant")
     io = describe_io(loaded.model, loaded.task, loaded.processor, purpose="the hf reload check")
     inputs = io.sample(2, min(16, io.max_positions or 16), seed=cfg.seed + 1, pad=True)
     with torch.no_grad():

@@ -104,9 +104,6 @@ def image_shape_of(config: Any, processor: Any) -> tuple[int, int, int]:
     return channels, 224, 224
 
 
-_image_shape = image_shape_of  # the old private name, for callers not yet moved
-
-
 def describe_io(
     model: Any, task: str, processor: Any = None, *, purpose: str = "this", error: type[DistillkitError] = ModelError
 ) -> ModelIO:

@@ -29,8 +29,8 @@ def forward_params(cls: type) -> frozenset[str]:
     return _CACHE[cls]
 
 
-_forward_params = forward_params  # the old private name, for callers not yet moved
-
-
-def to_device(batch: dict[str, Any], device: Any) -> dict[str, Any]:
-    return {k: (v.to(device) if hasattr(v, "to") else v) for k, v in batch.items()}
+def to_device(batch: dict[str, Any], device: Any, *, non_blocking: bool = False) -> dict[str, Any]:
+    """``batch`` with every value that has ``.to`` moved to ``device``; ``non_blocking`` is passed on when set (the
+    distill loop's copies from pinned memory)."""
+    kwargs = {"non_blocking": True} if non_blocking else {}
+    return {k: (v.to(device, **kwargs) if hasattr(v, "to") else v) for k, v in batch.items()}

@@ -380,9 +380,6 @@ def pooling_mode(path: str) -> str:
     return "mean"
 
 
-_pooling = pooling_mode  # the old private name, for callers not yet moved
-
-
 def load_config(
     source: str | Source, *, trust_remote_code: bool = False, allow_pickle: bool = False
 ) -> tuple[Any, Source]:
@@ -441,8 +438,12 @@ def load_model(
     device: str | None = "cpu",
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    quant_kernel: str = "dequant",
 ) -> LoadedModel:
-    """Load a model for ``task`` (detected when None) with its tokenizer or image processor."""
+    """Load a model for ``task`` (detected when None) with its tokenizer or image processor.
+
+    ``quant_kernel`` applies to distillkit's packed quantized artifacts (:mod:`distillkit.quantize.kernels`): the
+    engines keep the exact ``dequant`` product; ``distillkit.load`` and ``bench`` default to ``auto``."""
     import torch
 
     config, src = load_config(source, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
@@ -460,7 +461,7 @@ def load_model(
     if src.kind != "hub" and is_quantized_dir(src.path):
         from distillkit.quantize.format import load_quantized
 
-        model = load_quantized(src.path, task, dtype=torch_dtype, device=resolve_device(device))
+        model = load_quantized(src.path, task, dtype=torch_dtype, device=resolve_device(device), kernel=quant_kernel)
         processor = load_processor(src.path, task, trust_remote_code=trust_remote_code)
         return LoadedModel(
             model=model, processor=processor, task=task, path=src.path, source=src, pooling=pooling_mode(src.path)

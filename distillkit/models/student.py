@@ -570,9 +570,6 @@ def build_student(
     return student
 
 
-# The old private name, for callers not yet moved to :func:`student_spec`.
-_as_spec = student_spec
-
 __all__ = [
     "INITS",
     "SPEC_KEYS",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from distillkit.config import BaseConfig, _check, check_temperature, parse_loss_spec
+from distillkit.config import BaseConfig, check_temperature, parse_loss_spec, require
 from distillkit.errors import ConfigError
 
 METHODS = ("rtn", "gptq")
@@ -23,7 +23,9 @@ class QuantizeConfig(BaseConfig):
     method: str | None = None  # None: gptq for packed schemes
     skip: tuple[str, ...] = ()
     embeddings: bool = True
-    embedding_bits: int | None = None  # None: 8 for post-training int4/int2 (embedding tables are the most sensitive)
+    embedding_bits: int | None = (
+        None  # None: 8 for post-training int4/int3/int2 (embedding tables are the most sensitive)
+    )
     damp: float = 0.1
     act_order: bool = True  # GPTQ: columns by decreasing Hessian diagonal, static groups
     clip_search: bool = True  # per-group range shrink minimising the (Hessian-weighted) quantization error
@@ -64,7 +66,7 @@ class QuantizeConfig(BaseConfig):
             check_bits(self.embedding_bits)
             if scheme.format != "packed":
                 raise ConfigError(
-                    "--embedding-bits applies to the packed schemes", hint="use --scheme int8, int4 or int2"
+                    "--embedding-bits applies to the packed schemes", hint="use --scheme int8, int4, int3 or int2"
                 )
             if self.qat_steps:
                 raise ConfigError(
@@ -92,7 +94,7 @@ class QuantizeConfig(BaseConfig):
                 if given:
                     raise ConfigError(
                         f"{flag} does not apply to the bitsandbytes scheme {self.scheme}",
-                        hint="bitsandbytes fixes its own layout; drop the flag or use --scheme int8/int4/int2",
+                        hint="bitsandbytes fixes its own layout; drop the flag or use --scheme int8/int4/int3/int2",
                     )
         if scheme.format == "dynamic":
             if (self.group_size or 0) != 0 or self.symmetric is False:
@@ -100,39 +102,39 @@ class QuantizeConfig(BaseConfig):
                     "dynamic-int8 uses per-channel symmetric int8 weights", hint="drop --group-size/--asymmetric"
                 )
         if self.qat_steps:
-            _check(self.qat_steps > 0, "--qat-steps must be positive", "give a number of steps, e.g. 300")
+            require(self.qat_steps > 0, "--qat-steps must be positive", "give a number of steps, e.g. 300")
             if not scheme.qat:
                 raise ConfigError(
                     f"quantized distillation cannot target the {self.scheme} scheme",
-                    hint="use --scheme int8, int4 or int2 with --qat-steps",
+                    hint="use --scheme int8, int4, int3 or int2 with --qat-steps",
                 )
             if not self.teacher:
                 raise ConfigError(
                     "quantized distillation (--qat-steps) needs a full-precision teacher",
                     hint="pass --teacher DIR (it can be the unquantized model itself)",
                 )
-            _check(self.qat_lr > 0, "--qat-lr must be positive", "e.g. 1e-4")
+            require(self.qat_lr > 0, "--qat-lr must be positive", "e.g. 1e-4")
         elif self.act_bits is not None:
             raise ConfigError(
                 "--act-bits is trained with quantized distillation", hint="add --qat-steps N and --teacher DIR"
             )
         if self.quantizer == "dq" and scheme.format != "packed":
             raise ConfigError(
-                "--quantizer dq stores a codebook, which only the packed schemes hold", hint="use int4 or int2"
+                "--quantizer dq stores a codebook, which only the packed schemes hold", hint="use int4, int3 or int2"
             )
         for spec in self.losses:
             parse_loss_spec(spec)
-        _check(
+        require(
             self.temperature > 0 and self.temperature != float("inf"),
             f"--temperature must be > 0 (got {self.temperature})",
             "pass e.g. --temperature 2.0",
         )
         check_temperature(self.temperature)
-        _check(self.damp > 0, "--damp must be positive", "e.g. 0.1 (the default) or 0.01")
-        _check(0 <= self.eval_split <= 0.5, "--eval-split must be in [0, 0.5]", "e.g. 0.05")
+        require(self.damp > 0, "--damp must be positive", "e.g. 0.1 (the default) or 0.01")
+        require(0 <= self.eval_split <= 0.5, "--eval-split must be in [0, 0.5]", "e.g. 0.05")
         for name in ("calib_batches", "batch_size", "max_length"):
-            _check(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive", "give a positive number")
-        _check(self.eval_batches >= 0, "--eval-batches must be >= 0", "0 skips the quality measurement")
+            require(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive", "give a positive number")
+        require(self.eval_batches >= 0, "--eval-batches must be >= 0", "0 skips the quality measurement")
 
     # resolved defaults ------------------------------------------------------------------------------------------
     def resolved(self) -> dict:

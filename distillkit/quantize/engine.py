@@ -191,10 +191,10 @@ def _rtn_state(w: Any, bits: int, group: int, sym: bool, clip_search: bool, grou
 
 
 def _calib_inputs(model: Any, batch: dict, device: Any) -> dict:
-    from distillkit.models.forward import _forward_params, model_inputs
+    from distillkit.models.forward import forward_params, model_inputs
 
     inputs = model_inputs(model, batch, device)
-    if "use_cache" in _forward_params(type(model)):
+    if "use_cache" in forward_params(type(model)):
         inputs["use_cache"] = False  # a key/value cache shared by calls would grow when a block runs again
     return inputs
 
@@ -615,7 +615,7 @@ def reload_artifact(directory: Path, task: str, fmt: str, scheme: str, device: A
         from distillkit.quantize.format import load_quantized
 
         try:
-            return load_quantized(directory, task, device=device if fmt == "packed" else "cpu")
+            return load_quantized(directory, task, device=device if fmt == "packed" else "cpu", kernel="dequant")
         except (ValueError, RuntimeError, OSError, KeyError) as e:
             raise _unfaithful(scheme, device, f"reloading it failed ({str(e).splitlines()[0][:200]})") from None
     from distillkit.models.load import auto_class
@@ -706,7 +706,7 @@ def _unfaithful(scheme: str, device: Any, why: str) -> ModelError:
 def _report(manifest: mf.Manifest) -> None:
     from rich.table import Table
 
-    from distillkit.cli.options import stderr_console
+    from distillkit.progress import stderr_console
 
     m = manifest.metrics
     t = Table(title=f"quantize {manifest.config['scheme']} -> {manifest.path}", title_justify="left")

@@ -75,15 +75,20 @@ def save_quantized(model: torch.nn.Module, directory: Path, quantization_config:
         gen.save_pretrained(directory)
 
 
-def load_quantized(path: str | Path, task: str, *, dtype: torch.dtype | None = None, device: Any = "cpu") -> Any:
-    """Rebuild a model saved by :func:`save_quantized`: quantized modules that dequantize on the fly."""
+def load_quantized(
+    path: str | Path, task: str, *, dtype: torch.dtype | None = None, device: Any = "cpu", kernel: str = "dequant"
+) -> Any:
+    """Rebuild a model saved by :func:`save_quantized`; ``kernel`` picks how its packed layers multiply
+    (:mod:`distillkit.quantize.kernels`). The resolved kernel is ``model.quant_kernel``."""
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
     from distillkit.models.load import auto_class
+    from distillkit.quantize.kernels import resolve_kernel, select_kernel_
     from distillkit.quantize.surgery import build_quantized_
 
     path = Path(path)
+    resolve_kernel(kernel, device)  # a kernel this machine cannot run is refused before any work
     config = AutoConfig.from_pretrained(path)
     qc = config.quantization_config
     del config.quantization_config
@@ -109,7 +114,9 @@ def load_quantized(path: str | Path, task: str, *, dtype: torch.dtype | None = N
         )
     if qc.get("runtime") == "dynamic-int8":
         to_dynamic_int8_(model)
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    model.quant_kernel = select_kernel_(model, kernel, device)
+    return model
 
 
 def _is_tied_alias(model: Any, key: str) -> bool:

@@ -15,6 +15,7 @@ bit for bit:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -116,19 +117,34 @@ def dequantize(state: QuantState, dtype: torch.dtype = torch.float32) -> torch.T
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Packing: 8 / bits codes per byte, little-endian within the byte, along the input dimension.
+# Packing along the input dimension, little-endian: 8 / bits codes per byte for 2, 4 and 8 bits (first code in the
+# lowest bits); 3-bit codes go 8 to a 3-byte word (code j in bits 3j..3j+2 of the 24-bit little-endian word).
+
+
+def packed_width(n: int, bits: int) -> int:
+    """Bytes that hold ``n`` codes of ``bits`` bits (the last byte or word zero-padded)."""
+    if bits == 3:
+        return 3 * math.ceil(n / 8)
+    return math.ceil(n * bits / 8)
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes ``[..., I]`` -> packed uint8 ``[..., ceil(I * bits / 8)]``."""
+    """uint8 codes ``[..., I]`` -> packed uint8 ``[..., packed_width(I, bits)]``."""
     if bits == 8:
         return codes.to(torch.uint8).contiguous()
-    per = 8 // bits
+    per = 8 if bits == 3 else 8 // bits
     n = codes.shape[-1]
     pad = (-n) % per
     c = codes.to(torch.uint8)
     if pad:
         c = torch.nn.functional.pad(c, (0, pad))
+    if bits == 3:
+        c = c.reshape(*c.shape[:-1], -1, 8).to(torch.int32)
+        word = torch.zeros(c.shape[:-1], dtype=torch.int32, device=c.device)
+        for j in range(8):
+            word |= c[..., j] << (3 * j)
+        out = torch.stack([(word >> (8 * k)) & 0xFF for k in range(3)], dim=-1).to(torch.uint8)
+        return out.reshape(*out.shape[:-2], -1)
     c = c.reshape(*c.shape[:-1], -1, per)
     out = torch.zeros(c.shape[:-1], dtype=torch.uint8, device=c.device)
     for j in range(per):
@@ -140,6 +156,12 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of :func:`pack`: packed ``[..., B]`` -> uint8 codes ``[..., n]``."""
     if bits == 8:
         return packed[..., :n]
+    if bits == 3:
+        b = packed.reshape(*packed.shape[:-1], -1, 3).to(torch.int32)
+        word = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)
+        shifts = torch.arange(0, 24, 3, dtype=torch.int32, device=packed.device)
+        codes = ((word.unsqueeze(-1) >> shifts) & 7).to(torch.uint8)
+        return codes.reshape(*packed.shape[:-1], -1)[..., :n]
     per = 8 // bits
     mask = (1 << bits) - 1
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)

@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from distillkit.quantize import functional as qf
+from distillkit.quantize import kernels
 from distillkit.quantize.functional import QuantState
 
 QUANTIZERS = ("ste", "lsq", "dq")
@@ -206,7 +207,7 @@ class _Packed(nn.Module):
         self.group_size = qf.effective_group(i, group_size)
         self.has_codebook = codebook
         n_groups = i // self.group_size
-        self.register_buffer("qweight", torch.zeros(o, math.ceil(i * bits / 8), dtype=torch.uint8))
+        self.register_buffer("qweight", torch.zeros(o, qf.packed_width(i, bits), dtype=torch.uint8))
         self.register_buffer("scales", torch.ones(o, n_groups, dtype=qf.SCALE_DTYPE))
         if codebook:
             self.register_buffer("offsets", torch.zeros(o, n_groups, dtype=qf.SCALE_DTYPE))
@@ -287,7 +288,18 @@ class QuantLinear(_Packed):
     def weight(self) -> torch.Tensor:
         return self.dequantized_weight(self.scales.dtype if self.bias is None else self.bias.dtype)
 
+    def set_kernel(self, kernel: str) -> None:
+        """``dequant`` or ``cpu-bf16`` (see :mod:`distillkit.quantize.kernels`); activation fake-quant keeps
+        ``dequant``."""
+        fast = kernel == "cpu-bf16" and not self.act_bits
+        self._kernel = (
+            kernels.CpuBf16Weight(self.dequantized_weight, kernels.int4_layout(self.state())) if fast else None
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fast = getattr(self, "_kernel", None)
+        if fast is not None and x.device.type == "cpu":
+            return fast(x, self.bias)
         if self.act_bits:
             x = qf.fake_quant_activations(x, self.act_bits)
         return F.linear(x, self.dequantized_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
@@ -343,7 +355,15 @@ class TiedQuantLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         return self._source[0].weight
 
+    def set_kernel(self, kernel: str) -> None:
+        """As :meth:`QuantLinear.set_kernel`; the tied weight always goes through the cached bf16 copy."""
+        fast = kernel == "cpu-bf16" and not self.act_bits
+        self._kernel = kernels.CpuBf16Weight(self._source[0].dequantized_weight, None) if fast else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fast = getattr(self, "_kernel", None)
+        if fast is not None and x.device.type == "cpu":
+            return fast(x, self.bias)
         if self.act_bits:
             x = qf.fake_quant_activations(x, self.act_bits)
         w = self._source[0].dequantized_weight(x.dtype)

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from distillkit.errors import ConfigError
 from distillkit.registry import SCHEMES
 
-VALID_BITS = (2, 4, 8)
+VALID_BITS = (2, 3, 4, 8)
+QUANT_KERNELS = ("auto", "cpu-bf16", "dequant")  # how packed layers multiply once loaded (quantize/kernels.py)
 VALID_GROUP_SIZES = (0, 32, 64, 128)  # 0 = one scale per output channel
 
 
@@ -55,6 +56,15 @@ _scheme(
     symmetric=False,
     qat=True,
     help="4-bit weights, two per byte, group 128 asymmetric by default",
+)
+_scheme(
+    "int3",
+    format="packed",
+    bits=3,
+    group_size=128,
+    symmetric=False,
+    qat=True,
+    help="3-bit weights, eight per three bytes, group 128 asymmetric by default",
 )
 _scheme(
     "int2",

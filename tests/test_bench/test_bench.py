@@ -23,6 +23,7 @@ MODEL_FIELDS = {
     "task",
     "model_type",
     "dtype",
+    "quant_kernel",
     "params",
     "weights_bytes",
     "file_size_bytes",

@@ -10,13 +10,14 @@ from distillkit.quantize.gptq import HessianAccumulator, gptq_quantize
 from distillkit.quantize.modules import FakeQuantLinear, QuantEmbedding, QuantLinear, WeightQuantizer
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("n", [1, 7, 64, 129])
 def test_pack_unpack_round_trip(bits, n):
     g = torch.Generator().manual_seed(n)
     codes = torch.randint(0, 2**bits, (5, n), generator=g).to(torch.uint8)
     packed = qf.pack(codes, bits)
-    assert packed.dtype == torch.uint8 and packed.shape == (5, -(-n * bits // 8))
+    width = 3 * -(-n // 8) if bits == 3 else -(-n * bits // 8)  # 3-bit: whole 3-byte words of 8 codes
+    assert packed.dtype == torch.uint8 and packed.shape == (5, width) == (5, qf.packed_width(n, bits))
     assert torch.equal(qf.unpack(packed, bits, n), codes)
 
 
@@ -24,6 +25,11 @@ def test_pack_layout_is_low_bits_first():
     # the documented layout: the first code of a byte sits in its lowest bits
     assert qf.pack(torch.tensor([[1, 2]], dtype=torch.uint8), 4).tolist() == [[0x21]]
     assert qf.pack(torch.tensor([[3, 0, 1, 2]], dtype=torch.uint8), 2).tolist() == [[0b10010011]]
+    # 3 bits: eight codes in a little-endian 24-bit word, code j in bits 3j..3j+2
+    codes = [1, 2, 3, 4, 5, 6, 7, 0]
+    word = sum(c << (3 * j) for j, c in enumerate(codes))
+    packed = qf.pack(torch.tensor([codes], dtype=torch.uint8), 3)
+    assert packed.tolist() == [[word & 0xFF, (word >> 8) & 0xFF, word >> 16]]
 
 
 def _naive_rtn(w, bits, g, symmetric):

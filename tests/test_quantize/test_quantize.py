@@ -72,7 +72,7 @@ def test_int4_g128_artifact_is_small_and_reloads_exactly(llama_bf16, tmp_path, c
 
     import distillkit
 
-    loaded = distillkit.load(str(out))
+    loaded = distillkit.load(str(out), quant_kernel="dequant")  # the exact product the manifest was measured with
     model = loaded.model
     assert isinstance(model.model.layers[0].self_attn.q_proj, QuantLinear)
     assert isinstance(model.model.embed_tokens, QuantEmbedding)
@@ -200,7 +200,7 @@ def _no_bitsandbytes(monkeypatch):
 @pytest.mark.parametrize(
     "flags,message",
     [
-        (["--scheme", "int3"], "3-bit weights are not supported"),
+        (["--scheme", "int5"], "5-bit weights are not supported"),
         (["--scheme", "int4", "--group-size", "48"], "group size 48 is not supported"),
         (["--scheme", "int4", "--group-size", "128"], "group size 128 does not divide the 64 input features"),
         (["--scheme", "int4", "--qat-steps", "5"], "needs a full-precision teacher"),
@@ -225,8 +225,8 @@ def test_errors_exit_1_with_one_line_and_no_output(llama, tmp_path, capsys, monk
     assert len(lines) == 2 and lines[1].startswith("hint: ")
     if "group size 48" in message:
         assert "32, 64, 128" in lines[1]
-    if "3-bit weights" in message:
-        assert "2, 4, 8" in lines[1]
+    if "5-bit weights" in message:
+        assert "2, 3, 4, 8" in lines[1]
     assert not out.exists()
 
 

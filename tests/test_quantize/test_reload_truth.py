@@ -28,6 +28,7 @@ FAST_ARGS = [a for k, v in FAST.items() for a in (f"--{k.replace('_', '-')}", st
 SCHEMES = {
     "int8": ["--scheme", "int8"],
     "int4": ["--scheme", "int4", "--group-size", "32"],
+    "int3": ["--scheme", "int3", "--group-size", "32"],
     "int2": ["--scheme", "int2"],
     "int4-rtn": ["--scheme", "int4", "--group-size", "32", "--method", "rtn"],
     "dynamic-int8": ["--scheme", "dynamic-int8"],
