@@ -157,7 +157,7 @@ def require(cond: bool, msg: str, hint: str) -> None:
         raise ConfigError(msg, hint=hint)
 
 
-_check = require  # the name this module's configs (and some callers not yet moved) use
+_check = require  # the short name this module's own configs use
 
 
 def parse_loss_spec(spec: str) -> tuple[str, float]:
@@ -219,6 +219,7 @@ class DistillConfig(BaseConfig):
     # optimisation
     steps: int = 100
     batch_size: int = 8
+    group_by_length: bool = True  # text batches of similar lengths: less padding (no effect on packed causal LMs)
     grad_accum: int = 1
     lr: float = 1e-4
     weight_decay: float = 0.01

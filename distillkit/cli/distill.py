@@ -69,6 +69,15 @@ def distill(
     ] = None,
     max_length: o.MaxLength = None,
     max_samples: o.MaxSamples = None,
+    group_by_length: Annotated[
+        bool | None,
+        typer.Option(
+            "--group-by-length/--no-group-by-length",
+            help="Build each training batch from examples of similar length (sorted within windows of 32 batches, "
+            "batches in random order), so little compute goes to padding (default on; packed causal-LM blocks "
+            "all have one length).",
+        ),
+    ] = None,
     loss: Annotated[list[str] | None, typer.Option("--loss", "-l", help=_loss_help())] = None,
     temperature: Annotated[
         float | None,
@@ -292,6 +301,7 @@ def distill(
         eval_data=eval_data,
         max_length=max_length,
         max_samples=max_samples,
+        group_by_length=group_by_length,
         losses=tuple(loss) if loss else None,
         temperature=temperature,
         alpha=alpha,

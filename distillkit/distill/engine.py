@@ -145,11 +145,47 @@ def student_features(
 # Batching
 
 
-class EpochBatches:
-    """Deterministic micro-batches for one process; the position is ``(epoch, index)``."""
+GROUP_WINDOW = 32  # --group-by-length sorts windows of this many global batches
 
-    def __init__(self, dataset: Any, collate_fn: Any, batch_size: int, seed: int, rank: int, world: int):
-        self.dataset, self.collate_fn = dataset, collate_fn
+
+def example_lengths(dataset: Any) -> list[int] | None:
+    """Tokens per training example, or None when the examples are not token sequences or all share one length."""
+    ids = getattr(dataset, "input_ids", None)  # data.prepare's TokenizedDataset keeps its token lists
+    if not isinstance(ids, list) or not ids:
+        return None
+    lengths = [len(x) for x in ids]
+    return lengths if len(set(lengths)) > 1 else None
+
+
+def group_by_length(order: list[int], lengths: list[int], global_batch: int, g: torch.Generator) -> list[int]:
+    """``order`` regrouped so each global batch holds examples of similar length: windows of
+    :data:`GROUP_WINDOW` batches are sorted by length (longest first), cut into batches, and the full batches are
+    shuffled with ``g``; a trailing partial batch stays last (the epoch drops it)."""
+    window = global_batch * GROUP_WINDOW
+    ranked: list[int] = []
+    for start in range(0, len(order), window):
+        ranked += sorted(order[start : start + window], key=lambda i: -lengths[i])
+    n_full = len(ranked) // global_batch
+    batches = [ranked[b * global_batch : (b + 1) * global_batch] for b in range(n_full)]
+    shuffled = [batches[b] for b in torch.randperm(n_full, generator=g).tolist()]
+    return [i for batch in shuffled for i in batch] + ranked[n_full * global_batch :]
+
+
+class EpochBatches:
+    """Deterministic micro-batches for one process; the position is ``(epoch, index)``. With ``lengths``, each
+    epoch's order is grouped by length (:func:`group_by_length`)."""
+
+    def __init__(
+        self,
+        dataset: Any,
+        collate_fn: Any,
+        batch_size: int,
+        seed: int,
+        rank: int,
+        world: int,
+        lengths: list[int] | None = None,
+    ):
+        self.dataset, self.collate_fn, self.lengths = dataset, collate_fn, lengths
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
         self.global_batch = batch_size * world
         self.per_epoch = len(dataset) // self.global_batch
@@ -166,7 +202,10 @@ class EpochBatches:
     def _epoch_order(self) -> list[int]:
         if self._order is None:
             g = torch.Generator().manual_seed(self.seed + self.epoch)
-            self._order = torch.randperm(len(self.dataset), generator=g).tolist()
+            order = torch.randperm(len(self.dataset), generator=g).tolist()
+            if self.lengths is not None:
+                order = group_by_length(order, self.lengths, self.global_batch, g)
+            self._order = order
         return self._order
 
     def next(self) -> dict[str, Any]:
@@ -744,7 +783,13 @@ def _run(
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps(), cfg.steps)
     module, optimizer = accelerator.prepare(module, optimizer)
     batches = EpochBatches(
-        data.train, data.collate_fn, cfg.batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes
+        data.train,
+        data.collate_fn,
+        cfg.batch_size,
+        cfg.seed,
+        accelerator.process_index,
+        accelerator.num_processes,
+        lengths=example_lengths(data.train) if cfg.group_by_length else None,
     )
     from distillkit.distill.modes import build_feed
 
@@ -1001,10 +1046,6 @@ def _eval_batches(data: Any, cfg: DistillConfig) -> Any:
             yield data.collate_fn([data.eval[j] for j in range(i, min(i + cfg.batch_size, len(data.eval)))])
 
     return it
-
-
-def _to(batch: dict[str, Any], device: Any) -> dict[str, Any]:
-    return {k: (v.to(device, non_blocking=True) if hasattr(v, "to") else v) for k, v in batch.items()}
 
 
 def _tokens(batch: dict[str, Any]) -> int:
