@@ -133,10 +133,11 @@ def int4_layout(state) -> tuple[torch.Tensor, torch.Tensor, int] | None:
     return packed, sz, state.group_size
 
 
-def select_kernel_(model: torch.nn.Module, kernel: str, device: Any = "cpu") -> str:
-    """Set the product every packed linear layer of ``model`` uses; returns the resolved kernel name."""
+def select_kernel_(model: torch.nn.Module, kernel: str, device: Any = "cpu") -> str | None:
+    """Set the product every packed linear layer of ``model`` uses; returns the resolved kernel name, or None when
+    the model has no packed linear layer (e.g. ``dynamic-int8``, whose Linears are torch's)."""
     kernel = resolve_kernel(kernel, device)
-    for m in model.modules():
-        if callable(getattr(m, "set_kernel", None)):
-            m.set_kernel(kernel)
-    return kernel
+    layers = [m for m in model.modules() if callable(getattr(m, "set_kernel", None))]
+    for m in layers:
+        m.set_kernel(kernel)
+    return kernel if layers else None

@@ -78,6 +78,13 @@ def test_resolve_kernel_rules(monkeypatch):
     assert kernels.resolve_kernel("auto", "cpu") == "cpu-bf16"
 
 
+def test_no_packed_linear_no_kernel():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    assert kernels.select_kernel_(model, "dequant") is None
+    model.append(_layer(4, 32, 4, 32, False))
+    assert kernels.select_kernel_(model, "dequant") == "dequant"
+
+
 def test_act_bits_keep_the_exact_product():
     m = _layer(16, 64, 4, 32, False)
     m.act_bits = 8
