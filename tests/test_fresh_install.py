@@ -1,7 +1,7 @@
 """A new user works from the clone root: nothing in the repository may shadow a package a dependency imports there.
 
-transformers imports the PyPI package ``kernels``; the repository's top-level ``kernels/`` folder (installed as
-``distillkit.kernels.*``) and the test folders must never be found under a top-level name instead.
+transformers imports the PyPI package ``kernels``; distillkit's own kernels live in ``distillkit/kernels/`` and the test
+folders are named ``tests/test_*``, so nothing in the repository can be found under a top-level name instead.
 """
 
 from __future__ import annotations
@@ -31,9 +31,20 @@ def test_kernels_resolves_to_the_installed_package_from_the_clone_root():
     kernels_file, kd_file = (Path(line).resolve() for line in done.stdout.splitlines()[:2])
     installed = Path(importlib.metadata.distribution("kernels").locate_file("kernels")).resolve()
     assert kernels_file == installed / "__init__.py"
-    assert ROOT / "kernels" not in kernels_file.parents
-    # distillkit's own kernels still come from the repository's kernels/ folder (editable install) or site-packages
+    assert ROOT / "kernels" not in kernels_file.parents and ROOT / "distillkit" not in kernels_file.parents
+    # distillkit's own kernels come from distillkit/kernels/ (editable install) or site-packages
     assert kd_file.parent.name == "kd_loss" and kd_file.parent.parent.name == "kernels"
+    assert kd_file.parent.parent.parent.name == "distillkit"
+
+
+def test_find_spec_from_the_clone_root_is_the_installed_kernels():
+    # transformers decides whether `kernels` is available with importlib.util.find_spec: a folder of the repository
+    # (even one without __init__.py, as a namespace package) must never answer for it
+    assert not (ROOT / "kernels").exists()
+    done = run_from_root("-c", "import importlib.util as u; s = u.find_spec('kernels'); print(s.origin)")
+    assert done.returncode == 0, done.stderr[-2000:]
+    installed = Path(importlib.metadata.distribution("kernels").locate_file("kernels")).resolve()
+    assert Path(done.stdout.strip()).resolve() == installed / "__init__.py"
 
 
 def test_python_dash_m_from_the_clone_root():
