@@ -24,6 +24,7 @@ import torch
 from torch.nn import functional as F
 
 from distillkit.errors import ConfigError
+from distillkit.quantize.functional import dequantize_codes
 from distillkit.quantize.schemes import QUANT_KERNELS
 
 DECODE_ROWS = 16  # inputs with at most this many rows use the int4 kernel; more rows use the cached bf16 weight
@@ -68,8 +69,7 @@ def cpu_bf16_available() -> bool:
         scales = torch.rand(o, i // gs, generator=g) * 0.1 + 0.01
         zeros = torch.randint(0, 16, (o, i // gs), generator=g, dtype=torch.uint8)
         x = torch.randn(3, i, generator=g).to(torch.bfloat16)
-        w = (codes.float().reshape(o, -1, gs) - zeros.float().unsqueeze(-1)) * scales.unsqueeze(-1)
-        ref = x.float() @ w.reshape(o, i).t()
+        ref = x.float() @ dequantize_codes(codes, scales, zeros, 4, gs).t()
         packed, sz = pack_int4(codes, scales, zeros, gs)
         out = int4_mm(x, packed, gs, sz)
         return bool(torch.allclose(out.float(), ref, rtol=0.05, atol=0.05 * ref.abs().max().item()))

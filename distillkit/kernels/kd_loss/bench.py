@@ -98,10 +98,10 @@ def bench_kd_loss(
     without CUDA.
     """
     import torch
-    from distillkit.kernels.kd_loss.fused import fused_kd_loss
-    from distillkit.kernels.kd_loss.naive import naive_kd_loss
 
     from distillkit.errors import ConfigError
+    from distillkit.kernels.kd_loss.fused import fused_kd_loss
+    from distillkit.kernels.kd_loss.naive import naive_kd_loss
 
     if not torch.cuda.is_available():
         raise ConfigError(

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
 from distillkit.kernels.kd_loss.naive import DIVERGENCES, counted_rows, kd_rows
 
 BACKENDS = ("auto", "triton", "torch")

@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
 from distillkit.kernels.kd_loss.fused import (
     KDSettings,
     chunked_kd_forward,
