@@ -26,7 +26,7 @@ def load(source: str, **kwargs: Any):
     """Load any model or distillkit artifact; returns a :class:`distillkit.models.LoadedModel`.
 
     A packed quantized artifact runs with the fastest exact-enough product this machine has
-    (``quant_kernel="auto"``, see :mod:`distillkit.quantize.kernels`); pass ``quant_kernel="dequant"`` for the
+    (``quant_kernel="auto"``, see :mod:`distillkit.models.packed.kernels`); pass ``quant_kernel="dequant"`` for the
     file's values computed in the model dtype."""
     from distillkit.models import load_model
 

@@ -210,6 +210,7 @@ def test_overwrite_replaces_an_empty_directory_and_an_artifact(artifact, tmp_pat
 def checkpoint(teacher, text_file, tmp_path_factory) -> Path:
     """A work directory holding the checkpoint of step 3 of a 10-step --lr 1e-3 run (stopped by a NaN loss)."""
     from distillkit.distill import functional
+    from distillkit.kernels.kd_loss import divergences
 
     real = functional.forward_kl
     calls = {"n": 0}
@@ -221,7 +222,8 @@ def checkpoint(teacher, text_file, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("ckpt") / "o"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(functional, "forward_kl", nan_at_step_4)
+        for home in (functional, divergences):  # the fused loss reads the divergences module
+            mp.setattr(home, "forward_kl", nan_at_step_4)
         code = main(distill(teacher, text_file, "--steps", "10", "--lr", "1e-3", "--out", str(out), "--quiet"))
     assert code == 1 and checkpoint_step(out) == 3
     return work_dir(out)
@@ -327,6 +329,7 @@ def test_resume_changed_needs_resume(teacher, text_file, tmp_path, capsys):
 def test_nan_gradient_without_clipping_never_reaches_the_checkpoint(teacher, text_file, tmp_path, capsys, monkeypatch):
     """--max-grad-norm 0: a step whose loss is finite but whose gradient is NaN must not be applied or saved."""
     from distillkit.distill import functional
+    from distillkit.kernels.kd_loss import divergences
 
     real = functional.forward_kl
     calls = {"n": 0}
@@ -338,7 +341,8 @@ def test_nan_gradient_without_clipping_never_reaches_the_checkpoint(teacher, tex
             value = value + 0.0 * torch.sqrt(value - value.detach())
         return value
 
-    monkeypatch.setattr(functional, "forward_kl", nan_gradient_at_step_5)
+    for home in (functional, divergences):  # the fused loss reads the divergences module
+        monkeypatch.setattr(home, "forward_kl", nan_gradient_at_step_5)
     out = tmp_path / "o"
     args = distill(teacher, text_file, "--steps", "10", "--max-grad-norm", "0", "--save-every", "2", "--out", str(out))
     code, lines, err = run(args, capsys)

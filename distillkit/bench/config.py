@@ -7,7 +7,7 @@ from pathlib import Path
 
 from distillkit.config import BaseConfig
 from distillkit.errors import ConfigError
-from distillkit.quantize.schemes import QUANT_KERNELS
+from distillkit.models.packed import QUANT_KERNELS
 
 BENCH_DTYPES = ("auto", "float32", "bfloat16", "float16")
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")

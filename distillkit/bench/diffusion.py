@@ -424,7 +424,7 @@ def measure(
     """Load ``src`` and time it; returns (record without quality, its Sampler, the shared inputs)."""
     import torch
 
-    from distillkit.bench.engine import PeakMemory, percentile, sync_device, timed, trim_heap, weight_file_bytes
+    from distillkit.bench.measure import PeakMemory, percentile, sync_device, timed, trim_heap, weight_file_bytes
     from distillkit.models.diffusion import load_diffusion
     from distillkit.progress import Progress
 
@@ -519,7 +519,7 @@ def _quality(samples: Any, reference: Any) -> dict[str, float]:
     """MSE and PSNR against the baseline's samples; PSNR is left out when the samples are identical (infinite)."""
     import math
 
-    from distillkit.distill.diffusion import sample_errors
+    from distillkit.distill.denoise_training import sample_errors
 
     errors = sample_errors(samples, reference)
     return {k: v for k, v in errors.items() if math.isfinite(v)}
@@ -532,7 +532,7 @@ def run_diffusion_bench(
     return the report, printed, plotted and written as the transformers bench does."""
     import torch
 
-    from distillkit.bench.engine import check_writable, device_name, software_versions, trim_heap
+    from distillkit.bench.measure import check_writable, device_name, software_versions, trim_heap
     from distillkit.bench.report import build_report, print_table, safe_ratio, write_plot, write_report
 
     _check_flags(cfg)

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from distillkit.distill.feed import OfflineFeed
 from distillkit.distill.losses import Loss
-from distillkit.distill.modes import OfflineFeed
 from distillkit.errors import ConfigError, ModelError
 
 

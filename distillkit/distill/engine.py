@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from distillkit.config import DistillConfig
+from distillkit.distill.features import loss_mask, student_features
 from distillkit.errors import ConfigError, ModelError, OutputError, TrainingError
 from distillkit.manifest import (
     Manifest,
@@ -90,55 +91,6 @@ class DistillModule(nn.Module):
             parts["hard"] = hard.detach()
             total = self.alpha * hard + (1 - self.alpha) * kd
         return total, parts
-
-
-def loss_mask(batch: dict[str, Any], task: str) -> Any:
-    """Positions that count for token-level losses ([B, T]); None for one prediction per example."""
-    if task in ("sequence-classification", "image-classification"):
-        return None
-    # on-policy and cross-tokenizer batches count only generated / aligned positions
-    return batch.get("kd_mask", batch.get("attention_mask"))
-
-
-def student_features(
-    model: nn.Module,
-    batch: dict[str, Any],
-    task: str,
-    needs: set[str],
-    blocks: list[int],
-    pooling: str,
-    with_labels: bool = False,
-) -> tuple[Any, Any]:
-    """Run ``model`` on ``batch`` and collect what the losses need (plus the hard-label loss)."""
-    from distillkit.distill.losses import Features
-    from distillkit.models.capture import capture_qkv, pool
-    from distillkit.models.forward import model_inputs
-
-    if "fused_hidden" in needs:  # --fused-loss: the last hidden state instead of logits
-        from distillkit.distill.fused import last_hidden_features
-
-        return last_hidden_features(model, batch), None
-    inputs = model_inputs(model, batch)
-    if with_labels and "labels" in batch:
-        inputs["labels"] = batch["labels"]
-    want_hidden = bool(needs & {"hidden_states"}) or task == "feature-extraction"
-    if "qkv" in needs:
-        with capture_qkv(model, blocks) as qkv:
-            out = model(**inputs, output_hidden_states=want_hidden)
-        qkv = dict(qkv)
-    else:
-        out = model(**inputs, output_hidden_states=want_hidden)
-        qkv = None
-    feats = Features(
-        logits=getattr(out, "logits", None),
-        hidden_states=getattr(out, "hidden_states", None) if want_hidden else None,
-        qkv=qkv,
-    )
-    if "embedding" in needs:
-        hidden = out.last_hidden_state if getattr(out, "last_hidden_state", None) is not None else out.hidden_states[-1]
-        feats.embedding = pool(hidden, batch.get("attention_mask"), pooling)
-    hard = getattr(out, "loss", None) if with_labels else None
-    return feats, hard
 
 
 # --------------------------------------------------------------------------------------------
@@ -682,7 +634,7 @@ def _run(
         )
     teacher.model.eval().requires_grad_(False)
     task = teacher.task
-    from distillkit.distill.modes import check_modes
+    from distillkit.distill.feed import check_modes
 
     check_modes(cfg, task)
     student, student_desc, student_src = load_student(cfg, teacher, device)

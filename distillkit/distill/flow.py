@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from distillkit.distill.diffusion import (
+from distillkit.distill.denoise_training import (
     ProgressBar,
     apply_sparse_attention,
     ms_per_call,

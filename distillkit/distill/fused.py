@@ -12,46 +12,21 @@ teacher, and both models' logits are exactly ``lm_head(last hidden state)`` (a l
 logit soft-capping or scaling). ``auto`` uses it then, ``on`` refuses to run otherwise and says
 what blocks it, ``off`` never uses it. The engine's side is three small hooks:
 :func:`attach_fused_loss` after building the module, ``DistillModule.forward`` calling the attached
-:class:`FusedLoss`, and :func:`last_hidden_features` answering ``student_features`` for the teacher.
+:class:`FusedLoss`, and :func:`distillkit.distill.features.last_hidden_features` answering ``student_features`` for the teacher.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
+from distillkit.distill.features import FUSED_NEED, decoder_and_head, last_hidden_features, loss_mask
 from distillkit.errors import ConfigError
 
 FUSED_LOSS_CHOICES = ("auto", "on", "off")
 FUSED_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl")
-# the feature name that makes ``student_features`` return the last hidden state instead of logits
-NEED = "fused_hidden"
 # config keys of architectures whose logits are not a plain lm_head(hidden): soft-capping (Gemma 2/3),
 # a logit scale (Cohere), a logit divisor (Granite)
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
-
-
-@dataclass
-class HiddenFeatures:
-    """What a model gives the fused loss: its last hidden state [B, T, H] (after the final norm)."""
-
-    last_hidden: Any
-
-
-def _decoder_and_head(model: Any) -> tuple[Any, Any]:
-    """(decoder returning ``last_hidden_state``, linear output head) of a causal LM, or raise ConfigError."""
-    import torch
-
-    get_decoder = getattr(model, "get_decoder", None)
-    decoder = get_decoder() if callable(get_decoder) else None
-    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
-    if decoder is None or decoder is model:
-        raise ConfigError(f"{type(model).__name__} has no separate decoder to stop before the output head")
-    # exactly nn.Linear without hooks: a subclass (fake-quantized, 4-bit) or a hook could change what the
-    # head computes, and the fused loss multiplies by the raw weight
-    if type(head) is not torch.nn.Linear or head._forward_hooks or head._forward_pre_hooks:
-        raise ConfigError(f"{type(model).__name__}'s output head is {type(head).__name__}, not a plain Linear layer")
-    return decoder, head
 
 
 def fused_blocker(cfg: Any, task: str, losses: list[tuple[str, float, Any]], student: Any, teacher: Any) -> str | None:
@@ -72,7 +47,7 @@ def fused_blocker(cfg: Any, task: str, losses: list[tuple[str, float, Any]], stu
         return f"loss {name} is not one of the fused divergences ({', '.join(FUSED_DIVERGENCES)})"
     for role, model in (("student", student), ("teacher", teacher)):
         try:
-            _, head = _decoder_and_head(model)
+            _, head = decoder_and_head(model)
         except ConfigError as e:
             return f"the {role}: {e.message}"
         for key in _LOGIT_POSTPROCESSING:
@@ -100,16 +75,15 @@ class FusedLoss:
         self.temperature = float(cfg.temperature)
         self.beta = float(cfg.jsd_beta)
         self.skew = float(cfg.skew_lambda)
-        _, self.teacher_head = _decoder_and_head(teacher)
+        _, self.teacher_head = decoder_and_head(teacher)
 
     def __call__(self, student: Any, batch: dict[str, Any], teacher_features: Any, progress: float) -> Any:
         import torch
 
-        from distillkit.distill.engine import loss_mask
         from distillkit.kernels.kd_loss.fused import fused_kd_loss_terms
 
         hidden = last_hidden_features(student, batch).last_hidden  # [B, T, Hs]
-        _, head = _decoder_and_head(student)
+        _, head = decoder_and_head(student)
         batch_size, length, _ = hidden.shape
         mask = loss_mask(batch, "causal-lm")
         mask = torch.ones(batch_size, length, dtype=torch.bool, device=hidden.device) if mask is None else mask.bool()
@@ -144,15 +118,6 @@ class FusedLoss:
         return total, parts
 
 
-def last_hidden_features(model: Any, batch: dict[str, Any]) -> HiddenFeatures:
-    """Run ``model``'s decoder on ``batch`` (no output head): its last hidden state [B, T, H]."""
-    from distillkit.models.forward import model_inputs
-
-    decoder, _ = _decoder_and_head(model)
-    out = decoder(**model_inputs(decoder, batch))
-    return HiddenFeatures(last_hidden=out.last_hidden_state)
-
-
 def resolve_fused_loss(
     cfg: Any, task: str, losses: list[tuple[str, float, Any]], student: Any, teacher: Any
 ) -> FusedLoss | None:
@@ -182,5 +147,5 @@ def attach_fused_loss(module: Any, cfg: Any, task: str, teacher: Any) -> str:
     if fused is None:
         return "off"
     # both models then produce only their last hidden state (see student_features)
-    module.needs = {NEED}
+    module.needs = {FUSED_NEED}
     return "on"

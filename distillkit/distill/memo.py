@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from distillkit.distill.modes import OfflineFeed
+from distillkit.distill.feed import OfflineFeed
 
 MEMO_NEEDS = frozenset({"embedding", "hidden_states"})
 
@@ -38,7 +38,7 @@ class MemoTeacherFeed(OfflineFeed):
         return batch
 
     def teacher_features(self, batch: dict[str, Any], needs: set[str], blocks: list[int], pooling: str) -> Any:
-        from distillkit.distill.engine import student_features
+        from distillkit.distill.features import student_features
         from distillkit.distill.losses import Features
 
         indices, self._indices = self._indices, None

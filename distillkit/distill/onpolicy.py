@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from distillkit.distill.modes import OfflineFeed
+from distillkit.distill.feed import OfflineFeed
 
 
 def mix_seed(seed: int, step: int, micro: int) -> int:

@@ -92,7 +92,7 @@ def write_teacher_cache(cfg: Any, directory: str, *, overwrite: bool = False) ->
     from safetensors.torch import save_file
 
     from distillkit.data import DataSpec, prepare_data
-    from distillkit.distill.modes import check_modes
+    from distillkit.distill.feed import check_modes
     from distillkit.manifest import atomic_artifact, check_output, read_source
     from distillkit.models import load_model
     from distillkit.models.arch import vocab_size

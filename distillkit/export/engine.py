@@ -147,7 +147,7 @@ def _export_hf(cfg: ExportConfig, loaded: Any, tmp: Path) -> dict[str, Any]:
     import torch
 
     from distillkit.models.load import auto_class
-    from distillkit.quantize.format import is_quantized_dir
+    from distillkit.models.packed.format import is_quantized_dir
 
     if is_quantized_dir(loaded.path):
         return _export_quantized(cfg, loaded, tmp)
@@ -192,8 +192,8 @@ def _export_quantized(cfg: ExportConfig, loaded: Any, tmp: Path) -> dict[str, An
 
     import torch
 
+    from distillkit.models.packed.format import load_quantized, save_quantized
     from distillkit.models.save import config_dtype
-    from distillkit.quantize.format import load_quantized, save_quantized
 
     t0 = time.perf_counter()
     qc = json.loads((Path(loaded.path) / "config.json").read_text())["quantization_config"]
@@ -242,7 +242,7 @@ def export_model(cfg: ExportConfig, source: str | mf.Source, out: str, overwrite
     final = mf.check_output(out, overwrite, protect=[src.path])
     t_start = time.perf_counter()
     if cfg.format == "onnx" and src.kind != "hub":
-        from distillkit.quantize.format import is_quantized_dir
+        from distillkit.models.packed.format import is_quantized_dir
 
         if is_quantized_dir(src.path):
             raise ExportError(

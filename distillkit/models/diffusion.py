@@ -55,6 +55,30 @@ SCHEDULER_DIR = "scheduler"
 SCHEDULER_CONFIG = "scheduler_config.json"
 
 
+# flow-matching schedulers (velocity prediction on a straight path; sampled by models/flow.py)
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
+
+
+def is_flow_scheduler(scheduler: Any) -> bool:
+    return type(scheduler).__name__ in FLOW_SCHEDULERS
+
+
+def check_flow_scheduler(scheduler: Any, path: str) -> None:
+    """Refuse scheduler settings distillkit's Euler solver does not reproduce, by name."""
+    cfg = scheduler.config
+    bad = [
+        (getattr(cfg, "use_dynamic_shifting", False), "use_dynamic_shifting", "a resolution-dependent shift (mu)"),
+        (getattr(cfg, "stochastic_sampling", False), "stochastic_sampling", "stochastic sampling"),
+        (getattr(cfg, "invert_sigmas", False), "invert_sigmas", "inverted sigmas"),
+    ]
+    for on, key, what in bad:
+        if on:
+            raise ModelError(
+                f"the scheduler of {path} uses {what} ({key}=true), which distillkit's Euler solver does not reproduce",
+                hint=f"set {key}=false in its scheduler_config.json",
+            )
+
+
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(path.read_text())
@@ -125,8 +149,6 @@ class DiffusionModel:
     @property
     def flow(self) -> bool:
         """A flow-matching model: velocity prediction on FlowMatchEulerDiscreteScheduler's straight path."""
-        from distillkit.models.flow import is_flow_scheduler
-
         return is_flow_scheduler(self.scheduler)
 
     @property
@@ -192,8 +214,6 @@ def load_diffusion(path: str | Path, *, device: Any = "cpu") -> DiffusionModel:
     except (OSError, ValueError, AttributeError) as e:
         raise ModelError(f"cannot load the diffusers model in {path}: {str(e).splitlines()[0]}") from None
     cfg = model.config
-    from distillkit.models.flow import check_flow_scheduler, is_flow_scheduler
-
     if (name in FLOW_MODEL_CLASSES) != is_flow_scheduler(scheduler):
         raise ModelError(
             f"{path} pairs a {name} with a {type(scheduler).__name__}",
@@ -354,8 +374,6 @@ def denoise(model: Any, x: Any, t: Any, labels: Any = None, timestep_cond: Any =
     """
     name = type(model).__name__
     if name in FLOW_MODEL_CLASSES:
-        from distillkit.models.flow import null_text_condition
-
         states, pooled = null_text_condition(model, x.shape[0], x.device)
         return model(x, encoder_hidden_states=states, pooled_projections=pooled, timestep=t).sample
     if name == "UNet2DModel":
@@ -547,3 +565,16 @@ def copy_student(dm: DiffusionModel, *, time_cond_proj_dim: int | None = None) -
     # the labels the teacher saw; the tiny and real denoisers here have no dropout otherwise
     student.eval()
     return student
+
+
+def null_text_condition(model: Any, batch: int, device: Any = "cpu") -> tuple[Any, Any]:
+    """The conditioning an SD3 transformer without text encoders is sampled with: zero prompt embeddings
+    [B, 1, joint_attention_dim] and zero pooled projections [B, pooled_projection_dim]. A pipeline call reproduces it
+    with ``prompt_embeds=torch.zeros(B, 1, D)``, ``pooled_prompt_embeds=torch.zeros(B, P)``, ``guidance_scale=1``."""
+    import torch
+
+    cfg = model.config
+    return (
+        torch.zeros(batch, 1, int(cfg.joint_attention_dim), device=device),
+        torch.zeros(batch, int(cfg.pooled_projection_dim), device=device),
+    )

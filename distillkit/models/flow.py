@@ -17,29 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from distillkit.errors import ModelError
-
-FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
-
-
-def is_flow_scheduler(scheduler: Any) -> bool:
-    return type(scheduler).__name__ in FLOW_SCHEDULERS
-
-
-def check_flow_scheduler(scheduler: Any, path: str) -> None:
-    """Refuse scheduler settings distillkit's Euler solver does not reproduce, by name."""
-    cfg = scheduler.config
-    bad = [
-        (getattr(cfg, "use_dynamic_shifting", False), "use_dynamic_shifting", "a resolution-dependent shift (mu)"),
-        (getattr(cfg, "stochastic_sampling", False), "stochastic_sampling", "stochastic sampling"),
-        (getattr(cfg, "invert_sigmas", False), "invert_sigmas", "inverted sigmas"),
-    ]
-    for on, key, what in bad:
-        if on:
-            raise ModelError(
-                f"the scheduler of {path} uses {what} ({key}=true), which distillkit's Euler solver does not reproduce",
-                hint=f"set {key}=false in its scheduler_config.json",
-            )
+from distillkit.models.diffusion import denoise
 
 
 def flow_sigmas(scheduler: Any, steps: int) -> list[float]:
@@ -89,8 +67,6 @@ class FlowSchedule:
 
 def velocity(model: Any, schedule: FlowSchedule, x: Any, sigma: Any, labels: Any = None) -> Any:
     """The model's velocity [B, C, H, W] at ``x`` and sigmas ``sigma`` [B]."""
-    from distillkit.models.diffusion import denoise
-
     return denoise(model, x, schedule.timestep(sigma.to(x.device)), labels)
 
 
@@ -109,16 +85,3 @@ def euler_sample(
         v = velocity(model, schedule, x, s, labels)
         x = schedule.euler(x, v, s, torch.full((b,), sigmas[j + 1], device=x.device))
     return x
-
-
-def null_text_condition(model: Any, batch: int, device: Any = "cpu") -> tuple[Any, Any]:
-    """The conditioning an SD3 transformer without text encoders is sampled with: zero prompt embeddings
-    [B, 1, joint_attention_dim] and zero pooled projections [B, pooled_projection_dim]. A pipeline call reproduces it
-    with ``prompt_embeds=torch.zeros(B, 1, D)``, ``pooled_prompt_embeds=torch.zeros(B, P)``, ``guidance_scale=1``."""
-    import torch
-
-    cfg = model.config
-    return (
-        torch.zeros(batch, 1, int(cfg.joint_attention_dim), device=device),
-        torch.zeros(batch, int(cfg.pooled_projection_dim), device=device),
-    )

@@ -16,21 +16,9 @@ from typing import Any
 
 from distillkit.errors import ConfigError, ModelError, OfflineError, warn
 from distillkit.manifest import MANIFEST_NAME, Source, read_source
+from distillkit.models.tasks import TASKS, auto_class, detect_task  # noqa: F401  (load's public names)
 
-TASKS = ("causal-lm", "masked-lm", "feature-extraction", "sequence-classification", "image-classification")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-_VISION_TYPES = {
-    "vit",
-    "deit",
-    "resnet",
-    "convnext",
-    "convnextv2",
-    "swin",
-    "beit",
-    "dinov2",
-    "efficientnet",
-    "mobilenet_v2",
-}
 
 
 @dataclass
@@ -47,44 +35,6 @@ class LoadedModel:
     @property
     def config(self) -> Any:
         return self.model.config
-
-
-def detect_task(config: Any) -> str:
-    """The task implied by ``config.architectures`` (``--task`` overrides it)."""
-    archs = list(getattr(config, "architectures", None) or [])
-    for arch in archs:
-        if arch.endswith(("ForCausalLM", "LMHeadModel")) and "DoubleHeads" not in arch:
-            return "causal-lm"
-        if arch.endswith("ForMaskedLM") or arch.endswith("ForPreTraining"):
-            return "masked-lm"
-        if arch.endswith("ForSequenceClassification"):
-            return "sequence-classification"
-        if arch.endswith("ForImageClassification"):
-            return "image-classification"
-        if arch.endswith("Model"):
-            return "feature-extraction"
-    if getattr(config, "model_type", None) in _VISION_TYPES:
-        return "image-classification"
-    if archs:
-        raise ModelError(
-            f"cannot tell the task of architecture {archs[0]}", hint=f"pass --task, one of: {', '.join(TASKS)}"
-        )
-    return "feature-extraction"
-
-
-def auto_class(task: str) -> Any:
-    import transformers as tf
-
-    try:
-        return {
-            "causal-lm": tf.AutoModelForCausalLM,
-            "masked-lm": tf.AutoModelForMaskedLM,
-            "feature-extraction": tf.AutoModel,
-            "sequence-classification": tf.AutoModelForSequenceClassification,
-            "image-classification": tf.AutoModelForImageClassification,
-        }[task]
-    except KeyError:
-        raise ConfigError(f"unknown task {task!r}", hint=f"choose one of: {', '.join(TASKS)}") from None
 
 
 def resolve_dtype(name: str | None) -> Any:
@@ -442,7 +392,7 @@ def load_model(
 ) -> LoadedModel:
     """Load a model for ``task`` (detected when None) with its tokenizer or image processor.
 
-    ``quant_kernel`` applies to distillkit's packed quantized artifacts (:mod:`distillkit.quantize.kernels`): the
+    ``quant_kernel`` applies to distillkit's packed quantized artifacts (:mod:`distillkit.models.packed.kernels`): the
     engines keep the exact ``dequant`` product; ``distillkit.load`` and ``bench`` default to ``auto``."""
     import torch
 
@@ -456,10 +406,10 @@ def load_model(
     kwargs["dtype"] = torch_dtype if torch_dtype is not None else torch.float32
     if src.kind != "hub" and allow_pickle:
         kwargs["use_safetensors"] = None
-    from distillkit.quantize.format import is_quantized_dir
+    from distillkit.models.packed.format import is_quantized_dir
 
     if src.kind != "hub" and is_quantized_dir(src.path):
-        from distillkit.quantize.format import load_quantized
+        from distillkit.models.packed.format import load_quantized
 
         model = load_quantized(src.path, task, dtype=torch_dtype, device=resolve_device(device), kernel=quant_kernel)
         processor = load_processor(src.path, task, trust_remote_code=trust_remote_code)

@@ -419,9 +419,10 @@ def quantize_model(cfg: QuantizeConfig, source: str | mf.Source, out: str, overw
 
     from distillkit.data.calibration import calibration_batches, held_out_quality
     from distillkit.models.load import load_model, resolve_device
+    from distillkit.models.packed.format import FORMAT_VERSION, QUANT_METHOD, save_quantized
+    from distillkit.models.packed.modules import to_dynamic_int8_
     from distillkit.models.save import copy_sentence_transformers_files
     from distillkit.quantize import functional as qf
-    from distillkit.quantize.format import FORMAT_VERSION, QUANT_METHOD, save_quantized, to_dynamic_int8_
     from distillkit.quantize.surgery import (
         check_group_size,
         find_targets,
@@ -612,7 +613,7 @@ def reload_artifact(directory: Path, task: str, fmt: str, scheme: str, device: A
     """Load the artifact in ``directory`` with the loader a user would use: ``distillkit.load`` for the packed and
     dynamic layouts, ``AutoModel*.from_pretrained(dir, device_map=...)`` for bitsandbytes."""
     if fmt != "bnb":
-        from distillkit.quantize.format import load_quantized
+        from distillkit.models.packed.format import load_quantized
 
         try:
             return load_quantized(directory, task, device=device if fmt == "packed" else "cpu", kernel="dequant")

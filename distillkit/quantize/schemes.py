@@ -3,7 +3,7 @@
 A scheme fixes the storage format and its defaults; ``--group-size``, ``--asymmetric``, ``--method`` and the QAT
 flags refine it. Three formats exist:
 
-- ``packed``: distillkit's own layout (see :mod:`distillkit.quantize.format`): integer codes packed into bytes with
+- ``packed``: distillkit's own layout (see :mod:`distillkit.models.packed.format`): integer codes packed into bytes with
   fp16 scales (and uint8 zero-points when asymmetric), loaded by ``distillkit.load``.
 - ``bnb``: bitsandbytes serialization through ``transformers``; ``AutoModel*.from_pretrained(dir)`` reloads it.
 - ``dynamic``: int8 per-channel weights in the packed layout that the loader turns into torch's dynamically quantized
@@ -15,10 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from distillkit.errors import ConfigError
+from distillkit.models.packed import QUANT_KERNELS  # noqa: F401  (the schemes' companion choice, for the CLI)
 from distillkit.registry import SCHEMES
 
 VALID_BITS = (2, 3, 4, 8)
-QUANT_KERNELS = ("auto", "cpu-bf16", "dequant")  # how packed layers multiply once loaded (quantize/kernels.py)
 VALID_GROUP_SIZES = (0, 32, 64, 128)  # 0 = one scale per output channel
 
 

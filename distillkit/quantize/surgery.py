@@ -14,17 +14,10 @@ import torch
 from torch import nn
 
 from distillkit.errors import ConfigError
+from distillkit.models.packed.modules import build_quantized_, set_module
 from distillkit.quantize import functional as qf
 from distillkit.quantize.functional import QuantState
-from distillkit.quantize.modules import (
-    FakeQuantEmbedding,
-    FakeQuantLinear,
-    QuantEmbedding,
-    QuantLinear,
-    TiedFakeQuantLinear,
-    TiedQuantLinear,
-    WeightQuantizer,
-)
+from distillkit.quantize.modules import FakeQuantEmbedding, FakeQuantLinear, TiedFakeQuantLinear, WeightQuantizer
 
 
 @dataclass
@@ -114,11 +107,6 @@ def weight_of(model: nn.Module, t: Target) -> torch.Tensor:
     """The weight of a target as ``[out, in]``."""
     m = model.get_submodule(t.name)
     return m.weight.t() if t.kind == "conv1d" else m.weight
-
-
-def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def to_fake_quant_(
@@ -236,45 +224,3 @@ def to_quantized_(
         if name in states:
             module.load_state(states[name])
     return layout
-
-
-def build_quantized_(
-    model: nn.Module, layout: dict[str, dict], act_bits: int | None, dtype: torch.dtype, biases: dict | None = None
-) -> dict[str, nn.Module]:
-    """Put empty quantized modules where ``layout`` says (in place); ``biases`` carries existing biases over."""
-    built: dict[str, nn.Module] = {}
-    for name, e in sorted(layout.items(), key=lambda kv: kv[1]["kind"] == "tied"):
-        old = model.get_submodule(name)
-        device = next(iter(old.parameters()), torch.empty(0)).device
-        if e["kind"] == "tied":
-            new = TiedQuantLinear(built[e["tied_to"]], bias=e["bias"], act_bits=act_bits)
-        elif e["kind"] == "embedding":
-            new = QuantEmbedding(
-                e["out_features"],
-                e["in_features"],
-                bits=e["bits"],
-                group_size=e["group_size"],
-                symmetric=e["symmetric"],
-                padding_idx=e.get("padding_idx"),
-                codebook=e["codebook"],
-                dtype=dtype,
-            )
-        else:
-            new = QuantLinear(
-                e["in_features"],
-                e["out_features"],
-                bits=e["bits"],
-                group_size=e["group_size"],
-                symmetric=e["symmetric"],
-                bias=e["bias"],
-                codebook=e["codebook"],
-                act_bits=act_bits,
-                dtype=dtype,
-            )
-        b = (biases or {}).get(name)
-        if b is not None and new.bias is not None:
-            new.bias = nn.Parameter(b.detach().clone().to(dtype), requires_grad=False)
-        new = new.to(device)
-        set_module(model, name, new)
-        built[name] = new
-    return built

@@ -19,7 +19,8 @@ from distillkit.bench import BenchConfig
 from distillkit.bench.diffusion import QUALITY_SAMPLES
 from distillkit.cli.app import main
 from distillkit.config import DistillConfig
-from distillkit.distill.diffusion import run_diffusion_distill, sample_errors
+from distillkit.distill.denoise_training import sample_errors
+from distillkit.distill.diffusion import run_diffusion_distill
 from distillkit.errors import ConfigError
 from distillkit.models.diffusion import NoiseSchedule, ddim_sample, label_range, load_diffusion
 from tests import tiny

@@ -14,7 +14,8 @@ import torch
 
 from distillkit.cli.app import main
 from distillkit.config import DistillConfig
-from distillkit.distill.diffusion import run_diffusion_distill, sample_errors
+from distillkit.distill.denoise_training import sample_errors
+from distillkit.distill.diffusion import run_diffusion_distill
 from distillkit.models.diffusion import load_diffusion
 from distillkit.models.flow import FlowSchedule, euler_sample
 from distillkit.models.sample_features import SampleFeatures, frechet_distance, gaussian_stats

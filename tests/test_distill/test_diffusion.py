@@ -318,7 +318,8 @@ def test_sparse_attention_student(tmp_path):
     reloaded model reproduces the recorded numbers, and the dense model gives different samples."""
     from diffusers import DDIMScheduler, UNet2DModel
 
-    from distillkit.distill.diffusion import apply_sparse_attention, run_diffusion_distill
+    from distillkit.distill.denoise_training import apply_sparse_attention
+    from distillkit.distill.diffusion import run_diffusion_distill
     from distillkit.models.diffusion import copy_student
 
     # attention at the 8x8 level: 64 tokens, 4 blocks of 16, top-50% keeps 2 key blocks per query block

@@ -9,7 +9,8 @@ import torch
 
 from distillkit.cli.app import main
 from distillkit.config import DistillConfig
-from distillkit.distill.engine import DistillModule, build_losses, student_features
+from distillkit.distill.engine import DistillModule, build_losses
+from distillkit.distill.features import student_features
 from distillkit.distill.fused import attach_fused_loss, resolve_fused_loss
 from distillkit.errors import ConfigError
 from tests.test_distill.test_engine import distill_cmd, markov_lines

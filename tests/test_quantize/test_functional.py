@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from distillkit.models.packed.modules import QuantEmbedding, QuantLinear
 from distillkit.quantize import functional as qf
 from distillkit.quantize.gptq import HessianAccumulator, gptq_quantize
-from distillkit.quantize.modules import FakeQuantLinear, QuantEmbedding, QuantLinear, WeightQuantizer
+from distillkit.quantize.modules import FakeQuantLinear, WeightQuantizer
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

@@ -10,9 +10,9 @@ import torch
 import distillkit
 from distillkit.cli.app import main
 from distillkit.errors import ConfigError
+from distillkit.models.packed import kernels
+from distillkit.models.packed.modules import QuantLinear
 from distillkit.quantize import functional as qf
-from distillkit.quantize import kernels
-from distillkit.quantize.modules import QuantLinear
 from tests import tiny
 
 needs_fast = pytest.mark.skipif(not kernels.cpu_bf16_available(), reason="this CPU has no AVX512-BF16 int4 kernel")

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from distillkit.cli.app import main
+from distillkit.models.packed.format import load_quantized
+from distillkit.models.packed.modules import QuantEmbedding, QuantLinear, TiedQuantLinear
 from distillkit.quantize import QuantizeConfig
-from distillkit.quantize.format import load_quantized
-from distillkit.quantize.modules import QuantEmbedding, QuantLinear, TiedQuantLinear
 from tests import tiny
 
 FAST = [

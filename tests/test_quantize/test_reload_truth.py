@@ -19,8 +19,8 @@ from distillkit import manifest as mf
 from distillkit.cli.app import main
 from distillkit.data.calibration import calibration_batches, held_out_quality
 from distillkit.models.load import auto_class, load_model
+from distillkit.models.packed.format import is_quantized_dir, load_quantized
 from distillkit.quantize import QuantizeConfig
-from distillkit.quantize.format import is_quantized_dir, load_quantized
 
 FAST = {"max_samples": 200, "max_length": 32, "batch_size": 4, "calib_batches": 2, "eval_batches": 2}
 FAST_ARGS = [a for k, v in FAST.items() for a in (f"--{k.replace('_', '-')}", str(v))]

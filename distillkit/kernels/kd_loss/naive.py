@@ -1,7 +1,7 @@
 """The specification of the fused linear + distillation loss: full logits in float32, plain torch.
 
 Everything here materialises ``[N, V]`` logits for student and teacher, so it is only for tests and
-small inputs. The divergences are :mod:`distillkit.distill.functional`'s own functions, so the
+small inputs. The divergences are :mod:`distillkit.kernels.kd_loss.divergences`, the functions ``distill`` trains with, so the
 fused op agrees with the unfused ``distill`` path by construction of its tests:
 
 - logits ``z = hidden @ head.T (+ bias)``; the divergence softens both sides by ``temperature`` and
@@ -31,7 +31,7 @@ def kd_rows(
     skew: float,
 ) -> torch.Tensor:
     """Per-token divergence (times ``temperature**2``): logits [N, V] x2 -> [N], via the functional reference."""
-    from distillkit.distill import functional as F
+    from distillkit.kernels.kd_loss import divergences as F
 
     args: dict[str, Any] = {"temperature": temperature, "reduction": "none"}
     if divergence == "forward_kl":

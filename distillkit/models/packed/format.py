@@ -79,13 +79,13 @@ def load_quantized(
     path: str | Path, task: str, *, dtype: torch.dtype | None = None, device: Any = "cpu", kernel: str = "dequant"
 ) -> Any:
     """Rebuild a model saved by :func:`save_quantized`; ``kernel`` picks how its packed layers multiply
-    (:mod:`distillkit.quantize.kernels`). The resolved kernel is ``model.quant_kernel``."""
+    (:mod:`distillkit.models.packed.kernels`). The resolved kernel is ``model.quant_kernel``."""
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
-    from distillkit.models.load import auto_class
-    from distillkit.quantize.kernels import resolve_kernel, select_kernel_
-    from distillkit.quantize.surgery import build_quantized_
+    from distillkit.models.packed.kernels import resolve_kernel, select_kernel_
+    from distillkit.models.packed.modules import build_quantized_, to_dynamic_int8_
+    from distillkit.models.tasks import auto_class
 
     path = Path(path)
     resolve_kernel(kernel, device)  # a kernel this machine cannot run is refused before any work
@@ -122,7 +122,7 @@ def load_quantized(
 def _is_tied_alias(model: Any, key: str) -> bool:
     # transformers may list a tied output weight (lm_head.weight) as expected; it lives in the embedding
     name = key.rsplit(".", 1)[0]
-    from distillkit.quantize.modules import TiedQuantLinear
+    from distillkit.models.packed.modules import TiedQuantLinear
 
     try:
         return isinstance(model.get_submodule(name), TiedQuantLinear)
@@ -135,33 +135,3 @@ def _config_dtype(config: Any) -> torch.dtype:
     if isinstance(d, str):
         d = getattr(torch, d, None)
     return d if isinstance(d, torch.dtype) else torch.float32
-
-
-def to_dynamic_int8_(model: torch.nn.Module) -> torch.nn.Module:
-    """Swap int8 per-channel symmetric ``QuantLinear`` modules for torch's dynamic int8 Linear (CPU, fbgemm/x86).
-
-    The int8 weights and scales are used as stored; activations are quantized per call by torch.
-    """
-    import warnings
-
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-
-    from distillkit.quantize.modules import QuantLinear
-    from distillkit.quantize.surgery import set_module
-
-    for name, m in list(model.named_modules()):
-        if not isinstance(m, QuantLinear) or m.bits != 8 or not m.symmetric or m.has_codebook:
-            continue
-        if m.group_size != m.in_features:
-            continue
-        st = m.state()
-        w = (st.codes.to(torch.int16) - 128).to(torch.int8)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            qw = torch._make_per_channel_quantized_tensor(
-                w, st.scales[:, 0].double(), torch.zeros(m.out_features, dtype=torch.long), 0
-            )
-            dl = DynamicLinear(m.in_features, m.out_features, bias_=m.bias is not None, dtype=torch.qint8)
-            dl.set_weight_bias(qw, None if m.bias is None else m.bias.detach().float())
-        set_module(model, name, dl)
-    return model

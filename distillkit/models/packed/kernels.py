@@ -24,8 +24,8 @@ import torch
 from torch.nn import functional as F
 
 from distillkit.errors import ConfigError
-from distillkit.quantize.functional import dequantize_codes
-from distillkit.quantize.schemes import QUANT_KERNELS
+from distillkit.models.packed import QUANT_KERNELS
+from distillkit.models.packed.codes import dequantize_codes
 
 DECODE_ROWS = 16  # inputs with at most this many rows use the int4 kernel; more rows use the cached bf16 weight
 _INT4_GROUPS = (32, 64, 128, 256)
@@ -120,7 +120,7 @@ class CpuBf16Weight:
 
 
 def int4_layout(state) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-    """The int4 kernel's layout of a :class:`~distillkit.quantize.functional.QuantState`, or None when the kernel
+    """The int4 kernel's layout of a :class:`~distillkit.models.packed.codes.QuantState`, or None when the kernel
     cannot hold it (other bits, a codebook, a group size it lacks)."""
     if state.bits != 4 or state.codebook is not None or state.group_size not in _INT4_GROUPS:
         return None
