@@ -50,9 +50,13 @@ def training_texts(cfg: Any) -> list[str]:
     """The texts distillkit trains on for ``cfg``: its data read and split the way ``prepare_data`` does."""
     from distillkit.data import DataSpec, detect_text_column, read_raw, split_indices
 
-    raw = read_raw(DataSpec(data=cfg.data, eval_split=cfg.eval_split, max_samples=cfg.max_samples, seed=cfg.seed))
+    raw = read_raw(
+        DataSpec(
+            data=cfg.data.data, eval_split=cfg.data.eval_split, max_samples=cfg.data.max_samples, seed=cfg.optim.seed
+        )
+    )
     texts = [t for t in raw.train[detect_text_column(raw.train)] if isinstance(t, str) and t.strip()]
-    train_rows, _ = split_indices(len(texts), cfg.eval_split, cfg.seed)
+    train_rows, _ = split_indices(len(texts), cfg.data.eval_split, cfg.optim.seed)
     return [texts[i] for i in train_rows]
 
 
@@ -61,15 +65,15 @@ def save_untrained(cfg: Any, teacher: Any, directory: Path) -> None:
     from distillkit.models import build_student, parse_student_spec
     from distillkit.models.save import save_student
 
-    spec = parse_student_spec(cfg.student, teacher.config)
-    student = build_student(teacher.model, spec, init=cfg.student_init, seed=cfg.seed).float()
+    spec = parse_student_spec(cfg.models.student, teacher.config)
+    student = build_student(teacher.model, spec, init=cfg.models.student_init, seed=cfg.optim.seed).float()
     save_student(student, teacher, directory)
     teacher.processor.save_pretrained(directory)
 
 
 def run_distillkit(cfg: Any, out: Path) -> tuple[float, dict[str, Any]]:
-    cmd = ["distillkit", "distill", "--teacher", cfg.teacher, "--preset", PRESET, "--out", str(out)]
-    cmd += ["--steps", str(cfg.steps), "--max-samples", str(cfg.max_samples)]
+    cmd = ["distillkit", "distill", "--teacher", cfg.models.teacher, "--preset", PRESET, "--out", str(out)]
+    cmd += ["--steps", str(cfg.optim.steps), "--max-samples", str(cfg.data.max_samples)]
     print("$", " ".join(cmd), file=sys.stderr)
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
@@ -85,19 +89,19 @@ def run_st_mse(cfg: Any, init: Path, out: Path, texts: list[str], lr: float | No
     from sentence_transformers.sentence_transformer.losses import MSELoss
 
     t0 = time.perf_counter()
-    teacher = SentenceTransformer(cfg.teacher)
+    teacher = SentenceTransformer(cfg.models.teacher)
     student = SentenceTransformer(str(init))
-    teacher.max_seq_length = student.max_seq_length = cfg.max_length
+    teacher.max_seq_length = student.max_seq_length = cfg.data.max_length
     t_train = time.perf_counter()
-    labels = teacher.encode(texts, batch_size=cfg.batch_size, convert_to_numpy=True)
+    labels = teacher.encode(texts, batch_size=cfg.optim.batch_size, convert_to_numpy=True)
     train = Dataset.from_dict({"sentence": texts, "label": labels.tolist()})
     with tempfile.TemporaryDirectory() as tmp:
         args = Args(
             output_dir=tmp,  # nothing is written there: no checkpoints
             max_steps=steps,
-            per_device_train_batch_size=cfg.batch_size,
+            per_device_train_batch_size=cfg.optim.batch_size,
             warmup_steps=cfg.warmup_steps(),
-            seed=cfg.seed,
+            seed=cfg.optim.seed,
             dataloader_drop_last=True,  # as distillkit: whole batches only
             report_to="none",
             save_strategy="no",
@@ -161,9 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     # sentence-transformers at its default learning rate and at distillkit's, for the same steps, and at distillkit's
     # learning rate for half the steps (about distillkit's wall time: its targets are computed before training)
     st_arms = [
-        ("st-mse-default-lr", None, cfg.steps),
-        ("st-mse-distillkit-lr", cfg.lr, cfg.steps),
-        ("st-mse-distillkit-lr-half-steps", cfg.lr, max(1, cfg.steps // 2)),
+        ("st-mse-default-lr", None, cfg.optim.steps),
+        ("st-mse-distillkit-lr", cfg.optim.lr, cfg.optim.steps),
+        ("st-mse-distillkit-lr-half-steps", cfg.optim.lr, max(1, cfg.optim.steps // 2)),
     ]
     dirs = {name: work / name for name in ("untrained", "distillkit", *(n for n, _, _ in st_arms))}
     taken = [str(d) for d in dirs.values() if d.exists()]
@@ -172,15 +176,15 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     print(f"students go to {work}", file=sys.stderr)
 
-    teacher = load_model(cfg.teacher, task="feature-extraction", device="cpu")
+    teacher = load_model(cfg.models.teacher, task="feature-extraction", device="cpu")
     teacher.model.eval().requires_grad_(False)
     heldout = build_heldout_eval(
-        cfg.eval_data,
+        cfg.data.eval_data,
         "feature-extraction",
         teacher.model,
         teacher.processor,
         pooling=teacher.pooling,
-        max_length=cfg.max_length,
+        max_length=cfg.data.max_length,
     )
     texts = training_texts(cfg)
     save_untrained(cfg, teacher, dirs["untrained"])
@@ -193,8 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(
         {
             "arm": "distillkit",
-            "steps": cfg.steps,
-            "lr": cfg.lr,
+            "steps": cfg.optim.steps,
+            "lr": cfg.optim.lr,
             "wall_s": timings["train_s"],
             "total_s": timings.get("total_s"),
             "subprocess_s": dk_wall,
@@ -217,8 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         },
         {
             "arm": "distillkit manifest: trained",
-            "steps": cfg.steps,
-            "lr": cfg.lr,
+            "steps": cfg.optim.steps,
+            "lr": cfg.optim.lr,
             "heldout": {k: mf.get(k) for k in METRICS},
         },
     ]
@@ -226,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\ndistillkit wall s = manifest train_s; its whole run took {timings.get('total_s', 0):.1f} s "
         f"({dk_wall:.1f} s as a subprocess). held-out: {heldout.info()['source']}, "
-        f"{heldout.info()['records']} records, max length {cfg.max_length}."
+        f"{heldout.info()['records']} records, max length {cfg.data.max_length}."
     )
     import sentence_transformers
     import transformers
@@ -234,14 +238,14 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "setup": {
             "preset": PRESET,
-            "teacher": cfg.teacher,
-            "student": cfg.student,
-            "data": cfg.data or EMBEDDED_SOURCE,
+            "teacher": cfg.models.teacher,
+            "student": cfg.models.student,
+            "data": cfg.data.data or EMBEDDED_SOURCE,
             "train_records": len(texts),
-            "batch_size": cfg.batch_size,
-            "steps": cfg.steps,
-            "max_length": cfg.max_length,
-            "max_samples": cfg.max_samples,
+            "batch_size": cfg.optim.batch_size,
+            "steps": cfg.optim.steps,
+            "max_length": cfg.data.max_length,
+            "max_samples": cfg.data.max_samples,
             "warmup_steps": cfg.warmup_steps(),
             "eval_data": heldout.info(),
             "versions": {

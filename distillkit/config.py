@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -191,15 +191,50 @@ DEFAULT_LOSSES = {
 }
 
 
+def _check_ints(config: BaseConfig) -> None:
+    for f in fields(config):
+        check_int_range(f.name, getattr(config, f.name))
+
+
+def _check_min_int(name: str, value: Any, lo: int) -> None:
+    _check(
+        isinstance(value, int) and value >= lo,
+        f"{name} must be an integer >= {lo} (got {value})",
+        f"pass a {name} of at least {lo}",
+    )
+
+
 @dataclass(frozen=True)
-class DistillConfig(BaseConfig):
-    """Everything that defines a distillation run (``distillkit distill``)."""
+class ModelOptions(BaseConfig):
+    """Which teacher, which student, and how they load."""
 
     teacher: str = ""
     student: str = "layers=2"
     student_init: str = "teacher"
     task: str | None = None
-    # data
+    teacher_dtype: str | None = None
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        _check_ints(self)
+        _check(bool(self.teacher), "a teacher is required", "pass --teacher MODEL")
+        _check(
+            self.student_init in STUDENT_INIT,
+            f"student init must be one of {', '.join(STUDENT_INIT)}",
+            "pass --student-init teacher or random",
+        )
+        _check(
+            self.teacher_dtype in TEACHER_DTYPES,
+            f"teacher dtype must be one of {', '.join(TEACHER_DTYPES[1:])}",
+            "pass e.g. --teacher-dtype bfloat16",
+        )
+
+
+@dataclass(frozen=True)
+class DataOptions(BaseConfig):
+    """The training and held-out data, and how it is cut into examples."""
+
     data: str | None = None
     text_column: str | None = None
     label_column: str | None = None
@@ -207,7 +242,23 @@ class DistillConfig(BaseConfig):
     eval_data: str | None = None
     max_length: int = 128
     max_samples: int | None = None
-    # objective
+    group_by_length: bool = True  # text batches of similar lengths: less padding (no effect on packed causal LMs)
+
+    def __post_init__(self) -> None:
+        _check_ints(self)
+        _check(
+            0.0 <= self.eval_split <= 0.5,
+            f"eval split must be in [0, 0.5] (got {self.eval_split})",
+            "pass e.g. --eval-split 0.05",
+        )
+        _check_min_int("max length", self.max_length, 2)
+        _check(self.max_samples is None or self.max_samples > 0, "max samples must be > 0", "omit it to use all data")
+
+
+@dataclass(frozen=True)
+class LossOptions(BaseConfig):
+    """The objective: which losses, their weights and their parameters."""
+
     losses: tuple[str, ...] = ()
     temperature: float = 2.0
     alpha: float = 0.0
@@ -216,57 +267,11 @@ class DistillConfig(BaseConfig):
     skew_lambda: float = 0.1
     taid_t_start: float = 0.4
     taid_t_end: float = 1.0
-    # optimisation
-    steps: int = 100
-    batch_size: int = 8
-    group_by_length: bool = True  # text batches of similar lengths: less padding (no effect on packed causal LMs)
-    grad_accum: int = 1
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    warmup: float = 0.05
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    # precision and placement
-    mixed_precision: str = "auto"
-    teacher_dtype: str | None = None
-    device: str = "auto"
-    # evaluation, checkpoints, logs
-    eval_every: int = 0
-    eval_batches: int = 20
-    save_every: int = 0
-    log_to: str = "none"
-    # loading
-    allow_pickle: bool = False
-    trust_remote_code: bool = False
-    # LLM modes (on-policy, sequence, teacher cache, cross-tokenizer)
-    mode: str = "offline"
-    student_data_fraction: float = 0.5
-    gen_temperature: float = 1.0
-    max_new_tokens: int = 32
-    prompt_length: int | None = None
-    sequence_cache: str | None = None
-    sequence_shard_size: int = 64
-    teacher_cache: str | None = None
-    cache_topk: int = 64
-    cross_tokenizer: str | None = None
-    # diffusion
-    method: str | None = None
-    target_steps: int | None = None
-    teacher_steps: int = 32
-    guidance_scale: float = 3.0
-    labels: str | None = None
-    prompts: str | None = None  # text-conditioned pipelines: one prompt per line
-    eval_samples: int = 16
-    # sparse attention: the student trains with block-sparse attention (mask spec, e.g. "topk:0.25")
-    sparse_attention: str | None = None
-    sparse_block_size: int = 64
-    # fused loss: causal-LM logit divergences from hidden states without logits (distillkit.distill.fused)
+    # causal-LM logit divergences from hidden states without logits (distillkit.distill.fused)
     fused_loss: str = "auto"
 
     def __post_init__(self) -> None:
-        _check(bool(self.teacher), "a teacher is required", "pass --teacher MODEL")
-        for f in fields(self):
-            check_int_range(f.name, getattr(self, f.name))
+        _check_ints(self)
         _check(
             self.temperature > 0 and math.isfinite(self.temperature),
             f"temperature must be > 0 (got {self.temperature})",
@@ -278,43 +283,43 @@ class DistillConfig(BaseConfig):
             f"alpha must be in [0, 1] (got {self.alpha})",
             "alpha is the weight of the hard-label loss; pass e.g. --alpha 0.5",
         )
+        _check(0.0 <= self.jsd_beta <= 1.0, f"jsd beta must be in [0, 1] (got {self.jsd_beta})", "pass e.g. 0.5")
         _check(
-            0.0 <= self.eval_split <= 0.5,
-            f"eval split must be in [0, 0.5] (got {self.eval_split})",
-            "pass e.g. --eval-split 0.05",
+            0.0 <= self.skew_lambda < 1.0, f"skew lambda must be in [0, 1) (got {self.skew_lambda})", "pass e.g. 0.1"
         )
         _check(
-            self.student_init in STUDENT_INIT,
-            f"student init must be one of {', '.join(STUDENT_INIT)}",
-            "pass --student-init teacher or random",
+            0.0 <= self.taid_t_start <= self.taid_t_end <= 1.0,
+            "TAID needs 0 <= t_start <= t_end <= 1",
+            "pass e.g. --taid-t-start 0.4 --taid-t-end 1.0",
         )
+        for spec in self.losses:
+            parse_loss_spec(spec)
         _check(
-            self.mixed_precision in MIXED_PRECISION,
-            f"mixed precision must be one of {', '.join(MIXED_PRECISION)} (got {self.mixed_precision})",
-            "pass e.g. --mixed-precision bf16",
+            self.fused_loss in ("auto", "on", "off"),
+            f"fused loss must be auto, on or off (got {self.fused_loss!r})",
+            "pass --fused-loss auto, on or off",
         )
-        _check(
-            self.teacher_dtype in TEACHER_DTYPES,
-            f"teacher dtype must be one of {', '.join(TEACHER_DTYPES[1:])}",
-            "pass e.g. --teacher-dtype bfloat16",
-        )
-        _check(self.log_to in LOG_TO, f"--log-to must be one of {', '.join(LOG_TO)}", "pass --log-to tensorboard")
-        for name, value, lo in (
-            ("steps", self.steps, 1),
-            ("batch size", self.batch_size, 1),
-            ("grad accum", self.grad_accum, 1),
-            ("max length", self.max_length, 2),
-            ("eval batches", self.eval_batches, 1),
-        ):
-            _check(
-                isinstance(value, int) and value >= lo,
-                f"{name} must be an integer >= {lo} (got {value})",
-                f"pass a {name} of at least {lo}",
-            )
-        for name, value in (("eval every", self.eval_every), ("save every", self.save_every)):
-            _check(
-                isinstance(value, int) and value >= 0, f"{name} must be >= 0 (got {value})", "0 means only at the end"
-            )
+
+
+@dataclass(frozen=True)
+class OptimOptions(BaseConfig):
+    """How the student is trained: steps, batches, optimiser, precision and placement."""
+
+    steps: int = 100
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup: float = 0.05
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    mixed_precision: str = "auto"
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check_ints(self)
+        for name, value in (("steps", self.steps), ("batch size", self.batch_size), ("grad accum", self.grad_accum)):
+            _check_min_int(name, value, 1)
         _check(
             self.lr > 0 and math.isfinite(self.lr), f"learning rate must be > 0 (got {self.lr})", "pass e.g. --lr 1e-4"
         )
@@ -325,41 +330,52 @@ class DistillConfig(BaseConfig):
             "pass e.g. --warmup 0.05",
         )
         _check(self.max_grad_norm >= 0, "max grad norm must be >= 0", "0 disables clipping")
-        _check(0.0 <= self.jsd_beta <= 1.0, f"jsd beta must be in [0, 1] (got {self.jsd_beta})", "pass e.g. 0.5")
         _check(
-            0.0 <= self.skew_lambda < 1.0, f"skew lambda must be in [0, 1) (got {self.skew_lambda})", "pass e.g. 0.1"
-        )
-        _check(
-            0.0 <= self.taid_t_start <= self.taid_t_end <= 1.0,
-            "TAID needs 0 <= t_start <= t_end <= 1",
-            "pass e.g. --taid-t-start 0.4 --taid-t-end 1.0",
-        )
-        _check(self.max_samples is None or self.max_samples > 0, "max samples must be > 0", "omit it to use all data")
-        for spec in self.losses:
-            parse_loss_spec(spec)
-        self._check_llm_modes()
-        self._check_diffusion()
-        self._check_sparse_attention()
-        _check(
-            self.fused_loss in ("auto", "on", "off"),
-            f"fused loss must be auto, on or off (got {self.fused_loss!r})",
-            "pass --fused-loss auto, on or off",
+            self.mixed_precision in MIXED_PRECISION,
+            f"mixed precision must be one of {', '.join(MIXED_PRECISION)} (got {self.mixed_precision})",
+            "pass e.g. --mixed-precision bf16",
         )
 
-    def _check_sparse_attention(self) -> None:
-        if self.sparse_attention is not None:
-            from distillkit.kernels.block_sparse_attention.masks import parse_mask_spec  # torch-free
+    def warmup_steps(self) -> int:
+        return int(self.warmup) if self.warmup >= 1 else int(round(self.warmup * self.steps))
 
-            parse_mask_spec(self.sparse_attention)
-        _check(
-            isinstance(self.sparse_block_size, int)
-            and self.sparse_block_size >= 16
-            and not self.sparse_block_size & (self.sparse_block_size - 1),
-            f"sparse block size must be a power of two >= 16 (got {self.sparse_block_size})",
-            "pass e.g. --sparse-block-size 64",
-        )
 
-    def _check_llm_modes(self) -> None:
+@dataclass(frozen=True)
+class OutputOptions(BaseConfig):
+    """What the run reports and keeps on the way: evaluations, checkpoints, logs."""
+
+    eval_every: int = 0
+    eval_batches: int = 20
+    save_every: int = 0
+    log_to: str = "none"
+
+    def __post_init__(self) -> None:
+        _check_ints(self)
+        _check_min_int("eval batches", self.eval_batches, 1)
+        for name, value in (("eval every", self.eval_every), ("save every", self.save_every)):
+            _check(
+                isinstance(value, int) and value >= 0, f"{name} must be >= 0 (got {value})", "0 means only at the end"
+            )
+        _check(self.log_to in LOG_TO, f"--log-to must be one of {', '.join(LOG_TO)}", "pass --log-to tensorboard")
+
+
+@dataclass(frozen=True)
+class LLMModeOptions(BaseConfig):
+    """Causal-LM modes: on-policy, sequence-level KD, a cached teacher, a teacher with another tokenizer."""
+
+    mode: str = "offline"
+    student_data_fraction: float = 0.5
+    gen_temperature: float = 1.0
+    max_new_tokens: int = 32
+    prompt_length: int | None = None
+    sequence_cache: str | None = None
+    sequence_shard_size: int = 64
+    teacher_cache: str | None = None
+    cache_topk: int = 64
+    cross_tokenizer: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_ints(self)
         _check(
             self.mode in DISTILL_MODES,
             f"mode must be one of {', '.join(DISTILL_MODES)} (got {self.mode})",
@@ -380,17 +396,7 @@ class DistillConfig(BaseConfig):
             ("sequence shard size", self.sequence_shard_size),
             ("cache top-k", self.cache_topk),
         ):
-            _check(
-                isinstance(value, int) and value >= 1,
-                f"{name} must be an integer >= 1 (got {value})",
-                f"pass a {name} of at least 1",
-            )
-        _check(
-            self.prompt_length is None
-            or (isinstance(self.prompt_length, int) and 1 <= self.prompt_length < self.max_length),
-            f"prompt length must be in [1, max length) (got {self.prompt_length})",
-            "omit --prompt-length to use half of --max-length",
-        )
+            _check_min_int(name, value, 1)
         _check(
             self.cross_tokenizer in CROSS_TOKENIZER,
             f"cross-tokenizer method must be one of {', '.join(CROSS_TOKENIZER[1:])} (got {self.cross_tokenizer})",
@@ -411,13 +417,25 @@ class DistillConfig(BaseConfig):
             "--cross-tokenizer needs the live teacher (its logits are on its own tokens)",
             "drop --teacher-cache",
         )
-        _check(
-            self.mode != "on-policy" or self.alpha == 0,
-            "--alpha mixes a hard-label loss, which the student's own generations do not have",
-            "use --alpha 0 with --mode on-policy",
-        )
 
-    def _check_diffusion(self) -> None:
+
+@dataclass(frozen=True)
+class DiffusionOptions(BaseConfig):
+    """Diffusion distillation (``--method``) and the block-sparse attention its students can train with."""
+
+    method: str | None = None
+    target_steps: int | None = None
+    teacher_steps: int = 32
+    guidance_scale: float = 3.0
+    labels: str | None = None
+    prompts: str | None = None  # text-conditioned pipelines: one prompt per line
+    eval_samples: int = 16
+    # the student trains with block-sparse attention (mask spec, e.g. "topk:0.25")
+    sparse_attention: str | None = None
+    sparse_block_size: int = 64
+
+    def __post_init__(self) -> None:
+        _check_ints(self)
         _check(
             self.method is None or self.method in DIFFUSION_METHODS,
             f"--method must be one of {', '.join(DIFFUSION_METHODS)} (got {self.method})",
@@ -444,14 +462,102 @@ class DistillConfig(BaseConfig):
             "pass e.g. --guidance-scale 3.0",
         )
         _check(self.eval_samples >= 1, f"eval samples must be >= 1 (got {self.eval_samples})", "pass e.g. 16")
+        if self.sparse_attention is not None:
+            from distillkit.kernels.block_sparse_attention.masks import parse_mask_spec  # torch-free
+
+            parse_mask_spec(self.sparse_attention)
+        _check(
+            isinstance(self.sparse_block_size, int)
+            and self.sparse_block_size >= 16
+            and not self.sparse_block_size & (self.sparse_block_size - 1),
+            f"sparse block size must be a power of two >= 16 (got {self.sparse_block_size})",
+            "pass e.g. --sparse-block-size 64",
+        )
+
+
+@dataclass(frozen=True)
+class DistillConfig(BaseConfig):
+    """Everything that defines a distillation run (``distillkit distill``), in typed groups, each validated on its
+    own: ``models``, ``data``, ``loss``, ``optim``, ``output``, ``llm`` (causal-LM modes), ``diffusion``.
+
+    Users, presets, config files and manifests spell the settings flat (``lr``, ``max_length``, the flag names
+    without ``--``): :meth:`of` / :meth:`from_dict` route each flat key to its group and :meth:`to_dict` writes
+    them flat again, so a manifest's ``config`` has the same keys as before the groups existed.
+    """
+
+    models: ModelOptions
+    data: DataOptions = field(default_factory=DataOptions)
+    loss: LossOptions = field(default_factory=LossOptions)
+    optim: OptimOptions = field(default_factory=OptimOptions)
+    output: OutputOptions = field(default_factory=OutputOptions)
+    llm: LLMModeOptions = field(default_factory=LLMModeOptions)
+    diffusion: DiffusionOptions = field(default_factory=DiffusionOptions)
+
+    def __post_init__(self) -> None:
+        # what no single group can check: settings of two groups that must agree
+        _check(
+            self.llm.prompt_length is None
+            or (isinstance(self.llm.prompt_length, int) and 1 <= self.llm.prompt_length < self.data.max_length),
+            f"prompt length must be in [1, max length) (got {self.llm.prompt_length})",
+            "omit --prompt-length to use half of --max-length",
+        )
+        _check(
+            self.llm.mode != "on-policy" or self.loss.alpha == 0,
+            "--alpha mixes a hard-label loss, which the student's own generations do not have",
+            "use --alpha 0 with --mode on-policy",
+        )
+
+    @classmethod
+    def group_of(cls) -> dict[str, str]:
+        """Flat setting name -> the group that holds it."""
+        return {f.name: group for group, kind in _GROUP_TYPES.items() for f in fields(kind)}
+
+    @classmethod
+    def of(cls, **flat: Any) -> DistillConfig:
+        """A config from flat settings: ``DistillConfig.of(teacher="gpt2", lr=3e-4, steps=200)``."""
+        return cls.from_dict(flat)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DistillConfig:
+        where = cls.group_of()
+        unknown = sorted(set(data) - set(where))
+        if unknown:
+            raise ConfigError(
+                f"unknown DistillConfig key(s): {', '.join(unknown)}", hint=f"valid keys: {', '.join(sorted(where))}"
+            )
+        parts: dict[str, dict[str, Any]] = {g: {} for g in _GROUP_TYPES}
+        for key, value in data.items():
+            parts[where[key]][key] = value
+        # the teacher is checked first: "a teacher is required" before any other complaint
+        groups = {g: _GROUP_TYPES[g].from_dict(parts[g]) for g in _GROUP_TYPES}
+        return cls(**groups)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat settings (the manifest's ``config``)."""
+        return {k: v for g in _GROUP_TYPES for k, v in getattr(self, g).to_dict().items()}
+
+    def replace(self, **changes: Any) -> DistillConfig:
+        """A copy with flat settings changed: ``cfg.replace(steps=10)``."""
+        return type(self).from_dict({**self.to_dict(), **changes})
 
     def prompt_tokens(self) -> int:
         """Prompt prefix length for on-policy and sequence generation (default: half of max_length)."""
-        return self.prompt_length if self.prompt_length is not None else max(1, self.max_length // 2)
+        return self.llm.prompt_length if self.llm.prompt_length is not None else max(1, self.data.max_length // 2)
 
     def loss_specs(self, task: str) -> list[tuple[str, float]]:
         """The resolved (name, weight) list: the given losses, or the task's default."""
-        return [parse_loss_spec(s) for s in (self.losses or DEFAULT_LOSSES.get(task, ("forward_kl",)))]
+        return [parse_loss_spec(s) for s in (self.loss.losses or DEFAULT_LOSSES.get(task, ("forward_kl",)))]
 
     def warmup_steps(self) -> int:
-        return int(self.warmup) if self.warmup >= 1 else int(round(self.warmup * self.steps))
+        return self.optim.warmup_steps()
+
+
+_GROUP_TYPES: dict[str, type[BaseConfig]] = {
+    "models": ModelOptions,
+    "data": DataOptions,
+    "loss": LossOptions,
+    "optim": OptimOptions,
+    "output": OutputOptions,
+    "llm": LLMModeOptions,
+    "diffusion": DiffusionOptions,
+}

@@ -365,7 +365,7 @@ def distill(
         return
     from distillkit.models.diffusion import is_diffusers_teacher
 
-    if cfg.method is not None or is_diffusers_teacher(cfg.teacher):
+    if cfg.diffusion.method is not None or is_diffusers_teacher(cfg.models.teacher):
         from distillkit.distill.diffusion import run_diffusion_distill
 
         if resume:

@@ -75,13 +75,13 @@ class ULD(Loss):
 def build_cross_losses(cfg: Any, task: str) -> list[tuple[str, float, Any]]:
     from distillkit.distill.losses import LossContext
 
-    if cfg.losses:
+    if cfg.loss.losses:
         raise ConfigError(
-            f"--cross-tokenizer {cfg.cross_tokenizer} has its own loss; --loss {', '.join(cfg.losses)} compares "
+            f"--cross-tokenizer {cfg.llm.cross_tokenizer} has its own loss; --loss {', '.join(cfg.loss.losses)} compares "
             "token ids, which differ between the two vocabularies",
             hint="drop --loss (use --alpha to mix in the student's cross-entropy)",
         )
-    return [("uld", 1.0, ULD(LossContext(temperature=cfg.temperature)))]
+    return [("uld", 1.0, ULD(LossContext(temperature=cfg.loss.temperature)))]
 
 
 def student_tokenizer(cfg: Any, student_src: Any, task: str) -> Any:
@@ -93,7 +93,7 @@ def student_tokenizer(cfg: Any, student_src: Any, task: str) -> Any:
             "--cross-tokenizer needs a student with its own tokenizer, but a spec student shares the teacher's",
             hint="pass --student DIR, a model directory saved with its tokenizer",
         )
-    tok = load_processor(student_src.path, task, trust_remote_code=cfg.trust_remote_code)
+    tok = load_processor(student_src.path, task, trust_remote_code=cfg.models.trust_remote_code)
     if tok is None:
         raise ModelError(
             f"the student {student_src.path} has no tokenizer saved with it",

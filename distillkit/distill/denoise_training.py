@@ -55,15 +55,15 @@ class ProgressBar:
 def train_student(
     student: torch.nn.Module, loss_fn: Any, cfg: DistillConfig, label: str, on_step: Any = None
 ) -> list[float]:
-    """AdamW with warmup + cosine decay over ``cfg.steps``; ``loss_fn(step)`` returns the scalar loss."""
+    """AdamW with warmup + cosine decay over ``cfg.optim.steps``; ``loss_fn(step)`` returns the scalar loss."""
     from transformers import get_cosine_schedule_with_warmup
 
     params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps(), cfg.steps)
+    opt = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps(), cfg.optim.steps)
     losses: list[float] = []
-    with ProgressBar(label, cfg.steps) as bar:
-        for step in range(cfg.steps):
+    with ProgressBar(label, cfg.optim.steps) as bar:
+        for step in range(cfg.optim.steps):
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(step)
             if not torch.isfinite(loss):
@@ -71,8 +71,8 @@ def train_student(
                     f"the {label} loss became {loss.item()} at step {step + 1}", hint="lower --lr and run again"
                 )
             loss.backward()
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            if cfg.optim.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
             opt.step()
             sched.step()
             if on_step is not None:

@@ -94,42 +94,42 @@ FLOW_ONLY_METHODS = ("reflow", "dmd")
 
 def check_method(cfg: DistillConfig, dm: DiffusionModel) -> None:
     """Refuse a method the model cannot use, before any work."""
-    if cfg.method is None:
+    if cfg.diffusion.method is None:
         raise ConfigError(
             f"{dm.path} is a diffusers model; say which distillation to run",
             hint="pass --method progressive, consistency or guidance (flow-matching teachers: progressive, reflow, "
             "consistency or dmd)",
         )
-    if cfg.data is not None:
+    if cfg.data.data is not None:
         raise ConfigError(
             "diffusion distillation is data-free (it trains on the teacher's own samples); --data is not used",
             hint="drop --data",
         )
-    if dm.flow and cfg.method == "guidance":
+    if dm.flow and cfg.diffusion.method == "guidance":
         raise ConfigError(
             f"{dm.path} is a flow-matching model sampled without classes or prompts; guidance distillation does "
             "not apply",
             hint="use --method progressive, reflow, consistency or dmd",
         )
-    if not dm.flow and cfg.method in FLOW_ONLY_METHODS:
+    if not dm.flow and cfg.diffusion.method in FLOW_ONLY_METHODS:
         raise ConfigError(
-            f"--method {cfg.method} distils flow-matching teachers (FlowMatchEulerDiscreteScheduler); {dm.class_name} "
+            f"--method {cfg.diffusion.method} distils flow-matching teachers (FlowMatchEulerDiscreteScheduler); {dm.class_name} "
             f"at {dm.path} predicts {dm.prediction_type}",
             hint="use --method progressive or consistency for a DDPM/DDIM-family teacher",
         )
-    if cfg.alpha > 0 and cfg.method != "dmd":
+    if cfg.loss.alpha > 0 and cfg.diffusion.method != "dmd":
         raise ConfigError(
-            f"--alpha weighs dmd's regression term and does nothing for --method {cfg.method}",
+            f"--alpha weighs dmd's regression term and does nothing for --method {cfg.diffusion.method}",
             hint="drop --alpha",
         )
-    if cfg.method == "guidance":
+    if cfg.diffusion.method == "guidance":
         if not dm.conditional or dm.null_condition is None:
             raise ConfigError(
                 f"guidance distillation needs a class-conditional teacher with a null class; {dm.class_name} "
                 f"at {dm.path} is {'unconditional' if not dm.conditional else 'conditional without a null class'}",
                 hint="use --method progressive or consistency for this model",
             )
-        if cfg.target_steps is not None:
+        if cfg.diffusion.target_steps is not None:
             raise ConfigError(
                 "guidance distillation keeps the step count (it halves evaluations per step); --target-steps "
                 "does not apply",
@@ -147,17 +147,17 @@ def check_method(cfg: DistillConfig, dm: DiffusionModel) -> None:
                 hint="it looks guidance-distilled already",
             )
         return
-    if cfg.target_steps is None:
-        raise ConfigError(f"--method {cfg.method} needs --target-steps", hint="pass e.g. --target-steps 4")
-    if cfg.method == "progressive":
-        ratio = cfg.teacher_steps / cfg.target_steps
+    if cfg.diffusion.target_steps is None:
+        raise ConfigError(f"--method {cfg.diffusion.method} needs --target-steps", hint="pass e.g. --target-steps 4")
+    if cfg.diffusion.method == "progressive":
+        ratio = cfg.diffusion.teacher_steps / cfg.diffusion.target_steps
         if ratio != 2 ** round(math.log2(ratio)):
             raise ConfigError(
-                f"progressive distillation halves the steps: --teacher-steps {cfg.teacher_steps} must be "
-                f"--target-steps {cfg.target_steps} times a power of two",
-                hint=f"pass e.g. --teacher-steps {cfg.target_steps * 8}",
+                f"progressive distillation halves the steps: --teacher-steps {cfg.diffusion.teacher_steps} must be "
+                f"--target-steps {cfg.diffusion.target_steps} times a power of two",
+                hint=f"pass e.g. --teacher-steps {cfg.diffusion.target_steps * 8}",
             )
-    if cfg.method == "consistency" and cfg.teacher_steps > dm.scheduler.config.num_train_timesteps:
+    if cfg.diffusion.method == "consistency" and cfg.diffusion.teacher_steps > dm.scheduler.config.num_train_timesteps:
         raise ConfigError(
             "--teacher-steps is more than the scheduler's training timesteps", hint="pass e.g. --teacher-steps 50"
         )
@@ -165,16 +165,16 @@ def check_method(cfg: DistillConfig, dm: DiffusionModel) -> None:
 
 def read_prompts(cfg: DistillConfig, dm: DiffusionModel) -> torch.Tensor:
     """The prompt embeddings to draw from [P, L, D]: every line of ``--prompts FILE`` encoded once."""
-    if cfg.labels is not None:
+    if cfg.diffusion.labels is not None:
         raise ConfigError(
             f"{dm.path} is text-conditioned; --labels (class ids) does not apply", hint="pass --prompts FILE instead"
         )
-    if cfg.prompts is None:
+    if cfg.diffusion.prompts is None:
         raise ConfigError(
             f"{dm.path} is a text-conditioned pipeline and needs prompts to sample the teacher",
             hint="pass --prompts FILE with one prompt per line",
         )
-    return encode_prompts(dm.text_encoder, dm.tokenizer, read_prompt_file(cfg.prompts))
+    return encode_prompts(dm.text_encoder, dm.tokenizer, read_prompt_file(cfg.diffusion.prompts))
 
 
 def read_prompt_file(file: str) -> list[str]:
@@ -193,19 +193,19 @@ def read_labels(cfg: DistillConfig, dm: DiffusionModel) -> torch.Tensor | None:
     prompt embeddings [P, L, D] for a text-conditioned model (:func:`read_prompts`), or None (unconditional)."""
     if dm.text_conditioned:
         return read_prompts(cfg, dm)
-    if cfg.prompts is not None:
+    if cfg.diffusion.prompts is not None:
         raise ConfigError(
             f"{dm.path} is not text-conditioned; --prompts does not apply",
             hint="drop --prompts (class-conditional models take --labels)",
         )
     n = label_range(dm)
     if not dm.conditional:
-        if cfg.labels is not None:
+        if cfg.diffusion.labels is not None:
             raise ConfigError(f"{dm.path} is unconditional; --labels does not apply", hint="drop --labels")
         return None
-    if cfg.labels is None:
+    if cfg.diffusion.labels is None:
         return torch.arange(n)
-    path = Path(cfg.labels)
+    path = Path(cfg.diffusion.labels)
     if not path.is_file():
         raise DataError(f"labels file {path} does not exist", hint="pass a file with one class id per line")
     try:
@@ -223,8 +223,8 @@ def read_labels(cfg: DistillConfig, dm: DiffusionModel) -> torch.Tensor | None:
 
 
 def _sparse_spec(cfg: DistillConfig) -> tuple[str, int] | None:
-    spec = getattr(cfg, "sparse_attention", None)
-    return (spec, int(getattr(cfg, "sparse_block_size", 64))) if spec else None
+    spec = getattr(cfg.diffusion, "sparse_attention", None)
+    return (spec, int(getattr(cfg.diffusion, "sparse_block_size", 64))) if spec else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,14 +308,14 @@ def progressive_loss(
 
 
 def run_progressive(cfg, dm, schedule, pool, gen, sparse) -> tuple[Any, list[dict[str, Any]]]:
-    teacher, steps, rounds = dm.model, cfg.teacher_steps, []
-    while steps > cfg.target_steps:
+    teacher, steps, rounds = dm.model, cfg.diffusion.teacher_steps, []
+    while steps > cfg.diffusion.target_steps:
         steps //= 2
         student = copy_student(dm) if teacher is dm.model else trainable_copy(teacher)
         apply_sparse_attention(student, sparse)
 
         def loss_fn(_step: int, student=student, teacher=teacher, steps=steps) -> torch.Tensor:
-            x0, y = _batch(pool, cfg.batch_size, gen)
+            x0, y = _batch(pool, cfg.optim.batch_size, gen)
             return progressive_loss(student, teacher, schedule, x0, y, steps, gen)
 
         losses = train_student(student, loss_fn, cfg, f"progressive {steps * 2}->{steps}")
@@ -392,11 +392,13 @@ def run_consistency(cfg, dm, schedule, pool, gen, sparse, scaling) -> tuple[Any,
                 pt.lerp_(ps, 1 - EMA_DECAY)
 
     def loss_fn(_step: int) -> torch.Tensor:
-        x0, y = _batch(pool, cfg.batch_size, gen)
-        return consistency_loss(student, target_net, dm.model, schedule, x0, y, cfg.teacher_steps, scaling, gen)
+        x0, y = _batch(pool, cfg.optim.batch_size, gen)
+        return consistency_loss(
+            student, target_net, dm.model, schedule, x0, y, cfg.diffusion.teacher_steps, scaling, gen
+        )
 
     losses = train_student(student, loss_fn, cfg, "consistency", on_step=ema)
-    return student, [{"steps": cfg.target_steps, "first_loss": losses[0], "final_loss": losses[-1]}]
+    return student, [{"steps": cfg.diffusion.target_steps, "first_loss": losses[0], "final_loss": losses[-1]}]
 
 
 # --------------------------------------------------------------------------------------------
@@ -427,13 +429,21 @@ def run_guidance(cfg, dm, schedule, pool, gen, sparse) -> tuple[Any, list[dict[s
     apply_sparse_attention(student, sparse)
 
     def loss_fn(_step: int) -> torch.Tensor:
-        x0, y = _batch(pool, cfg.batch_size, gen)
+        x0, y = _batch(pool, cfg.optim.batch_size, gen)
         return guidance_loss(
-            student, dm.model, schedule, x0, y, dm.null_condition, cfg.guidance_scale, cfg.teacher_steps, gen
+            student,
+            dm.model,
+            schedule,
+            x0,
+            y,
+            dm.null_condition,
+            cfg.diffusion.guidance_scale,
+            cfg.diffusion.teacher_steps,
+            gen,
         )
 
     losses = train_student(student, loss_fn, cfg, "guidance")
-    return student, [{"steps": cfg.teacher_steps, "first_loss": losses[0], "final_loss": losses[-1]}]
+    return student, [{"steps": cfg.diffusion.teacher_steps, "first_loss": losses[0], "final_loss": losses[-1]}]
 
 
 # --------------------------------------------------------------------------------------------
@@ -443,28 +453,34 @@ def run_guidance(cfg, dm, schedule, pool, gen, sparse) -> tuple[Any, list[dict[s
 @torch.no_grad()
 def evaluate(cfg, dm, schedule, student, labels, scaling, device) -> dict[str, Any]:
     """Student vs teacher samples from the same noise; see the module docstring."""
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    n = cfg.eval_samples
+    gen = torch.Generator().manual_seed(cfg.optim.seed + 1)
+    n = cfg.diffusion.eval_samples
     noise = torch.randn(n, *dm.sample_shape, generator=gen).to(device)
     y = labels[torch.randint(len(labels), (n,), generator=gen)].to(device) if labels is not None else None
-    N = cfg.teacher_steps
+    N = cfg.diffusion.teacher_steps
     m: dict[str, Any] = {"teacher_steps": N, "eval_samples": n, "space": dm.space}
     t_probe = torch.full((n,), schedule.num_train_timesteps // 2, device=device, dtype=torch.long)
-    if cfg.method == "guidance":
-        g = (cfg.guidance_scale, dm.null_condition)
+    if cfg.diffusion.method == "guidance":
+        g = (cfg.diffusion.guidance_scale, dm.null_condition)
         ref = ddim_sample(dm.model, schedule, noise, N, y, guidance=g)
-        emb = guidance_embedding(torch.full((n,), cfg.guidance_scale, device=device), student.config.time_cond_proj_dim)
+        emb = guidance_embedding(
+            torch.full((n,), cfg.diffusion.guidance_scale, device=device), student.config.time_cond_proj_dim
+        )
         stu = ddim_sample(student, schedule, noise, N, y, timestep_cond=emb)
         base = ddim_sample(dm.model, schedule, noise, N, y)
-        m.update(student_steps=N, guidance_scale=cfg.guidance_scale, baseline="teacher without guidance, same steps")
+        m.update(
+            student_steps=N,
+            guidance_scale=cfg.diffusion.guidance_scale,
+            baseline="teacher without guidance, same steps",
+        )
         student_ms = ms_per_call(lambda: denoise(student, noise, t_probe, y, emb))
         teacher_ms = ms_per_call(lambda: guided_output(dm.model, noise, t_probe, y, g))
         evals_student = N
     else:
-        K = cfg.target_steps
+        K = cfg.diffusion.target_steps
         ref = ddim_sample(dm.model, schedule, noise, N, y)
         base = ddim_sample(dm.model, schedule, noise, K, y)
-        if cfg.method == "consistency":
+        if cfg.diffusion.method == "consistency":
             ts = lcm_timesteps(dict(dm.scheduler.config), K, N)
             stu = consistency_sample(student, schedule, noise, ts, y, scaling)
             m["lcm_timesteps"] = ts
@@ -499,8 +515,8 @@ def student_scheduler(cfg: DistillConfig, dm: DiffusionModel) -> Any:
     if dm.flow:
         # Euler on the teacher's own sigma schedule, shift included: a flow student samples as its teacher does
         return type(dm.scheduler).from_config(dm.scheduler.config)
-    if cfg.method == "consistency":
-        return LCMScheduler.from_config(dm.scheduler.config, original_inference_steps=cfg.teacher_steps)
+    if cfg.diffusion.method == "consistency":
+        return LCMScheduler.from_config(dm.scheduler.config, original_inference_steps=cfg.diffusion.teacher_steps)
     return DDIMScheduler.from_config(ddim_sampler_config(dm.scheduler))
 
 
@@ -567,23 +583,25 @@ def type_name(manifest: Manifest) -> str:
 
 @releases_locks
 def run_diffusion_distill(cfg: DistillConfig, *, out: str, overwrite: bool = False) -> dict[str, Any]:
-    """Distil the diffusers teacher ``cfg.teacher`` with ``cfg.method``; write the artifact ``out``; return its
+    """Distil the diffusers teacher ``cfg.models.teacher`` with ``cfg.diffusion.method``; write the artifact ``out``; return its
     manifest."""
     from rich.console import Console
 
     from distillkit.models.load import resolve_device
 
     t_start = time.perf_counter()
-    out_path = check_output(out, overwrite, protect=[cfg.teacher, cfg.data, cfg.labels, cfg.prompts])
+    out_path = check_output(
+        out, overwrite, protect=[cfg.models.teacher, cfg.data.data, cfg.diffusion.labels, cfg.diffusion.prompts]
+    )
     console = Console(stderr=True)
-    src = read_source(cfg.teacher)
+    src = read_source(cfg.models.teacher)
     if not src.is_local or not is_diffusers_dir(src.path):
         raise ModelError(
-            f"--method {cfg.method} distils diffusers models, and {src.path} is not one",
+            f"--method {cfg.diffusion.method} distils diffusers models, and {src.path} is not one",
             hint="pass a diffusers pipeline or model directory as --teacher, or drop --method",
         )
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.optim.device)
+    torch.manual_seed(cfg.optim.seed)
     t0 = time.perf_counter()
     dm = load_diffusion(src.path, device=device)
     check_method(cfg, dm)
@@ -599,38 +617,38 @@ def run_diffusion_distill(cfg: DistillConfig, *, out: str, overwrite: bool = Fal
     load_s = time.perf_counter() - t0
     n_params = sum(p.numel() for p in dm.model.parameters())
     console.print(
-        f"[bold]distill --method {cfg.method}[/] {dm.class_name} {n_params / 1e6:.2f}M params, "
+        f"[bold]distill --method {cfg.diffusion.method}[/] {dm.class_name} {n_params / 1e6:.2f}M params, "
         f"{'text-conditioned' if dm.text_conditioned else 'class-conditional' if dm.conditional else 'unconditional'}"
         f", samples {tuple(dm.sample_shape)} "
-        f"({dm.space}), prediction {dm.prediction_type}; teacher {cfg.teacher_steps} steps"
-        + (f" -> student {cfg.target_steps}" if cfg.target_steps else "")
+        f"({dm.space}), prediction {dm.prediction_type}; teacher {cfg.diffusion.teacher_steps} steps"
+        + (f" -> student {cfg.diffusion.target_steps}" if cfg.diffusion.target_steps else "")
         + (f"; sparse attention {sparse[0]} (block {sparse[1]})" if sparse else "")
     )
 
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.optim.seed)
     t0 = time.perf_counter()
     if dm.flow:
         from distillkit.distill.flow import evaluate_flow, flow_pool, run_flow_method
 
-        pool = flow_pool(dm, schedule, cfg.max_samples or DEFAULT_POOL, cfg.teacher_steps, gen, device)
+        pool = flow_pool(dm, schedule, cfg.data.max_samples or DEFAULT_POOL, cfg.diffusion.teacher_steps, gen, device)
     else:
         pool = teacher_pool(
             dm,
             schedule,
             labels,
-            cfg.max_samples or DEFAULT_POOL,
-            cfg.teacher_steps,
+            cfg.data.max_samples or DEFAULT_POOL,
+            cfg.diffusion.teacher_steps,
             gen,
             device,
-            guidance=cfg.guidance_scale if cfg.method == "guidance" else None,
+            guidance=cfg.diffusion.guidance_scale if cfg.diffusion.method == "guidance" else None,
         )
     pool_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     if dm.flow:
         student, rounds = run_flow_method(cfg, dm, schedule, pool, gen, sparse)
-    elif cfg.method == "progressive":
+    elif cfg.diffusion.method == "progressive":
         student, rounds = run_progressive(cfg, dm, schedule, pool, gen, sparse)
-    elif cfg.method == "consistency":
+    elif cfg.diffusion.method == "consistency":
         student, rounds = run_consistency(cfg, dm, schedule, pool, gen, sparse, scaling)
     else:
         student, rounds = run_guidance(cfg, dm, schedule, pool, gen, sparse)
@@ -643,7 +661,7 @@ def run_diffusion_distill(cfg: DistillConfig, *, out: str, overwrite: bool = Fal
     metrics["rounds"] = rounds
     metrics["final_train_loss"] = rounds[-1]["final_loss"]
     console.print(
-        f"[bold]eval[/] student {metrics['student_steps']} steps vs teacher {cfg.teacher_steps}: "
+        f"[bold]eval[/] student {metrics['student_steps']} steps vs teacher {cfg.diffusion.teacher_steps}: "
         f"MSE {metrics['student_mse']:.4g} (PSNR {metrics['student_psnr']:.2f} dB); "
         f"{metrics['baseline']}: MSE {metrics['baseline_mse']:.4g} (PSNR {metrics['baseline_psnr']:.2f} dB)"
     )
@@ -657,17 +675,17 @@ def run_diffusion_distill(cfg: DistillConfig, *, out: str, overwrite: bool = Fal
             f"pipeline, pass `prompt_embeds=torch.zeros(B, 1, {dm.model.config.joint_attention_dim})`, "
             f"`pooled_prompt_embeds=torch.zeros(B, {dm.model.config.pooled_projection_dim})`, `guidance_scale=1.0`."
         )
-    elif cfg.method == "consistency":
+    elif cfg.diffusion.method == "consistency":
         usage = (
             f"Sample with the saved LCMScheduler in {steps} steps (`scheduler.set_timesteps({steps})`); "
             "distillkit's evaluation re-noises deterministically between steps (see distillkit.json)."
         )
-    elif cfg.method == "guidance":
+    elif cfg.diffusion.method == "guidance":
         usage = (
             f"One evaluation per step replaces classifier-free guidance: pass "
             f"`timestep_cond` = the sinusoidal embedding of `(w - 1) * 1000` ({GUIDANCE_EMBED_DIM} features, as "
             f"diffusers' LCM pipelines compute it; `distillkit.models.diffusion.guidance_embedding`), with the "
-            f"class labels (or prompt embeddings); trained for w in [1, {cfg.guidance_scale:g}]; {steps} DDIM steps."
+            f"class labels (or prompt embeddings); trained for w in [1, {cfg.diffusion.guidance_scale:g}]; {steps} DDIM steps."
         )
     else:
         usage = f"Sample with the saved DDIMScheduler (trailing spacing) in `num_inference_steps={steps}`."
@@ -688,7 +706,7 @@ def run_diffusion_distill(cfg: DistillConfig, *, out: str, overwrite: bool = Fal
         timings={"load_s": load_s, "teacher_samples_s": pool_s, "train_s": train_s},
         history=history_of(src),
         extra={
-            "method": cfg.method,
+            "method": cfg.diffusion.method,
             "layout": dm.layout,
             "denoiser": dm.class_name,
             "subfolder": dm.subfolder,
@@ -699,10 +717,14 @@ def run_diffusion_distill(cfg: DistillConfig, *, out: str, overwrite: bool = Fal
             "text_conditioned": dm.text_conditioned,
             "prompts": len(labels) if dm.text_conditioned else None,
             # the texts themselves, in draw order, so bench can condition on the same (noise, prompt) pairs
-            "prompt_texts": read_prompt_file(cfg.prompts) if dm.text_conditioned else None,
+            "prompt_texts": read_prompt_file(cfg.diffusion.prompts) if dm.text_conditioned else None,
             "guidance_embedding": (
-                {"time_cond_proj_dim": GUIDANCE_EMBED_DIM, "input": "(w - 1) * 1000", "max_w": cfg.guidance_scale}
-                if cfg.method == "guidance"
+                {
+                    "time_cond_proj_dim": GUIDANCE_EMBED_DIM,
+                    "input": "(w - 1) * 1000",
+                    "max_w": cfg.diffusion.guidance_scale,
+                }
+                if cfg.diffusion.method == "guidance"
                 else None
             ),
             "sparse_attention": {"spec": sparse[0], "block_size": sparse[1]} if sparse else None,

@@ -19,6 +19,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -199,13 +200,13 @@ class TrainerState:
 
 
 def _mixed_precision(cfg: DistillConfig, device_type: str) -> str:
-    if cfg.mixed_precision != "auto":
-        if cfg.mixed_precision != "no" and device_type != "cuda":
+    if cfg.optim.mixed_precision != "auto":
+        if cfg.optim.mixed_precision != "no" and device_type != "cuda":
             raise ConfigError(
-                f"--mixed-precision {cfg.mixed_precision} needs a CUDA device",
+                f"--mixed-precision {cfg.optim.mixed_precision} needs a CUDA device",
                 hint="use --mixed-precision no (or auto) on CPU",
             )
-        return cfg.mixed_precision
+        return cfg.optim.mixed_precision
     if device_type == "cuda" and torch.cuda.is_bf16_supported():
         return "bf16"
     return "no"
@@ -217,12 +218,12 @@ def _build_accelerator(cfg: DistillConfig, project_dir: Path) -> Any:
 
     from distillkit.models.load import resolve_device
 
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.optim.device)
     mp = _mixed_precision(cfg, device.type)
     return Accelerator(
         mixed_precision=mp,
         cpu=device.type == "cpu",
-        log_with="tensorboard" if cfg.log_to == "tensorboard" else None,
+        log_with="tensorboard" if cfg.output.log_to == "tensorboard" else None,
         project_config=ProjectConfiguration(project_dir=str(project_dir), logging_dir=str(project_dir / "tensorboard")),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         step_scheduler_with_optimizer=False,
@@ -230,8 +231,8 @@ def _build_accelerator(cfg: DistillConfig, project_dir: Path) -> Any:
 
 
 def _teacher_dtype(cfg: DistillConfig, mixed_precision: str) -> str:
-    if cfg.teacher_dtype:
-        return cfg.teacher_dtype
+    if cfg.models.teacher_dtype:
+        return cfg.models.teacher_dtype
     return {"bf16": "bfloat16", "fp16": "float16"}.get(mixed_precision, "float32")
 
 
@@ -242,24 +243,28 @@ def load_student(cfg: DistillConfig, teacher: Any, device: Any) -> tuple[Any, di
     from distillkit.models.spec import is_spec, parse_student_spec
     from distillkit.models.student import build_student
 
-    if is_spec(cfg.student) and cfg.teacher_cache:
+    if is_spec(cfg.models.student) and cfg.llm.teacher_cache:
         from distillkit.distill.teacher_cache import spec_student_without_weights
 
-        return spec_student_without_weights(cfg, teacher, device), {"spec": cfg.student, "init": cfg.student_init}, None
-    if is_spec(cfg.student):
-        spec = parse_student_spec(cfg.student, teacher.config)
-        model = build_student(teacher.model, spec, init=cfg.student_init, seed=cfg.seed).to(device).float()
-        return model, {"spec": spec, "init": cfg.student_init}, None
-    src = read_source(cfg.student)
+        return (
+            spec_student_without_weights(cfg, teacher, device),
+            {"spec": cfg.models.student, "init": cfg.models.student_init},
+            None,
+        )
+    if is_spec(cfg.models.student):
+        spec = parse_student_spec(cfg.models.student, teacher.config)
+        model = build_student(teacher.model, spec, init=cfg.models.student_init, seed=cfg.optim.seed).to(device).float()
+        return model, {"spec": spec, "init": cfg.models.student_init}, None
+    src = read_source(cfg.models.student)
     loaded = load_model(
         src,
         task=teacher.task,
         dtype="float32",
         device=str(device),
-        allow_pickle=cfg.allow_pickle,
-        trust_remote_code=cfg.trust_remote_code,
+        allow_pickle=cfg.models.allow_pickle,
+        trust_remote_code=cfg.models.trust_remote_code,
     )
-    if not cfg.cross_tokenizer:
+    if not cfg.llm.cross_tokenizer:
         check_vocab(teacher.config, loaded.config)
     return loaded.model, describe_input(src.path, src.manifest), src
 
@@ -276,15 +281,15 @@ def _check_student(cfg: DistillConfig, task: str, teacher: Any, student: Any) ->
     from distillkit.models.spec import is_spec
 
     if task != "image-classification":
-        check_max_length(teacher.config, cfg.max_length, who=f"the teacher {teacher.path}")
-        check_max_length(student.config, cfg.max_length, who=f"the student {cfg.student}")
-    if cfg.teacher_cache or is_spec(cfg.student):
+        check_max_length(teacher.config, cfg.data.max_length, who=f"the teacher {teacher.path}")
+        check_max_length(student.config, cfg.data.max_length, who=f"the student {cfg.models.student}")
+    if cfg.llm.teacher_cache or is_spec(cfg.models.student):
         return  # a teacher skeleton has no real size; a spec student is checked against the teacher when parsed
     n_teacher = sum(p.numel() for p in teacher.model.parameters())
     n_student = sum(p.numel() for p in student.parameters())
     if n_student > n_teacher:
         raise ConfigError(
-            f"the student {cfg.student} has {n_student:,} parameters, more than the teacher {teacher.path} "
+            f"the student {cfg.models.student} has {n_student:,} parameters, more than the teacher {teacher.path} "
             f"({n_teacher:,})",
             hint="distillation here makes a model smaller: check that --teacher and --student are not swapped",
         )
@@ -297,14 +302,14 @@ def build_losses(
     from distillkit.registry import LOSSES
 
     ctx = LossContext(
-        temperature=cfg.temperature,
+        temperature=cfg.loss.temperature,
         student_config=student_config,
         teacher_config=teacher_config,
-        layer_map=cfg.layer_map,
-        jsd_beta=cfg.jsd_beta,
-        skew_lambda=cfg.skew_lambda,
-        taid_t_start=cfg.taid_t_start,
-        taid_t_end=cfg.taid_t_end,
+        layer_map=cfg.loss.layer_map,
+        jsd_beta=cfg.loss.jsd_beta,
+        skew_lambda=cfg.loss.skew_lambda,
+        taid_t_start=cfg.loss.taid_t_start,
+        taid_t_end=cfg.loss.taid_t_end,
     )
     out = []
     for name, weight in cfg.loss_specs(task):
@@ -497,8 +502,8 @@ def _apply_resumed_hyperparameters(cfg: DistillConfig, optimizer: Any, scheduler
     """Put the new --lr, --weight-decay and schedule into optimizer and scheduler state loaded from a checkpoint
     (which restored the old ones); the schedule is the new one, evaluated at the checkpoint's step."""
     groups = optimizer.param_groups
-    groups[0]["weight_decay"] = cfg.weight_decay  # group 0 decays; group 1 (norms, biases) never does
-    scheduler.base_lrs = [cfg.lr for _ in groups]
+    groups[0]["weight_decay"] = cfg.optim.weight_decay  # group 0 decays; group 1 (norms, biases) never does
+    scheduler.base_lrs = [cfg.optim.lr for _ in groups]
     for group, fn, base in zip(groups, scheduler.lr_lambdas, scheduler.base_lrs, strict=True):
         group["initial_lr"] = base
         group["lr"] = base * fn(scheduler.last_epoch)
@@ -534,7 +539,7 @@ def run_distill(
     hooks: StudentHooks | None = None,
     resume_changed: bool = False,
 ) -> dict | None:
-    """Distil ``cfg.teacher`` into ``cfg.student``; write the artifact ``out``; return its manifest.
+    """Distil ``cfg.models.teacher`` into ``cfg.models.student``; write the artifact ``out``; return its manifest.
 
     ``resume_changed`` lets ``resume`` continue a checkpoint with other hyper-parameters (see
     :func:`resume_changes`). Returns None on processes other than the main one in multi-process runs.
@@ -543,7 +548,9 @@ def run_distill(
     if resume_changed and not resume:
         raise ConfigError("--resume-changed only applies to --resume", hint="add --resume, or drop --resume-changed")
     out_path = check_output(
-        out, overwrite, protect=[cfg.teacher, cfg.student, cfg.data, cfg.teacher_cache, cfg.sequence_cache]
+        out,
+        overwrite,
+        protect=[cfg.models.teacher, cfg.models.student, cfg.data.data, cfg.llm.teacher_cache, cfg.llm.sequence_cache],
     )
     try:
         return _run_locked(cfg, out_path, overwrite, resume, resume_changed, hooks, t_start)
@@ -596,6 +603,35 @@ def _run_locked(
         raise
 
 
+@dataclass
+class _Models:
+    """The teacher and student of a run, as loaded (step 1 of :func:`_run`)."""
+
+    teacher: Any
+    teacher_src: Any
+    task: str
+    student: Any
+    student_desc: dict[str, Any]
+    student_src: Any
+    n_params_student: int  # counted before the hooks: quantized distillation adds quantizer scales, not weights
+    load_s: float
+
+
+@dataclass
+class _Training:
+    """What the training loop works with (step 3 of :func:`_run`)."""
+
+    losses: list
+    module: Any
+    fused_loss: str
+    teacher_blocks: list[int]
+    optimizer: Any
+    scheduler: Any
+    batches: EpochBatches
+    feed: Any
+    pooling: str  # the teacher's (and so the student's) sentence pooling
+
+
 def _run(
     cfg: DistillConfig,
     accelerator: Any,
@@ -607,119 +643,174 @@ def _run(
     hooks: StudentHooks,
     changes: dict[str, list[Any]] | None = None,
 ) -> dict | None:
+    """One distillation run, in the order a reader follows it: load the models, the data, build the training,
+    restore a checkpoint, train, evaluate, write the artifact."""
     from accelerate.utils import set_seed
 
-    from distillkit.data import DataSpec, prepare_data
+    console = _console(accelerator)
+    set_seed(cfg.optim.seed)
+    models = _load_models(cfg, accelerator, out_path, overwrite, hooks)
+    processor, data, heldout = _load_data(cfg, models, wd, accelerator.device)
+    training = _build_training(cfg, accelerator, models, data, processor)
+    state = _start_or_resume(cfg, accelerator, wd, training, resume, changes, console)
+    evaluate = _evaluator(cfg, accelerator, models, data, training, wd)
+    _announce(console, cfg, accelerator, models, training, data)
+    initial_eval = evaluate(state.step) if state.step == 0 else state.best.get("initial_eval", {})
+    state.best["initial_eval"] = initial_eval
+    if heldout is not None and state.step == 0 and accelerator.is_main_process:
+        state.best["initial_heldout"] = heldout.measure(accelerator.unwrap_model(training.module).student)
+        _show_heldout(console, "untrained student", state.best["initial_heldout"])
+
+    _train(cfg, accelerator, training, state, wd, evaluate, hooks)
+    if not _weights_finite(accelerator, training.module):
+        raise TrainingError(
+            f"the weights became non-finite by step {state.step}; no artifact was written",
+            hint="lower --lr, or set --max-grad-norm (e.g. 1.0) to clip gradients",
+        )
+    final_eval = evaluate(state.step)
+    accelerator.wait_for_everyone()
+    if cfg.output.log_to == "tensorboard":
+        accelerator.end_training()
+    if not accelerator.is_main_process:
+        accelerator.wait_for_everyone()
+        return None
+    student_model = accelerator.unwrap_model(training.module).student
+    if hooks.finish is not None:
+        hooks.finish(student_model)
+    manifest = _manifest(cfg, accelerator, out_path, models, training, state, data, heldout, initial_eval, final_eval)
+    _write_artifact(
+        manifest,
+        student_model,
+        models,
+        processor,
+        heldout,
+        wd,
+        out_path,
+        overwrite,
+        t_start,
+        console,
+        accelerator.device,
+    )
+    accelerator.wait_for_everyone()
+    return manifest.to_dict()
+
+
+def _load_models(cfg: DistillConfig, accelerator: Any, out_path: Path, overwrite: bool, hooks: StudentHooks) -> _Models:
+    from distillkit.distill.feed import check_modes
     from distillkit.models import load_model
 
-    console = _console(accelerator)
-    device = accelerator.device
-    set_seed(cfg.seed)
-
-    # models
     t0 = time.perf_counter()
-    teacher_src = read_source(cfg.teacher)
-    if cfg.teacher_cache:  # LLM modes: top-k logits on disk stand in for the teacher's weights
+    teacher_src = read_source(cfg.models.teacher)
+    device = accelerator.device
+    if cfg.llm.teacher_cache:  # LLM modes: top-k logits on disk stand in for the teacher's weights
         from distillkit.distill.teacher_cache import load_teacher_skeleton
 
         teacher = load_teacher_skeleton(cfg, teacher_src, _teacher_dtype(cfg, accelerator.mixed_precision))
     else:
         teacher = load_model(
             teacher_src,
-            task=cfg.task,
+            task=cfg.models.task,
             dtype=_teacher_dtype(cfg, accelerator.mixed_precision),
             device=str(device),
-            allow_pickle=cfg.allow_pickle,
-            trust_remote_code=cfg.trust_remote_code,
+            allow_pickle=cfg.models.allow_pickle,
+            trust_remote_code=cfg.models.trust_remote_code,
         )
     teacher.model.eval().requires_grad_(False)
     task = teacher.task
-    from distillkit.distill.feed import check_modes
-
     check_modes(cfg, task)
     student, student_desc, student_src = load_student(cfg, teacher, device)
     _check_student(cfg, task, teacher, student)
     if student_src is not None and student_src.is_local:  # a student from stdin is only known now
         check_output(out_path, overwrite, protect=[student_src.path])
-    if cfg.student_init == "random" and student_src is not None:
+    if cfg.models.student_init == "random" and student_src is not None:
         raise ConfigError(
             "--student-init random applies to a student spec, not to an existing model",
             hint="pass --student layers=N,... or drop --student-init",
         )
-    # counted before the hooks: quantized distillation adds learned quantizer scales, which are not model weights
-    n_params_model = _count_params(student)
+    n_params = _count_params(student)
     if hooks.prepare is not None:
         student = hooks.prepare(student)
-    if cfg.sparse_attention:  # sparsity-aware distillation: train with the attention the student will run with
+    if cfg.diffusion.sparse_attention:  # sparsity-aware: train with the attention the student will run with
         from distillkit.attention import enable_sparse_attention
 
-        student = enable_sparse_attention(student, cfg.sparse_attention, cfg.sparse_block_size)
+        student = enable_sparse_attention(student, cfg.diffusion.sparse_attention, cfg.diffusion.sparse_block_size)
     student.train()
-    load_time = time.perf_counter() - t0
+    return _Models(teacher, teacher_src, task, student, student_desc, student_src, n_params, time.perf_counter() - t0)
 
-    # data: the teacher's tokenizer, since the vocabularies are shared
+
+def _load_data(cfg: DistillConfig, models: _Models, wd: Path, device: Any) -> tuple[Any, Any, Any]:
+    """(processor, data, held-out evaluation or None). The data is tokenised with the teacher's tokenizer, since the
+    vocabularies are shared (with --cross-tokenizer, the student's; the teacher re-tokenises the text)."""
+    from distillkit.data import DataSpec, prepare_data
+    from distillkit.distill.heldout import build_heldout_eval
+
+    teacher, task = models.teacher, models.task
     processor = teacher.processor
-    if cfg.cross_tokenizer:  # the data is tokenised for the student; the teacher re-tokenises its text
+    if cfg.llm.cross_tokenizer:
         from distillkit.distill.cross_tokenizer import student_tokenizer
 
-        processor = student_tokenizer(cfg, student_src, task)
+        processor = student_tokenizer(cfg, models.student_src, task)
     if processor is None:
         raise ModelError(
             f"the teacher {teacher.path} has no tokenizer or image processor saved with it",
             hint="save one with the model (tokenizer.save_pretrained(dir))",
         )
-    data = prepare_data(
-        DataSpec(
-            data=cfg.data,
-            text_column=cfg.text_column,
-            label_column=cfg.label_column,
-            eval_split=cfg.eval_split,
-            max_length=cfg.max_length,
-            max_samples=cfg.max_samples,
-            seed=cfg.seed,
-        ),
-        processor,
-        task,
+    d = cfg.data
+    spec = DataSpec(
+        data=d.data,
+        text_column=d.text_column,
+        label_column=d.label_column,
+        eval_split=d.eval_split,
+        max_length=d.max_length,
+        max_samples=d.max_samples,
+        seed=cfg.optim.seed,
     )
+    data = prepare_data(spec, processor, task)
     if (
-        cfg.alpha > 0
+        cfg.loss.alpha > 0
         and task in ("sequence-classification", "image-classification", "masked-lm")
         and not _has_labels(data.train)
     ):
         raise ConfigError(
-            f"--alpha {cfg.alpha} mixes in a hard-label loss, but the data has no labels",
+            f"--alpha {cfg.loss.alpha} mixes in a hard-label loss, but the data has no labels",
             hint="pass --label-column, or --alpha 0 for pure distillation",
         )
-    if cfg.alpha > 0 and task == "feature-extraction":
+    if cfg.loss.alpha > 0 and task == "feature-extraction":
         raise ConfigError(
             "--alpha needs labels, and a feature-extraction model has no label head", hint="use --alpha 0"
         )
-    from distillkit.distill.heldout import build_heldout_eval
-
     heldout = build_heldout_eval(
-        cfg.eval_data,
+        d.eval_data,
         task,
         teacher.model,
         processor,
         pooling=teacher.pooling,
-        max_length=cfg.max_length,
+        max_length=d.max_length,
         # no teacher outputs to compare with: another tokenizer, or a teacher cache (the teacher has no weights here)
-        teacher_comparable=not cfg.cross_tokenizer and not cfg.teacher_cache,
+        teacher_comparable=not cfg.llm.cross_tokenizer and not cfg.llm.teacher_cache,
     )
-
-    if cfg.mode == "sequence":  # train on teacher completions cached on disk
+    if cfg.llm.mode == "sequence":  # train on teacher completions cached on disk
         from distillkit.distill.sequence import sequence_data
 
         data = sequence_data(cfg, teacher, processor, data, wd, device)
-    if cfg.cross_tokenizer:
+    return processor, data, heldout
+
+
+def _build_training(cfg: DistillConfig, accelerator: Any, models: _Models, data: Any, processor: Any) -> _Training:
+    """Losses, the module that computes them, the optimiser and its schedule, the batches and the teacher feed."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    from distillkit.distill.fused import attach_fused_loss
+    from distillkit.distill.modes import build_feed
+
+    teacher, task, student, device = models.teacher, models.task, models.student, accelerator.device
+    if cfg.llm.cross_tokenizer:
         from distillkit.distill.cross_tokenizer import build_cross_losses
 
         losses = build_cross_losses(cfg, task)
     else:
         losses = build_losses(cfg, task, student.config, teacher.config)
-    module = DistillModule(student, losses, task, teacher.pooling, cfg.alpha).to(device)
-    from distillkit.distill.fused import attach_fused_loss
-
+    module = DistillModule(student, losses, task, teacher.pooling, cfg.loss.alpha).to(device)
     fused_loss = attach_fused_loss(module, cfg, task, teacher.model)
     teacher_blocks = sorted({b for _, _, loss in losses for b in loss.layers()[1]})
 
@@ -728,164 +819,195 @@ def _run(
         skip = p.ndim < 2 or "norm" in n.lower() or n.endswith(".bias") or getattr(p, "_no_weight_decay", False)
         (no_decay if skip else decay).append(p)
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
+        [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.optim.lr,
     )
-    from transformers import get_cosine_schedule_with_warmup
-
-    scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps(), cfg.steps)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps(), cfg.optim.steps)
     module, optimizer = accelerator.prepare(module, optimizer)
     batches = EpochBatches(
         data.train,
         data.collate_fn,
-        cfg.batch_size,
-        cfg.seed,
+        cfg.optim.batch_size,
+        cfg.optim.seed,
         accelerator.process_index,
         accelerator.num_processes,
-        lengths=example_lengths(data.train) if cfg.group_by_length else None,
+        lengths=example_lengths(data.train) if cfg.data.group_by_length else None,
     )
-    from distillkit.distill.modes import build_feed
-
     feed = build_feed(cfg, task=task, teacher=teacher, device=device, data=data, processor=processor, module=module)
+    return _Training(losses, module, fused_loss, teacher_blocks, optimizer, scheduler, batches, feed, teacher.pooling)
 
+
+def _start_or_resume(
+    cfg: DistillConfig,
+    accelerator: Any,
+    wd: Path,
+    training: _Training,
+    resume: bool,
+    changes: dict[str, list[Any]] | None,
+    console: Any,
+) -> TrainerState:
+    """A fresh state, or the checkpoint's (batches, schedule and loss states restored; --resume-changed applied)."""
     state = TrainerState()
     if resume:
         state = _load_checkpoint(accelerator, wd)
-        batches.load_state_dict(state.data)
-        scheduler.load_state_dict(state.scheduler)
-        for i, (n, _, loss) in enumerate(losses):
+        training.batches.load_state_dict(state.data)
+        training.scheduler.load_state_dict(state.scheduler)
+        for i, (n, _, loss) in enumerate(training.losses):
             loss.load_state_dict(state.losses.get(f"{i}_{n}", {}))
         _trim_log(wd / METRICS_FILE, state.step)
-        if state.step > cfg.steps:
+        if state.step > cfg.optim.steps:
             raise ConfigError(
-                f"the checkpoint is at step {state.step}, beyond --steps {cfg.steps}",
+                f"the checkpoint is at step {state.step}, beyond --steps {cfg.optim.steps}",
                 hint=f"pass --steps {state.step} or more",
             )
         if changes:
-            _apply_resumed_hyperparameters(cfg, optimizer, scheduler)
+            _apply_resumed_hyperparameters(cfg, training.optimizer, training.scheduler)
             state.resume_changes.append({"step": state.step, "changes": changes})
             shown = ", ".join(f"{k} {_show(a)} -> {_show(b)}" for k, (a, b) in changes.items())
             console.print(f"[bold]resume-changed[/]: from step {state.step} on, {shown}")
-        console.print(f"[bold]resuming[/] from step {state.step} of {cfg.steps}")
+        console.print(f"[bold]resuming[/] from step {state.step} of {cfg.optim.steps}")
     state.config = resume_fingerprint(cfg, accelerator.num_processes)
-    if cfg.log_to == "tensorboard":
+    if cfg.output.log_to == "tensorboard":
         accelerator.init_trackers("distill", config={k: str(v) for k, v in cfg.to_dict().items()})
+    return state
 
-    metrics_log = wd / METRICS_FILE
+
+def _evaluator(
+    cfg: DistillConfig, accelerator: Any, models: _Models, data: Any, training: _Training, wd: Path
+) -> Callable[[int], dict[str, float]]:
+    """``evaluate(step)``: the student's quality on the eval split (logged to the metrics file)."""
     eval_loader = _eval_batches(data, cfg)
+    device = accelerator.device
 
     def evaluate(step: int) -> dict[str, float]:
         from distillkit.evaluate import evaluate_quality
 
         # a fixed seed makes eval batches (masked-LM masking) identical every time and leaves training RNG untouched
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(cfg.seed)
+            torch.manual_seed(cfg.optim.seed)
             m = evaluate_quality(
-                accelerator.unwrap_model(module).student,
+                accelerator.unwrap_model(training.module).student,
                 eval_loader(),
-                task,
-                teacher=feed.eval_teacher(),
-                pooling=teacher.pooling,
+                models.task,
+                teacher=training.feed.eval_teacher(),
+                pooling=models.teacher.pooling,
                 device=device,
-                max_batches=cfg.eval_batches,
+                max_batches=cfg.output.eval_batches,
             )
-        _log(accelerator, metrics_log, {"step": step, "eval": m}, cfg)
+        _log(accelerator, wd / METRICS_FILE, {"step": step, "eval": m}, cfg)
         return m
 
-    n_params_t, n_params_s = _count_params(teacher.model), n_params_model
-    console.print(
-        f"[bold]distill[/] {task}: teacher {teacher.config.model_type} {n_params_t / 1e6:.2f}M params -> "
-        f"student {n_params_s / 1e6:.2f}M ({n_params_s / n_params_t:.1%}); losses "
-        + ", ".join(f"{n}:{w:g}" for n, w, _ in losses)
-        + f"; {len(data.train)} train / {len(data.eval)} eval examples; {accelerator.num_processes} process(es) on {device}"
-    )
-    initial_eval = evaluate(state.step) if state.step == 0 else state.best.get("initial_eval", {})
-    state.best["initial_eval"] = initial_eval
-    if heldout is not None and state.step == 0 and accelerator.is_main_process:
-        state.best["initial_heldout"] = heldout.measure(accelerator.unwrap_model(module).student)
-        _show_heldout(console, "untrained student", state.best["initial_heldout"])
+    return evaluate
 
+
+def _announce(
+    console: Any, cfg: DistillConfig, accelerator: Any, models: _Models, training: _Training, data: Any
+) -> None:
+    n_t, n_s = _count_params(models.teacher.model), models.n_params_student
+    console.print(
+        f"[bold]distill[/] {models.task}: teacher {models.teacher.config.model_type} {n_t / 1e6:.2f}M params -> "
+        f"student {n_s / 1e6:.2f}M ({n_s / n_t:.1%}); losses "
+        + ", ".join(f"{n}:{w:g}" for n, w, _ in training.losses)
+        + f"; {len(data.train)} train / {len(data.eval)} eval examples; "
+        f"{accelerator.num_processes} process(es) on {accelerator.device}"
+    )
+
+
+def _train(
+    cfg: DistillConfig,
+    accelerator: Any,
+    training: _Training,
+    state: TrainerState,
+    wd: Path,
+    evaluate: Callable[[int], dict[str, float]],
+    hooks: StudentHooks,
+) -> None:
+    """Steps until ``--steps``, with the periodic evaluations and checkpoints; ``state`` is updated in place."""
+    t = training
     train_t0 = time.perf_counter() - state.elapsed
-    with _progress(accelerator, cfg.steps, state.step, hooks.label) as bar:
-        while state.step < cfg.steps:
-            progress = state.step / cfg.steps
-            step_start = batches.state_dict()  # a failed step is redone from here on --resume
-            optimizer.zero_grad(set_to_none=True)
-            step_loss, parts_sum, step_tokens = 0.0, {}, 0
-            for micro in range(cfg.grad_accum):
-                batch = feed.next_batch(batches, state.step, micro)
-                with torch.no_grad(), accelerator.autocast():
-                    t_feats = feed.teacher_features(
-                        batch, module_needs(module, accelerator), teacher_blocks, teacher.pooling
-                    )
-                sync = micro == cfg.grad_accum - 1
-                ctx = accelerator.no_sync(module) if not sync and accelerator.num_processes > 1 else _null()
-                with ctx, accelerator.autocast():
-                    loss, parts = module(batch, t_feats, progress)
-                if not _finite(accelerator, loss):
-                    _stop_non_finite(
-                        accelerator, module, wd, state, batches, step_start, scheduler, losses, "loss", loss.item()
-                    )
-                accelerator.backward(loss / cfg.grad_accum)
-                step_loss += loss.item() / cfg.grad_accum
-                for k, v in parts.items():
-                    parts_sum[k] = parts_sum.get(k, 0.0) + v.item() / cfg.grad_accum
-                step_tokens += _tokens(batch) * accelerator.num_processes
-            # with fp16 the grad scaler skips overflowing steps itself; otherwise a non-finite gradient must never
-            # reach the weights and a checkpoint, with clipping on or off
-            finite, norm_value = True, 0.0
-            if cfg.max_grad_norm > 0:
-                norm = accelerator.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
-                if norm is not None and accelerator.scaler is None:
-                    norm_value = float(norm)
-                    finite = math.isfinite(norm_value)
-            elif accelerator.scaler is None:
-                finite, norm_value = _grads_finite(accelerator, module)
-            if not finite:
-                _stop_non_finite(
-                    accelerator, module, wd, state, batches, step_start, scheduler, losses, "gradient norm", norm_value
-                )
-            optimizer.step()
-            scheduler.step()
+    with _progress(accelerator, cfg.optim.steps, state.step, hooks.label) as bar:
+        while state.step < cfg.optim.steps:
+            step_loss, parts_sum, step_tokens = _train_step(cfg, accelerator, t, state, wd)
             state.step += 1
             state.tokens += step_tokens
             state.last_loss = step_loss
             state.elapsed = time.perf_counter() - train_t0
-            tps = state.tokens / max(state.elapsed, 1e-9)
-            bar(state.step, step_loss, tps)
-            _log(
-                accelerator,
-                metrics_log,
-                {
-                    "step": state.step,
-                    "loss": step_loss,
-                    "lr": scheduler.get_last_lr()[0],
-                    **{f"loss/{k}": v for k, v in parts_sum.items()},
-                    "tokens": state.tokens,
-                },
-                cfg,
-            )
-            if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.steps:
+            bar(state.step, step_loss, state.tokens / max(state.elapsed, 1e-9))
+            record = {
+                "step": state.step,
+                "loss": step_loss,
+                "lr": t.scheduler.get_last_lr()[0],
+                **{f"loss/{k}": v for k, v in parts_sum.items()},
+                "tokens": state.tokens,
+            }
+            _log(accelerator, wd / METRICS_FILE, record, cfg)
+            if cfg.output.eval_every and state.step % cfg.output.eval_every == 0 and state.step < cfg.optim.steps:
                 evaluate(state.step)
-            if cfg.save_every and state.step % cfg.save_every == 0 and state.step < cfg.steps:
-                _save_checkpoint(accelerator, module, wd, state, batches, scheduler, losses)
-    train_time = state.elapsed
-    if not _weights_finite(accelerator, module):
-        raise TrainingError(
-            f"the weights became non-finite by step {state.step}; no artifact was written",
-            hint="lower --lr, or set --max-grad-norm (e.g. 1.0) to clip gradients",
+            if cfg.output.save_every and state.step % cfg.output.save_every == 0 and state.step < cfg.optim.steps:
+                _save_checkpoint(accelerator, t.module, wd, state, t.batches, t.scheduler, t.losses)
+
+
+def _train_step(
+    cfg: DistillConfig, accelerator: Any, t: _Training, state: TrainerState, wd: Path
+) -> tuple[float, dict[str, float], int]:
+    """One optimiser step over ``--grad-accum`` micro-batches -> (loss, loss parts, tokens). A non-finite loss or
+    gradient stops the run with the last good checkpoint kept (it never reaches the weights)."""
+    progress = state.step / cfg.optim.steps
+    step_start = t.batches.state_dict()  # a failed step is redone from here on --resume
+    accum = cfg.optim.grad_accum
+    t.optimizer.zero_grad(set_to_none=True)
+    step_loss, parts_sum, step_tokens = 0.0, {}, 0
+    for micro in range(accum):
+        batch = t.feed.next_batch(t.batches, state.step, micro)
+        with torch.no_grad(), accelerator.autocast():
+            t_feats = t.feed.teacher_features(batch, module_needs(t.module, accelerator), t.teacher_blocks, t.pooling)
+        sync = micro == accum - 1
+        ctx = accelerator.no_sync(t.module) if not sync and accelerator.num_processes > 1 else _null()
+        with ctx, accelerator.autocast():
+            loss, parts = t.module(batch, t_feats, progress)
+        if not _finite(accelerator, loss):
+            _stop_non_finite(
+                accelerator, t.module, wd, state, t.batches, step_start, t.scheduler, t.losses, "loss", loss.item()
+            )
+        accelerator.backward(loss / accum)
+        step_loss += loss.item() / accum
+        for k, v in parts.items():
+            parts_sum[k] = parts_sum.get(k, 0.0) + v.item() / accum
+        step_tokens += _tokens(batch) * accelerator.num_processes
+    # with fp16 the grad scaler skips overflowing steps itself; otherwise a non-finite gradient must never
+    # reach the weights and a checkpoint, with clipping on or off
+    finite, norm_value = True, 0.0
+    if cfg.optim.max_grad_norm > 0:
+        norm = accelerator.clip_grad_norm_(t.module.parameters(), cfg.optim.max_grad_norm)
+        if norm is not None and accelerator.scaler is None:
+            norm_value = float(norm)
+            finite = math.isfinite(norm_value)
+    elif accelerator.scaler is None:
+        finite, norm_value = _grads_finite(accelerator, t.module)
+    if not finite:
+        _stop_non_finite(
+            accelerator, t.module, wd, state, t.batches, step_start, t.scheduler, t.losses, "gradient norm", norm_value
         )
+    t.optimizer.step()
+    t.scheduler.step()
+    return step_loss, parts_sum, step_tokens
 
-    final_eval = evaluate(state.step)
-    accelerator.wait_for_everyone()
-    if cfg.log_to == "tensorboard":
-        accelerator.end_training()
-    if not accelerator.is_main_process:
-        accelerator.wait_for_everyone()
-        return None
 
-    student_model = accelerator.unwrap_model(module).student
-    if hooks.finish is not None:
-        hooks.finish(student_model)
+def _manifest(
+    cfg: DistillConfig,
+    accelerator: Any,
+    out_path: Path,
+    models: _Models,
+    training: _Training,
+    state: TrainerState,
+    data: Any,
+    heldout: Any,
+    initial_eval: dict[str, float],
+    final_eval: dict[str, float],
+) -> Manifest:
+    teacher = models.teacher
+    n_t, n_s = _count_params(teacher.model), models.n_params_student
+    student_model = accelerator.unwrap_model(training.module).student
     metrics = {
         **{f"student_{k}" if not k.startswith("teacher_") else k: v for k, v in final_eval.items()},
         **{f"initial_student_{k}": v for k, v in initial_eval.items() if not k.startswith("teacher_")},
@@ -893,27 +1015,28 @@ def _run(
         "final_train_loss": state.last_loss,
         "steps": state.step,
         "train_tokens": state.tokens,
-        "teacher_params": n_params_t,
-        "student_params": n_params_s,
-        "param_ratio": n_params_s / n_params_t,
-        **feed.metrics(),
+        "teacher_params": n_t,
+        "student_params": n_s,
+        "param_ratio": n_s / n_t,
+        **training.feed.metrics(),
     }
-    manifest = Manifest(
+    train_s = state.elapsed
+    return Manifest(
         stage="distill",
         path=str(out_path),
-        task=task,
+        task=models.task,
         model_type=student_model.config.model_type,
-        inputs={"teacher": describe_input(teacher.path, teacher_src.manifest), "student": student_desc},
+        inputs={"teacher": describe_input(teacher.path, models.teacher_src.manifest), "student": models.student_desc},
         config={
             **cfg.to_dict(),
-            "resolved_losses": [[n, w] for n, w, _ in losses],
-            "resolved_fused_loss": fused_loss,
+            "resolved_losses": [[n, w] for n, w, _ in training.losses],
+            "resolved_fused_loss": training.fused_loss,
             "world_size": accelerator.num_processes,
             "mixed_precision": accelerator.mixed_precision,
         },
         metrics=metrics,
-        timings={"load_s": load_time, "train_s": train_time, "tokens_per_s": state.tokens / max(train_time, 1e-9)},
-        history=history_of(student_src),
+        timings={"load_s": models.load_s, "train_s": train_s, "tokens_per_s": state.tokens / max(train_s, 1e-9)},
+        history=history_of(models.student_src),
         extra={
             "data": data.info,
             **({"eval_data": heldout.info()} if heldout is not None else {}),
@@ -922,12 +1045,30 @@ def _run(
             **({"resume_changes": state.resume_changes} if state.resume_changes else {}),
         },
     )
+
+
+def _write_artifact(
+    manifest: Manifest,
+    student_model: Any,
+    models: _Models,
+    processor: Any,
+    heldout: Any,
+    wd: Path,
+    out_path: Path,
+    overwrite: bool,
+    t_start: float,
+    console: Any,
+    device: Any,
+) -> None:
+    """Save the student atomically; held-out quality is measured on what was written, reloaded the way the next
+    stage will load it."""
+    metrics_log = wd / METRICS_FILE
     # the lock stays until the work directory is gone too (run_distill releases it)
     with atomic_artifact(out_path, overwrite, keep_lock=True) as tmp:
-        save_student(student_model, teacher, tmp)
+        save_student(student_model, models.teacher, tmp)
         processor.save_pretrained(tmp)
-        if heldout is not None:  # measured on what was written, reloaded the way the next stage will load it
-            manifest.metrics.update(_heldout_of_saved(heldout, tmp, task, device))
+        if heldout is not None:
+            manifest.metrics.update(_heldout_of_saved(heldout, tmp, models.task, device))
             _show_heldout(console, "student (saved)", manifest.metrics)
         if metrics_log.exists():
             shutil.copy(metrics_log, tmp / METRICS_FILE)
@@ -937,8 +1078,6 @@ def _run(
         finalize_artifact(tmp, manifest, out_path)
     shutil.rmtree(wd, ignore_errors=True)
     _summary(console, manifest)
-    accelerator.wait_for_everyone()
-    return manifest.to_dict()
 
 
 def _heldout_of_saved(heldout: Any, directory: Path, task: str, device: Any) -> dict[str, float]:
@@ -994,8 +1133,8 @@ def _has_labels(dataset: Any) -> bool:
 
 def _eval_batches(data: Any, cfg: DistillConfig) -> Any:
     def it():
-        for i in range(0, len(data.eval), cfg.batch_size):
-            yield data.collate_fn([data.eval[j] for j in range(i, min(i + cfg.batch_size, len(data.eval)))])
+        for i in range(0, len(data.eval), cfg.optim.batch_size):
+            yield data.collate_fn([data.eval[j] for j in range(i, min(i + cfg.optim.batch_size, len(data.eval)))])
 
     return it
 
@@ -1028,7 +1167,7 @@ def _log(accelerator: Any, path: Path, record: dict[str, Any], cfg: DistillConfi
         return
     with open(path, "a") as f:
         f.write(json.dumps(record, default=float) + "\n")
-    if cfg.log_to == "tensorboard":
+    if cfg.output.log_to == "tensorboard":
         flat = {k: v for k, v in record.items() if isinstance(v, int | float) and k != "step"}
         flat.update({f"eval/{k}": v for k, v in record.get("eval", {}).items()})
         accelerator.log(flat, step=record["step"])

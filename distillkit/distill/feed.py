@@ -27,9 +27,9 @@ def check_modes(cfg: Any, task: str) -> None:
     used = [
         name
         for name, on in (
-            (f"--mode {cfg.mode}", cfg.mode != "offline"),
-            ("--teacher-cache", bool(cfg.teacher_cache)),
-            ("--cross-tokenizer", bool(cfg.cross_tokenizer)),
+            (f"--mode {cfg.llm.mode}", cfg.llm.mode != "offline"),
+            ("--teacher-cache", bool(cfg.llm.teacher_cache)),
+            ("--cross-tokenizer", bool(cfg.llm.cross_tokenizer)),
         )
         if on
     ]

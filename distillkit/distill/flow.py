@@ -108,14 +108,14 @@ def progressive_flow_loss(student, teacher, schedule: FlowSchedule, x0, steps: i
 
 
 def run_progressive(cfg, dm, schedule, pool, gen, sparse):
-    teacher, steps, rounds = dm.model, cfg.teacher_steps, []
-    while steps > cfg.target_steps:
+    teacher, steps, rounds = dm.model, cfg.diffusion.teacher_steps, []
+    while steps > cfg.diffusion.target_steps:
         steps //= 2
         student = copy_student(dm) if teacher is dm.model else trainable_copy(teacher)
         apply_sparse_attention(student, sparse)
 
         def loss_fn(_step: int, student=student, teacher=teacher, steps=steps) -> torch.Tensor:
-            _, x0 = _pairs(pool, cfg.batch_size, gen)
+            _, x0 = _pairs(pool, cfg.optim.batch_size, gen)
             return progressive_flow_loss(student, teacher, schedule, x0, steps, gen)
 
         losses = train_student(student, loss_fn, cfg, f"progressive {steps * 2}->{steps}")
@@ -149,12 +149,12 @@ def run_reflow(cfg, dm, schedule, pool, gen, sparse):
     apply_sparse_attention(student, sparse)
 
     def loss_fn(_step: int) -> torch.Tensor:
-        noise, x0 = _pairs(pool, cfg.batch_size, gen)
-        sigma = reflow_sigmas(schedule, cfg.target_steps, len(x0), gen, x0.device)
+        noise, x0 = _pairs(pool, cfg.optim.batch_size, gen)
+        sigma = reflow_sigmas(schedule, cfg.diffusion.target_steps, len(x0), gen, x0.device)
         return reflow_loss(student, schedule, noise, x0, sigma)
 
     losses = train_student(student, loss_fn, cfg, "reflow")
-    return student, [{"steps": cfg.target_steps, "first_loss": losses[0], "final_loss": losses[-1]}]
+    return student, [{"steps": cfg.diffusion.target_steps, "first_loss": losses[0], "final_loss": losses[-1]}]
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,11 +189,11 @@ def run_consistency(cfg, dm, schedule, pool, gen, sparse):
                 pt.lerp_(ps, 1 - EMA_DECAY)
 
     def loss_fn(_step: int) -> torch.Tensor:
-        _, x0 = _pairs(pool, cfg.batch_size, gen)
-        return flow_consistency_loss(student, target_net, dm.model, schedule, x0, cfg.teacher_steps, gen)
+        _, x0 = _pairs(pool, cfg.optim.batch_size, gen)
+        return flow_consistency_loss(student, target_net, dm.model, schedule, x0, cfg.diffusion.teacher_steps, gen)
 
     losses = train_student(student, loss_fn, cfg, "consistency", on_step=ema)
-    return student, [{"steps": cfg.target_steps, "first_loss": losses[0], "final_loss": losses[-1]}]
+    return student, [{"steps": cfg.diffusion.target_steps, "first_loss": losses[0], "final_loss": losses[-1]}]
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,7 +242,7 @@ def generator_x0(generator, schedule: FlowSchedule, x, sigma) -> torch.Tensor:
 
 def dmd_generator_loss(generator, teacher, fake, schedule, pool, cfg, gen, device) -> tuple[torch.Tensor, dict]:
     """One generator batch: DMD loss on backward-simulated samples, plus ``alpha`` times the regression term."""
-    b, K = cfg.batch_size, cfg.target_steps
+    b, K = cfg.optim.batch_size, cfg.diffusion.target_steps
     sigmas = schedule.sigmas(K)
     shape = (b, *pool[0].shape[1:])
     k = torch.randint(K, (b,), generator=gen).to(device)
@@ -253,14 +253,14 @@ def dmd_generator_loss(generator, teacher, fake, schedule, pool, cfg, gen, devic
     )
     parts = {"dmd": loss_dmd.item()}
     loss = loss_dmd
-    if cfg.alpha > 0:
+    if cfg.loss.alpha > 0:
         noise, x0 = _pairs(pool, b, gen)
         kr = torch.randint(K, (b,), generator=gen).to(device)
         s = _grid(sigmas, kr)
         x = schedule.add_noise(x0, noise, s)
         loss_reg = ((generator_x0(generator, schedule, x, s) - x0) ** 2).mean()
         parts["regression"] = loss_reg.item()
-        loss = loss + cfg.alpha * loss_reg
+        loss = loss + cfg.loss.alpha * loss_reg
     return loss, parts
 
 
@@ -270,17 +270,17 @@ def run_dmd(cfg, dm, schedule, pool, gen, sparse):
     from distillkit.errors import TrainingError
 
     device = pool[0].device
-    K = cfg.target_steps
+    K = cfg.diffusion.target_steps
     generator = copy_student(dm)
     apply_sparse_attention(generator, sparse)
     fake = copy_student(dm)
     g_params = [p for p in generator.parameters() if p.requires_grad]
     f_params = [p for p in fake.parameters() if p.requires_grad]
-    opt_g = torch.optim.AdamW(g_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    opt_f = torch.optim.AdamW(f_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched_g = get_cosine_schedule_with_warmup(opt_g, cfg.warmup_steps(), cfg.steps)
+    opt_g = torch.optim.AdamW(g_params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    opt_f = torch.optim.AdamW(f_params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    sched_g = get_cosine_schedule_with_warmup(opt_g, cfg.warmup_steps(), cfg.optim.steps)
     sigmas = schedule.sigmas(K)
-    shape = (cfg.batch_size, *pool[0].shape[1:])
+    shape = (cfg.optim.batch_size, *pool[0].shape[1:])
     losses, fake_losses, last_parts = [], [], {}
 
     def update(opt, params, loss, what, step):
@@ -288,14 +288,14 @@ def run_dmd(cfg, dm, schedule, pool, gen, sparse):
             raise TrainingError(f"the dmd {what} loss became {loss.item()} at step {step + 1}", hint="lower --lr")
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        if cfg.optim.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
         opt.step()
 
-    with ProgressBar("dmd", cfg.steps) as bar:
-        for step in range(cfg.steps):
+    with ProgressBar("dmd", cfg.optim.steps) as bar:
+        for step in range(cfg.optim.steps):
             for _ in range(DMD_FAKE_UPDATES):
-                k = torch.randint(K, (cfg.batch_size,), generator=gen).to(device)
+                k = torch.randint(K, (cfg.optim.batch_size,), generator=gen).to(device)
                 x_k, s_k = backward_simulate(generator, schedule, _randn(shape, gen, device), k, sigmas)
                 with torch.no_grad():
                     x0_gen = generator_x0(generator, schedule, x_k, s_k)
@@ -303,7 +303,7 @@ def run_dmd(cfg, dm, schedule, pool, gen, sparse):
                     fake,
                     schedule,
                     x0_gen,
-                    dmd_sigmas(schedule, cfg.batch_size, gen, device),
+                    dmd_sigmas(schedule, cfg.optim.batch_size, gen, device),
                     _randn(shape, gen, device),
                 )
                 update(opt_f, f_params, lf, "fake-score", step)
@@ -329,7 +329,7 @@ RUNNERS = {"progressive": run_progressive, "reflow": run_reflow, "consistency": 
 
 
 def run_flow_method(cfg, dm, schedule, pool, gen, sparse):
-    return RUNNERS[cfg.method](cfg, dm, schedule, pool, gen, sparse)
+    return RUNNERS[cfg.diffusion.method](cfg, dm, schedule, pool, gen, sparse)
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,8 +339,8 @@ def run_flow_method(cfg, dm, schedule, pool, gen, sparse):
 @torch.no_grad()
 def evaluate_flow(cfg, dm, schedule: FlowSchedule, student, device) -> dict[str, Any]:
     """Student (K Euler steps) and teacher at K steps, against the teacher at N steps, from the same noises."""
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    n, N, K = cfg.eval_samples, cfg.teacher_steps, cfg.target_steps
+    gen = torch.Generator().manual_seed(cfg.optim.seed + 1)
+    n, N, K = cfg.diffusion.eval_samples, cfg.diffusion.teacher_steps, cfg.diffusion.target_steps
     noise = torch.randn(n, *dm.sample_shape, generator=gen).to(device)
     ref = euler_sample(dm.model, schedule, noise, N)
     base = euler_sample(dm.model, schedule, noise, K)

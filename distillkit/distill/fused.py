@@ -34,9 +34,9 @@ def fused_blocker(cfg: Any, task: str, losses: list[tuple[str, float, Any]], stu
     if task != "causal-lm":
         return f"it is for causal LMs and the task is {task}"
     for flag, on in (
-        (f"--mode {getattr(cfg, 'mode', 'offline')}", getattr(cfg, "mode", "offline") != "offline"),
-        ("--teacher-cache", bool(getattr(cfg, "teacher_cache", None))),
-        ("--cross-tokenizer", bool(getattr(cfg, "cross_tokenizer", None))),
+        (f"--mode {getattr(cfg, 'mode', 'offline')}", getattr(cfg.llm, "mode", "offline") != "offline"),
+        ("--teacher-cache", bool(getattr(cfg.llm, "teacher_cache", None))),
+        ("--cross-tokenizer", bool(getattr(cfg.llm, "cross_tokenizer", None))),
     ):
         if on:
             return f"it needs the live teacher on fixed data, and {flag} is set"
@@ -71,10 +71,10 @@ class FusedLoss:
 
     def __init__(self, name: str, weight: float, cfg: Any, teacher: Any):
         self.name, self.weight = name, weight
-        self.alpha = float(cfg.alpha)
-        self.temperature = float(cfg.temperature)
-        self.beta = float(cfg.jsd_beta)
-        self.skew = float(cfg.skew_lambda)
+        self.alpha = float(cfg.loss.alpha)
+        self.temperature = float(cfg.loss.temperature)
+        self.beta = float(cfg.loss.jsd_beta)
+        self.skew = float(cfg.loss.skew_lambda)
         _, self.teacher_head = decoder_and_head(teacher)
 
     def __call__(self, student: Any, batch: dict[str, Any], teacher_features: Any, progress: float) -> Any:
@@ -121,8 +121,8 @@ class FusedLoss:
 def resolve_fused_loss(
     cfg: Any, task: str, losses: list[tuple[str, float, Any]], student: Any, teacher: Any
 ) -> FusedLoss | None:
-    """The fused loss for this run per ``cfg.fused_loss`` (None: the unfused path); ConfigError for ``on``."""
-    choice = getattr(cfg, "fused_loss", "auto")
+    """The fused loss for this run per ``cfg.loss.fused_loss`` (None: the unfused path); ConfigError for ``on``."""
+    choice = getattr(cfg.loss, "fused_loss", "auto")
     if choice not in FUSED_LOSS_CHOICES:
         raise ConfigError(f"--fused-loss must be one of {', '.join(FUSED_LOSS_CHOICES)} (got {choice!r})")
     if choice == "off":
@@ -141,7 +141,7 @@ def resolve_fused_loss(
 
 
 def attach_fused_loss(module: Any, cfg: Any, task: str, teacher: Any) -> str:
-    """Switch a DistillModule to the fused loss when ``cfg.fused_loss`` allows; returns "on" or "off" for the manifest."""
+    """Switch a DistillModule to the fused loss when ``cfg.loss.fused_loss`` allows; returns "on" or "off" for the manifest."""
     fused = resolve_fused_loss(cfg, task, module._losses, module.student, teacher)
     module.fused = fused
     if fused is None:

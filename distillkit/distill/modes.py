@@ -10,15 +10,15 @@ from distillkit.distill.feed import OfflineFeed
 
 def build_feed(cfg: Any, *, task: str, teacher: Any, device: Any, data: Any, processor: Any, module: Any) -> Any:
     """The feed for ``cfg``; ``module`` is the (possibly wrapped) DistillModule whose student generates."""
-    if cfg.teacher_cache:
+    if cfg.llm.teacher_cache:
         from distillkit.distill.teacher_cache import CachedTeacherFeed
 
         return CachedTeacherFeed(cfg, teacher, task, device, data)
-    if cfg.cross_tokenizer:
+    if cfg.llm.cross_tokenizer:
         from distillkit.distill.cross_tokenizer import CrossTokenizerFeed
 
         return CrossTokenizerFeed(cfg, teacher, task, device, processor)
-    if cfg.mode == "on-policy":
+    if cfg.llm.mode == "on-policy":
         from distillkit.distill.onpolicy import OnPolicyFeed
 
         return OnPolicyFeed(cfg, teacher, task, device, processor, module)

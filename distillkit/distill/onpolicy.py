@@ -124,16 +124,16 @@ class OnPolicyFeed(OfflineFeed):
 
         batch = super().next_batch(batches, step, micro)
         self.batches_total += 1
-        seed = mix_seed(self.cfg.seed, step, micro)
+        seed = mix_seed(self.cfg.optim.seed, step, micro)
         coin = torch.rand((), generator=torch.Generator().manual_seed(seed)).item()
-        if coin >= self.cfg.student_data_fraction:
+        if coin >= self.cfg.llm.student_data_fraction:
             return batch
         prompt = batch["input_ids"][:, : self.cfg.prompt_tokens()]
         seq, valid = generate_continuations(
             self._student(),
             prompt,
-            max_new_tokens=self.cfg.max_new_tokens,
-            temperature=self.cfg.gen_temperature,
+            max_new_tokens=self.cfg.llm.max_new_tokens,
+            temperature=self.cfg.llm.gen_temperature,
             seed=seed,
             pad_token_id=self.pad,
             eos_token_id=self.eos,

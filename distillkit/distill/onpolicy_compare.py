@@ -179,7 +179,7 @@ def evaluate_student(student_dir: str, teacher_dir: str, args: argparse.Namespac
 def supervised_tokens(manifest: dict[str, Any], cfg: Any) -> int:
     """Tokens whose teacher distribution the student was trained on (packed blocks: every position counts)."""
     m = manifest["metrics"]
-    fixed = (cfg.steps - m.get("onpolicy_batches", 0)) * cfg.batch_size * cfg.max_length
+    fixed = (cfg.optim.steps - m.get("onpolicy_batches", 0)) * cfg.optim.batch_size * cfg.data.max_length
     return int(fixed + m.get("onpolicy_generated_tokens", 0))
 
 
@@ -226,7 +226,7 @@ def compare(work: Path, args: argparse.Namespace) -> dict[str, Any]:
             write_train_rows(Path(data), rows=args.train_rows, seed=seed)
         for mode, steps in (("offline", args.steps), ("on-policy", onpolicy_steps(args))):
             t = time.perf_counter()
-            cfg = DistillConfig(
+            cfg = DistillConfig.of(
                 **common, data=data, seed=seed, steps=steps, mode=mode, student_data_fraction=args.fraction
             )
             out = work / f"{mode}-{seed}"

@@ -65,14 +65,14 @@ def _expected_index(cfg: Any, prompts: Any, n_shards: int) -> dict[str, Any]:
     return {
         "format": "distillkit-sequence-cache",
         "version": 1,
-        "teacher": cfg.teacher,
+        "teacher": cfg.models.teacher,
         "data": data_spec(cfg, seed=False),
-        "seed": cfg.seed,
+        "seed": cfg.optim.seed,
         "prompt_length": int(prompts.shape[1]),
-        "max_new_tokens": cfg.max_new_tokens,
-        "gen_temperature": cfg.gen_temperature,
-        "batch_size": cfg.batch_size,
-        "shard_size": cfg.sequence_shard_size,
+        "max_new_tokens": cfg.llm.max_new_tokens,
+        "gen_temperature": cfg.llm.gen_temperature,
+        "batch_size": cfg.optim.batch_size,
+        "shard_size": cfg.llm.sequence_shard_size,
         "n_prompts": int(prompts.shape[0]),
         "n_shards": n_shards,
         "prompts_sha256": hashlib.sha256(prompts.to(torch.int64).numpy().tobytes()).hexdigest(),
@@ -89,7 +89,7 @@ def generate_sequences(cfg: Any, model: Any, prompts: Any, directory: Path, *, p
     from distillkit.distill.onpolicy import generate_continuations, mix_seed
     from distillkit.progress import track
 
-    size = cfg.sequence_shard_size
+    size = cfg.llm.sequence_shard_size
     n_shards = -(-prompts.shape[0] // size)
     expected = _expected_index(cfg, prompts, n_shards)
     directory.mkdir(parents=True, exist_ok=True)
@@ -112,14 +112,14 @@ def generate_sequences(cfg: Any, model: Any, prompts: Any, directory: Path, *, p
             continue
         rows = prompts[s * size : (s + 1) * size]
         ids, masks = [], []
-        for b in range(0, rows.shape[0], cfg.batch_size):
-            prompt = rows[b : b + cfg.batch_size].to(device)
+        for b in range(0, rows.shape[0], cfg.optim.batch_size):
+            prompt = rows[b : b + cfg.optim.batch_size].to(device)
             seq, valid = generate_continuations(
                 model,
                 prompt,
-                max_new_tokens=cfg.max_new_tokens,
-                temperature=cfg.gen_temperature,
-                seed=mix_seed(cfg.seed, s, b),
+                max_new_tokens=cfg.llm.max_new_tokens,
+                temperature=cfg.llm.gen_temperature,
+                seed=mix_seed(cfg.optim.seed, s, b),
                 pad_token_id=pad_token_id,
                 eos_token_id=eos_token_id,
             )
@@ -152,7 +152,7 @@ def sequence_data(cfg: Any, teacher: Any, processor: Any, data: Any, wd: Path, d
     import torch
 
     out = wd.parent / wd.name.removeprefix(".").removesuffix(".partial")
-    directory = Path(cfg.sequence_cache) if cfg.sequence_cache else default_cache_dir(out)
+    directory = Path(cfg.llm.sequence_cache) if cfg.llm.sequence_cache else default_cache_dir(out)
     p = cfg.prompt_tokens()
     prompts = torch.stack([torch.as_tensor(data.train[i]["input_ids"])[:p] for i in range(len(data.train))])
     tok = getattr(processor, "tokenizer", processor)
@@ -172,6 +172,6 @@ def sequence_data(cfg: Any, teacher: Any, processor: Any, data: Any, wd: Path, d
         "sequence_cache": str(directory),
         "sequence_shards_generated": made,
         "n_train": len(ds),
-        "sequence_length": p + cfg.max_new_tokens,
+        "sequence_length": p + cfg.llm.max_new_tokens,
     }
     return dataclasses.replace(data, train=SequenceDataset(ds, p), info=info)

@@ -40,13 +40,13 @@ INDEX = "index.json"
 def data_spec(cfg: Any, *, seed: bool = True) -> dict[str, Any]:
     """The fields of ``cfg`` that decide the training rows (a :class:`DataSpec`'s arguments); a cache records them."""
     spec = {
-        "data": cfg.data,
-        "text_column": cfg.text_column,
-        "eval_split": cfg.eval_split,
-        "max_length": cfg.max_length,
-        "max_samples": cfg.max_samples,
+        "data": cfg.data.data,
+        "text_column": cfg.data.text_column,
+        "eval_split": cfg.data.eval_split,
+        "max_length": cfg.data.max_length,
+        "max_samples": cfg.data.max_samples,
     }
-    return {**spec, "seed": cfg.seed} if seed else spec
+    return {**spec, "seed": cfg.optim.seed} if seed else spec
 
 
 def tokens_sha256(dataset: Any) -> str:
@@ -87,7 +87,7 @@ def dense_logits(values: Any, indices: Any, tail: Any, vocab: int) -> Any:
 
 @releases_locks
 def write_teacher_cache(cfg: Any, directory: str, *, overwrite: bool = False) -> dict[str, Any]:
-    """Run the teacher over the training split; write top-``cfg.cache_topk`` shards; return the index."""
+    """Run the teacher over the training split; write top-``cfg.llm.cache_topk`` shards; return the index."""
     import torch
     from safetensors.torch import save_file
 
@@ -99,39 +99,39 @@ def write_teacher_cache(cfg: Any, directory: str, *, overwrite: bool = False) ->
     from distillkit.models.load import resolve_device
     from distillkit.progress import Progress
 
-    if cfg.teacher_cache or cfg.mode != "offline" or cfg.cross_tokenizer:
+    if cfg.llm.teacher_cache or cfg.llm.mode != "offline" or cfg.llm.cross_tokenizer:
         raise ConfigError(
             "--cache-teacher writes a cache for plain offline distillation",
             hint="drop --teacher-cache, --mode and --cross-tokenizer when writing a cache",
         )
-    out = check_output(directory, overwrite, protect=[cfg.teacher, cfg.data], owned=is_teacher_cache)
-    device = resolve_device(cfg.device)
-    src = read_source(cfg.teacher)
+    out = check_output(directory, overwrite, protect=[cfg.models.teacher, cfg.data.data], owned=is_teacher_cache)
+    device = resolve_device(cfg.optim.device)
+    src = read_source(cfg.models.teacher)
     teacher = load_model(
         src,
-        task=cfg.task,
-        dtype=cfg.teacher_dtype or "float32",
+        task=cfg.models.task,
+        dtype=cfg.models.teacher_dtype or "float32",
         device=str(device),
-        allow_pickle=cfg.allow_pickle,
-        trust_remote_code=cfg.trust_remote_code,
+        allow_pickle=cfg.models.allow_pickle,
+        trust_remote_code=cfg.models.trust_remote_code,
     )
     check_modes(cfg.replace(teacher_cache=str(out)), teacher.task)
     teacher.model.eval().requires_grad_(False)
     vocab = vocab_size(teacher.config)
-    if cfg.cache_topk > vocab:
+    if cfg.llm.cache_topk > vocab:
         raise ConfigError(
-            f"--cache-topk {cfg.cache_topk} is larger than the teacher's vocabulary ({vocab})",
+            f"--cache-topk {cfg.llm.cache_topk} is larger than the teacher's vocabulary ({vocab})",
             hint=f"pass --cache-topk {vocab} or less",
         )
     data = prepare_data(DataSpec(**data_spec(cfg)), teacher.processor, teacher.task)
     n = len(data.train)
-    shard_size = cfg.sequence_shard_size
+    shard_size = cfg.llm.sequence_shard_size
     index: dict[str, Any] = {
         "format": FORMAT,
         "version": VERSION,
-        "k": cfg.cache_topk,
+        "k": cfg.llm.cache_topk,
         "vocab": vocab,
-        "temperature": cfg.temperature,
+        "temperature": cfg.loss.temperature,
         "n_examples": n,
         "seq_len": int(data.train[0]["input_ids"].shape[-1]),
         "shard_size": shard_size,
@@ -150,14 +150,14 @@ def write_teacher_cache(cfg: Any, directory: str, *, overwrite: bool = False) ->
         for s, start in enumerate(range(0, n, shard_size)):
             rows = list(range(start, min(start + shard_size, n)))
             parts: list[tuple[Any, Any, Any]] = []
-            for b in range(0, len(rows), cfg.batch_size):
-                batch = data.collate_fn([data.train[i] for i in rows[b : b + cfg.batch_size]])
+            for b in range(0, len(rows), cfg.optim.batch_size):
+                batch = data.collate_fn([data.train[i] for i in rows[b : b + cfg.optim.batch_size]])
                 with torch.no_grad():
                     logits = teacher.model(
                         input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
                     ).logits
-                parts.append(topk_with_tail(logits, cfg.cache_topk, cfg.temperature))
-                bar.update(start + min(b + cfg.batch_size, len(rows)))
+                parts.append(topk_with_tail(logits, cfg.llm.cache_topk, cfg.loss.temperature))
+                bar.update(start + min(b + cfg.optim.batch_size, len(rows)))
             name = f"shard-{s:05d}.safetensors"
             save_file(
                 {
@@ -211,14 +211,14 @@ def load_teacher_skeleton(cfg: Any, src: Any, dtype: str = "float32") -> Any:
         resolve_dtype,
     )
 
-    config, src = load_config(src, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
-    task = cfg.task or detect_task(config)
+    config, src = load_config(src, trust_remote_code=cfg.models.trust_remote_code, allow_pickle=cfg.models.allow_pickle)
+    task = cfg.models.task or detect_task(config)
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r}", hint=f"choose one of: {', '.join(TASKS)}")
     with torch.device("meta"):
-        model = auto_class(task).from_config(config, trust_remote_code=cfg.trust_remote_code)
+        model = auto_class(task).from_config(config, trust_remote_code=cfg.models.trust_remote_code)
     model.to(resolve_dtype(dtype) or torch.float32)
-    processor = load_processor(src.path, task, trust_remote_code=cfg.trust_remote_code)
+    processor = load_processor(src.path, task, trust_remote_code=cfg.models.trust_remote_code)
     return LoadedModel(model=model, processor=processor, task=task, path=src.path, source=src)
 
 
@@ -228,14 +228,14 @@ def spec_student_without_weights(cfg: Any, teacher: Any, device: Any) -> Any:
 
     from distillkit.models.student import student_config, student_spec
 
-    if cfg.student_init != "random":
+    if cfg.models.student_init != "random":
         raise ConfigError(
             "with --teacher-cache there are no teacher weights to initialise a spec student from",
             hint="pass --student-init random, or give an existing --student model directory",
         )
-    s_cfg = student_config(teacher.config, student_spec(cfg.student, teacher.config))
+    s_cfg = student_config(teacher.config, student_spec(cfg.models.student, teacher.config))
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.optim.seed)
         student = type(teacher.model)(s_cfg)
     # build_student hands the student over in the teacher's dtype; rounding through it keeps the two paths equal
     student.to(next(teacher.model.parameters()).dtype)
@@ -252,23 +252,23 @@ class CachedTeacherFeed:
         from distillkit.registry import LOSSES
 
         self.device = device
-        index = read_index(cfg.teacher_cache)
+        index = read_index(cfg.llm.teacher_cache)
         hint = "pass the data flags the cache was written with, or write a new cache with --cache-teacher"
         if index["data"] != data_spec(cfg):
             diff = sorted(k for k in index["data"] if index["data"][k] != data_spec(cfg).get(k))
             raise DataError(
-                f"the teacher cache {cfg.teacher_cache} was written for other data ({', '.join(diff)} differ)",
+                f"the teacher cache {cfg.llm.teacher_cache} was written for other data ({', '.join(diff)} differ)",
                 hint=hint,
             )
         if index["n_examples"] != len(data.train) or index["tokens_sha256"] != tokens_sha256(data.train):
             raise DataError(
-                f"the training tokens differ from those the teacher cache {cfg.teacher_cache} was written for",
+                f"the training tokens differ from those the teacher cache {cfg.llm.teacher_cache} was written for",
                 hint=hint + " (and the same teacher tokenizer)",
             )
-        if not math.isclose(index["temperature"], cfg.temperature, rel_tol=0, abs_tol=0):
+        if not math.isclose(index["temperature"], cfg.loss.temperature, rel_tol=0, abs_tol=0):
             raise ConfigError(
                 f"the teacher cache keeps the tail mass at temperature {index['temperature']}, "
-                f"but this run uses --temperature {cfg.temperature}",
+                f"but this run uses --temperature {cfg.loss.temperature}",
                 hint=f"pass --temperature {index['temperature']}, or write a cache at this temperature",
             )
         if index["vocab"] != vocab_size(teacher.config):
@@ -284,7 +284,7 @@ class CachedTeacherFeed:
                     hint="use logit losses (forward_kl, reverse_kl, jsd, tvd, ...) with --teacher-cache",
                 )
         self.index, self.vocab = index, index["vocab"]
-        root = Path(cfg.teacher_cache)
+        root = Path(cfg.llm.teacher_cache)
         self.shards = [
             (sh["start"], sh["n"], safe_open(str(root / sh["file"]), framework="pt")) for sh in index["shards"]
         ]

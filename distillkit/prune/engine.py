@@ -478,7 +478,7 @@ def _recover(cfg: PruneConfig, src: mf.Source, loaded: Any, pruned: Any, final: 
     work = Path(tempfile.mkdtemp(prefix=f".{final.name}.prune-", dir=final.parent))
     try:
         _save(copy.deepcopy(pruned), loaded, work / "pruned")
-        dcfg = DistillConfig(
+        dcfg = DistillConfig.of(
             teacher=src.path,
             student=str(work / "pruned"),
             task=loaded.task,

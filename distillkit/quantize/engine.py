@@ -350,7 +350,7 @@ def _qat(cfg: QuantizeConfig, src: mf.Source, loaded: Any, r: dict, init: dict, 
         holder["states"] = fake_to_plain_(student, holder["targets"])
         holder["model"] = student
 
-    dcfg = DistillConfig(
+    dcfg = DistillConfig.of(
         teacher=cfg.teacher,
         student=src.path,
         task=loaded.task,

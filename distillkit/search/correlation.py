@@ -167,7 +167,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     metric, sign = QUALITY[task]
     for i, row in enumerate(rows):
         t0 = time.perf_counter()
-        cfg = DistillConfig(
+        cfg = DistillConfig.of(
             teacher=args.teacher,
             student=row["student"],
             data=args.data,

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     # subtracted from a --distill-steps run's, so the 1000-step extrapolation does not multiply warm-up costs.
     train_s = {}
     for steps in (1, args.distill_steps):
-        dcfg = DistillConfig(teacher=str(teacher), student=str(out / "student"), steps=steps, device="cpu")
+        dcfg = DistillConfig.of(teacher=str(teacher), student=str(out / "student"), steps=steps, device="cpu")
         train_s[steps] = run_distill(dcfg, out=str(out / "distilled"), overwrite=True)["timings"]["train_s"]
     per_step = (train_s[args.distill_steps] - train_s[1]) / (args.distill_steps - 1)
     # The first candidate also pays the once-per-search teacher work (its forward pass, its weight rankings); a

@@ -51,7 +51,7 @@ def run_cli(args: list[str]) -> tuple[int, list[str], str]:
 
 
 def distil(teacher: str, out: Path, method: str, **kw) -> dict:
-    cfg = DistillConfig(
+    cfg = DistillConfig.of(
         teacher=teacher,
         method=method,
         steps=3,

@@ -69,10 +69,10 @@ def flow_students(tmp_path_factory):
     teacher = flow_tiny.tiny_sd3_pipeline(root / "teacher")[1]
     common = dict(teacher_steps=8, batch_size=8, max_samples=32, eval_samples=16, warmup=0.0, lr=1e-3)
     reflow = run_diffusion_distill(
-        DistillConfig(teacher=teacher, method="reflow", target_steps=1, steps=25, **common), out=str(root / "reflow")
+        DistillConfig.of(teacher=teacher, method="reflow", target_steps=1, steps=25, **common), out=str(root / "reflow")
     )
     dmd = run_diffusion_distill(
-        DistillConfig(teacher=teacher, method="dmd", target_steps=2, steps=6, alpha=0.5, **common),
+        DistillConfig.of(teacher=teacher, method="dmd", target_steps=2, steps=6, alpha=0.5, **common),
         out=str(root / "dmd"),
     )
     return teacher, reflow, dmd

@@ -45,12 +45,12 @@ def dit(tmp_path_factory):
 
 def _eval_inputs(dm, cfg):
     """The noise and labels the engine's evaluation draws (seed + 1)."""
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    noise = torch.randn(cfg.eval_samples, *dm.sample_shape, generator=gen)
+    gen = torch.Generator().manual_seed(cfg.optim.seed + 1)
+    noise = torch.randn(cfg.diffusion.eval_samples, *dm.sample_shape, generator=gen)
     labels = None
     if dm.conditional:
         ids = torch.arange(label_range(dm))
-        labels = ids[torch.randint(len(ids), (cfg.eval_samples,), generator=gen)]
+        labels = ids[torch.randint(len(ids), (cfg.diffusion.eval_samples,), generator=gen)]
     return noise, labels
 
 
@@ -176,7 +176,7 @@ def test_progressive_unet(unet, tmp_path):
 
     from distillkit.distill.diffusion import run_diffusion_distill
 
-    cfg = DistillConfig(teacher=unet, method="progressive", teacher_steps=16, target_steps=4, steps=20, **FAST)
+    cfg = DistillConfig.of(teacher=unet, method="progressive", teacher_steps=16, target_steps=4, steps=20, **FAST)
     out = tmp_path / "student"
     m = run_diffusion_distill(cfg, out=str(out), overwrite=False)
     met = m["metrics"]
@@ -204,7 +204,7 @@ def test_consistency_dit_class_conditional(dit, tmp_path):
 
     from distillkit.distill.diffusion import consistency_sample, lcm_timesteps, run_diffusion_distill
 
-    cfg = DistillConfig(teacher=dit, method="consistency", teacher_steps=16, target_steps=2, steps=40, **FAST)
+    cfg = DistillConfig.of(teacher=dit, method="consistency", teacher_steps=16, target_steps=2, steps=40, **FAST)
     out = tmp_path / "lcm"
     met = run_diffusion_distill(cfg, out=str(out))["metrics"]
     assert met["student_mse"] < 0.8 * met["baseline_mse"], met
@@ -232,7 +232,7 @@ def test_guidance_unet_class_conditional(unet_cond, tmp_path):
 
     from distillkit.distill.diffusion import run_diffusion_distill
 
-    cfg = DistillConfig(teacher=unet_cond, method="guidance", teacher_steps=8, guidance_scale=3.0, steps=40, **FAST)
+    cfg = DistillConfig.of(teacher=unet_cond, method="guidance", teacher_steps=8, guidance_scale=3.0, steps=40, **FAST)
     out = tmp_path / "guided"
     met = run_diffusion_distill(cfg, out=str(out))["metrics"]
     # one evaluation per step, closer to the guided teacher than the teacher's own unguided single pass
@@ -259,7 +259,9 @@ def test_pipeline_directory_round_trip(tmp_path):
     DDPMPipeline(unet=model, scheduler=DDIMScheduler.from_pretrained(path, subfolder="scheduler")).save_pretrained(
         pipe_dir
     )
-    cfg = DistillConfig(teacher=str(pipe_dir), method="progressive", teacher_steps=8, target_steps=4, steps=3, **FAST)
+    cfg = DistillConfig.of(
+        teacher=str(pipe_dir), method="progressive", teacher_steps=8, target_steps=4, steps=3, **FAST
+    )
     out = tmp_path / "out"
     run_diffusion_distill(cfg, out=str(out))
     index = json.loads((out / "model_index.json").read_text())
@@ -292,11 +294,11 @@ def test_errors(unet, unet_cond, dit, llama, tmp_path):
     cases.append((dict(teacher=dit, method="progressive", target_steps=4, labels=str(labels)), DataError, "outside"))
     for kwargs, err, text in cases:
         with pytest.raises(err, match=text) as e:
-            run_diffusion_distill(DistillConfig(**kwargs), out=str(out))
+            run_diffusion_distill(DistillConfig.of(**kwargs), out=str(out))
         assert e.value.hint
         assert not out.exists()
     with pytest.raises(ConfigError, match="not below"):
-        DistillConfig(teacher=unet, method="progressive", teacher_steps=8, target_steps=8)
+        DistillConfig.of(teacher=unet, method="progressive", teacher_steps=8, target_steps=8)
     assert not any(p.name.startswith(".never") for p in Path(tmp_path).iterdir())
 
 
@@ -328,7 +330,7 @@ def test_sparse_attention_student(tmp_path):
         down_block_types=("AttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "AttnUpBlock2D"),
     )
-    cfg = DistillConfig(
+    cfg = DistillConfig.of(
         teacher=path,
         method="progressive",
         teacher_steps=8,

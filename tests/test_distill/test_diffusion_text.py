@@ -43,9 +43,9 @@ def prompts_file(tmp_path_factory):
 
 def _eval_inputs(dm, cfg, embeds):
     """The noise and prompt embeddings the engine's evaluation draws (seed + 1: noise, then prompt ids)."""
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    noise = torch.randn(cfg.eval_samples, *dm.sample_shape, generator=gen)
-    ids = torch.randint(len(embeds), (cfg.eval_samples,), generator=gen)
+    gen = torch.Generator().manual_seed(cfg.optim.seed + 1)
+    noise = torch.randn(cfg.diffusion.eval_samples, *dm.sample_shape, generator=gen)
+    ids = torch.randint(len(embeds), (cfg.diffusion.eval_samples,), generator=gen)
     return noise, embeds[ids]
 
 
@@ -81,7 +81,7 @@ def test_progressive_text_pipeline(text_pipe, prompts_file, tmp_path):
 
     from distillkit.distill.diffusion import run_diffusion_distill
 
-    cfg = DistillConfig(
+    cfg = DistillConfig.of(
         teacher=text_pipe,
         method="progressive",
         prompts=prompts_file,
@@ -129,7 +129,7 @@ def test_guidance_text_pipeline(text_pipe, prompts_file, tmp_path):
 
     from distillkit.distill.diffusion import run_diffusion_distill
 
-    cfg = DistillConfig(
+    cfg = DistillConfig.of(
         teacher=text_pipe,
         method="guidance",
         prompts=prompts_file,
@@ -183,7 +183,7 @@ def test_text_errors(text_pipe, prompts_file, tmp_path, capsys):
     ]
     for kwargs, err, text in cases:
         with pytest.raises(err, match=text) as e:
-            run_diffusion_distill(DistillConfig(**kwargs), out=str(out))
+            run_diffusion_distill(DistillConfig.of(**kwargs), out=str(out))
         assert e.value.hint
         assert not out.exists()
     args = ["distill", "--teacher", text_pipe, "--method", "progressive", "--target-steps", "4", "--out", str(out)]

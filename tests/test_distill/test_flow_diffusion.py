@@ -31,8 +31,8 @@ def sd3_model_dir(tmp_path_factory):
 
 
 def _eval_noise(dm, cfg):
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    return torch.randn(cfg.eval_samples, *dm.sample_shape, generator=gen)
+    gen = torch.Generator().manual_seed(cfg.optim.seed + 1)
+    return torch.randn(cfg.diffusion.eval_samples, *dm.sample_shape, generator=gen)
 
 
 def _mse(a, b):
@@ -239,15 +239,15 @@ def _pipeline_round_trip(out, dm, cfg, met):
     assert type(pipe).__name__ == "StableDiffusion3Pipeline"
     noise = _eval_noise(dm, cfg)
     with torch.no_grad():
-        ref = euler_sample(dm.model, FlowSchedule(dm.scheduler), noise, cfg.teacher_steps)
-    mine = flow_tiny.pipeline_sample(pipe, noise, cfg.target_steps)
+        ref = euler_sample(dm.model, FlowSchedule(dm.scheduler), noise, cfg.diffusion.teacher_steps)
+    mine = flow_tiny.pipeline_sample(pipe, noise, cfg.diffusion.target_steps)
     assert _mse(mine, ref) == pytest.approx(met["student_mse"], rel=1e-4)
 
 
 def test_reflow_pipeline_beats_teacher_and_round_trips(sd3, tmp_path):
     from distillkit.distill.diffusion import run_diffusion_distill
 
-    cfg = DistillConfig(teacher=sd3, method="reflow", teacher_steps=16, target_steps=1, steps=25, **FAST)
+    cfg = DistillConfig.of(teacher=sd3, method="reflow", teacher_steps=16, target_steps=1, steps=25, **FAST)
     out = tmp_path / "reflow"
     m = run_diffusion_distill(cfg, out=str(out))
     met = m["metrics"]
@@ -264,7 +264,7 @@ def test_dmd_student_beats_teacher_at_same_steps(sd3_model_dir, tmp_path):
 
     from distillkit.distill.diffusion import run_diffusion_distill
 
-    cfg = DistillConfig(
+    cfg = DistillConfig.of(
         teacher=sd3_model_dir, method="dmd", teacher_steps=16, target_steps=1, steps=8, alpha=0.5, **FAST
     )
     out = tmp_path / "dmd"
@@ -287,7 +287,7 @@ def test_dmd_student_beats_teacher_at_same_steps(sd3_model_dir, tmp_path):
 def test_progressive_and_consistency_for_flows(sd3, tmp_path, method):
     from distillkit.distill.diffusion import run_diffusion_distill
 
-    cfg = DistillConfig(teacher=sd3, method=method, teacher_steps=8, target_steps=4, steps=15, **FAST)
+    cfg = DistillConfig.of(teacher=sd3, method=method, teacher_steps=8, target_steps=4, steps=15, **FAST)
     out = tmp_path / method
     met = run_diffusion_distill(cfg, out=str(out))["metrics"]
     assert [r["steps"] for r in met["rounds"]] == ([4] if method == "progressive" else [4])
@@ -313,11 +313,11 @@ def test_flow_errors(sd3, tmp_path):
     ]
     for kwargs, err, text in cases:
         with pytest.raises(err, match=text) as e:
-            run_diffusion_distill(DistillConfig(**kwargs), out=str(out))
+            run_diffusion_distill(DistillConfig.of(**kwargs), out=str(out))
         assert e.value.hint
         assert not out.exists()
     with pytest.raises(ConfigError, match="reflow, dmd"):
-        DistillConfig(teacher=sd3, method="rectified")
+        DistillConfig.of(teacher=sd3, method="rectified")
 
 
 def test_unsupported_flow_setups_are_refused(tmp_path):

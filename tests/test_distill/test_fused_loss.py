@@ -39,7 +39,7 @@ def _batch():
 )
 def test_fused_module_equals_unfused_loss_parts_and_gradients(pair, loss, alpha):
     teacher, student = pair
-    cfg = DistillConfig(teacher="t", losses=(loss,), alpha=alpha, temperature=2.0, jsd_beta=0.3)
+    cfg = DistillConfig.of(teacher="t", losses=(loss,), alpha=alpha, temperature=2.0, jsd_beta=0.3)
     losses = build_losses(cfg, "causal-lm", student.config, teacher.config)
     batch = _batch()
     results = []
@@ -71,7 +71,7 @@ def test_resolution_auto_on_off(pair):
     teacher, student = pair
 
     def resolve(choice, *specs, task="causal-lm"):
-        cfg = DistillConfig(teacher="t", losses=specs, fused_loss=choice)
+        cfg = DistillConfig.of(teacher="t", losses=specs, fused_loss=choice)
         return resolve_fused_loss(cfg, task, build_losses(cfg, task, student.config, teacher.config), student, teacher)
 
     assert resolve("auto", "forward_kl").name == "forward_kl"
@@ -84,7 +84,7 @@ def test_resolution_auto_on_off(pair):
     with pytest.raises(ConfigError, match=r"2 losses \(forward_kl, hidden_mse\)"):
         resolve("on", "forward_kl", "hidden_mse")
     with pytest.raises(ConfigError, match="fused loss must be auto, on or off"):
-        DistillConfig(teacher="t", fused_loss="yes")
+        DistillConfig.of(teacher="t", fused_loss="yes")
     # a hooked head (e.g. fake-quantized) or post-processed logits are not lm_head(hidden): refused
     handle = student.lm_head.register_forward_hook(lambda module, args, out: out * 2)
     try:

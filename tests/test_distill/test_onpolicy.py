@@ -33,7 +33,7 @@ def _setup(gpt2, fraction: float, loss: str = "reverse_kl"):
 
     teacher_model, path = gpt2
     tok = AutoTokenizer.from_pretrained(path)
-    cfg = DistillConfig(
+    cfg = DistillConfig.of(
         teacher=path,
         mode="on-policy",
         student_data_fraction=fraction,
@@ -133,9 +133,9 @@ def test_onpolicy_is_refused_for_encoders_and_with_alpha(bert, tmp_path, capsys)
     from distillkit.errors import ConfigError
 
     with pytest.raises(ConfigError, match="hard-label loss"):
-        DistillConfig(teacher="x", mode="on-policy", alpha=0.5)
+        DistillConfig.of(teacher="x", mode="on-policy", alpha=0.5)
     with pytest.raises(ConfigError, match="student data fraction"):
-        DistillConfig(teacher="x", mode="on-policy", student_data_fraction=1.5)
+        DistillConfig.of(teacher="x", mode="on-policy", student_data_fraction=1.5)
     _, path = bert
     code = main(["distill", "--teacher", path, "--mode", "on-policy", "--steps", "1", "--out", str(tmp_path / "b")])
     err = capsys.readouterr().err
@@ -236,7 +236,7 @@ def test_token_budget_matches_supervised_tokens():
     assert onpolicy_steps(args) == 200  # 150 * 32 / (0.5 * 32 + 0.5 * 16)
     assert onpolicy_steps(argparse.Namespace(**{**vars(args), "budget": "steps"})) == 150
     assert onpolicy_steps(argparse.Namespace(**{**vars(args), "fraction": 1.0})) == 300
-    cfg = DistillConfig(teacher="x", steps=200, batch_size=16, max_length=32)
+    cfg = DistillConfig.of(teacher="x", steps=200, batch_size=16, max_length=32)
     m = {"metrics": {"onpolicy_batches": 90, "onpolicy_generated_tokens": 20_000}}
     assert supervised_tokens(m, cfg) == 110 * 16 * 32 + 20_000
     assert supervised_tokens({"metrics": {}}, cfg) == 200 * 16 * 32

@@ -18,7 +18,7 @@ from tests.test_distill.test_engine import markov_lines
 def _cfg(teacher: str, **kw):
     base = dict(teacher=teacher, mode="sequence", max_length=12, max_new_tokens=5, batch_size=2, sequence_shard_size=3)
     base.update(kw)
-    return DistillConfig(**base)
+    return DistillConfig.of(**base)
 
 
 def _prompts():

@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from distillkit.kernels.block_sparse_attention import masks
-from distillkit.kernels.block_sparse_attention.naive import naive_block_sparse_attention
 
 from distillkit.errors import ConfigError
+from distillkit.kernels.block_sparse_attention import masks
+from distillkit.kernels.block_sparse_attention.naive import naive_block_sparse_attention
 
 # Output/gradient tolerances against the fp32 reference, per input dtype (the kernel accumulates in fp32).
 TOL = {torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}
@@ -202,10 +202,10 @@ def test_parse_mask_spec():
             p(bad)
     from distillkit.config import DistillConfig
 
-    assert DistillConfig(teacher="t", sparse_attention="cdf:0.9", sparse_block_size=32).sparse_attention == "cdf:0.9"
+    assert DistillConfig.of(teacher="t", sparse_attention="cdf:0.9", sparse_block_size=32).diffusion.sparse_attention == "cdf:0.9"
     for bad in ({"sparse_attention": "topk:2.5"}, {"sparse_block_size": 48}, {"sparse_block_size": 8}):
         with pytest.raises(ConfigError):
-            DistillConfig(teacher="t", **bad)
+            DistillConfig.of(teacher="t", **bad)
 
 
 def test_adaptive_topk_and_cdf_keep_the_right_blocks():
@@ -526,9 +526,8 @@ def test_distill_with_sparse_attention_records_the_spec(llama, tmp_path, capsys)
 
 
 def test_bench_density_masks_and_cpu_refusal():
-    from distillkit.kernels.block_sparse_attention.bench import bench_block_sparse_attention, density_mask
-
     from distillkit.errors import DependencyError
+    from distillkit.kernels.block_sparse_attention.bench import bench_block_sparse_attention, density_mask
 
     m = density_mask(1, 2, 20, 0.1, device="cpu")
     assert m.shape == (1, 2, 20, 20) and (m.sum(-1) == 2).all() and m.diagonal(dim1=-2, dim2=-1).all()
