@@ -581,6 +581,102 @@ def type_name(manifest: Manifest) -> str:
 # The run
 
 
+def _pool_and_train(cfg: DistillConfig, dm: DiffusionModel, schedule: Any, labels: Any, sparse, scaling, device):
+    """The teacher's sample pool, then the method's training: (pool, student, rounds, pool_s, train_s)."""
+    gen = torch.Generator().manual_seed(cfg.optim.seed)
+    t0 = time.perf_counter()
+    if dm.flow:
+        from distillkit.distill.flow import flow_pool, run_flow_method
+
+        pool = flow_pool(dm, schedule, cfg.data.max_samples or DEFAULT_POOL, cfg.diffusion.teacher_steps, gen, device)
+    else:
+        pool = teacher_pool(
+            dm,
+            schedule,
+            labels,
+            cfg.data.max_samples or DEFAULT_POOL,
+            cfg.diffusion.teacher_steps,
+            gen,
+            device,
+            guidance=cfg.diffusion.guidance_scale if cfg.diffusion.method == "guidance" else None,
+        )
+    pool_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if dm.flow:
+        student, rounds = run_flow_method(cfg, dm, schedule, pool, gen, sparse)
+    elif cfg.diffusion.method == "progressive":
+        student, rounds = run_progressive(cfg, dm, schedule, pool, gen, sparse)
+    elif cfg.diffusion.method == "consistency":
+        student, rounds = run_consistency(cfg, dm, schedule, pool, gen, sparse, scaling)
+    else:
+        student, rounds = run_guidance(cfg, dm, schedule, pool, gen, sparse)
+    train_s = time.perf_counter() - t0
+    return pool, student, rounds, pool_s, train_s
+
+
+def _usage(cfg: DistillConfig, dm: DiffusionModel, scheduler_name: str, steps: int, sparse: tuple | None) -> str:
+    """How to sample with the saved student (the model card's usage paragraph)."""
+    if dm.flow:
+        usage = (
+            f"Sample with the saved {scheduler_name} (Euler, the teacher's shift) in "
+            f"`num_inference_steps={steps}`. The transformer is conditioned on zero text embeddings: with a "
+            f"pipeline, pass `prompt_embeds=torch.zeros(B, 1, {dm.model.config.joint_attention_dim})`, "
+            f"`pooled_prompt_embeds=torch.zeros(B, {dm.model.config.pooled_projection_dim})`, `guidance_scale=1.0`."
+        )
+    elif cfg.diffusion.method == "consistency":
+        usage = (
+            f"Sample with the saved LCMScheduler in {steps} steps (`scheduler.set_timesteps({steps})`); "
+            "distillkit's evaluation re-noises deterministically between steps (see distillkit.json)."
+        )
+    elif cfg.diffusion.method == "guidance":
+        usage = (
+            f"One evaluation per step replaces classifier-free guidance: pass "
+            f"`timestep_cond` = the sinusoidal embedding of `(w - 1) * 1000` ({GUIDANCE_EMBED_DIM} features, as "
+            f"diffusers' LCM pipelines compute it; `distillkit.models.diffusion.guidance_embedding`), with the "
+            f"class labels (or prompt embeddings); trained for w in [1, {cfg.diffusion.guidance_scale:g}]; {steps} DDIM steps."
+        )
+    else:
+        usage = f"Sample with the saved DDIMScheduler (trailing spacing) in `num_inference_steps={steps}`."
+    if sparse:
+        usage += (
+            f" The student was trained with block-sparse self-attention `{sparse[0]}` (block {sparse[1]}): "
+            f"`distillkit.distill.denoise_training.apply_sparse_attention(model, ({sparse[0]!r}, {sparse[1]}))` "
+            "reproduces it (every Attention gets BlockSparseAttnProcessor); without it the model runs dense attention."
+        )
+    return usage
+
+
+def _extra(
+    cfg: DistillConfig, dm: DiffusionModel, scheduler_name: str, steps: int, labels: Any, sparse, pool_size: int
+) -> dict[str, Any]:
+    """The manifest's ``extra``: how the student is laid out and sampled, and what it was conditioned on."""
+    return {
+        "method": cfg.diffusion.method,
+        "layout": dm.layout,
+        "denoiser": dm.class_name,
+        "subfolder": dm.subfolder,
+        "scheduler": scheduler_name,
+        "num_inference_steps": steps,
+        "conditional": dm.conditional,
+        "null_class": dm.null_class,
+        "text_conditioned": dm.text_conditioned,
+        "prompts": len(labels) if dm.text_conditioned else None,
+        # the texts themselves, in draw order, so bench can condition on the same (noise, prompt) pairs
+        "prompt_texts": read_prompt_file(cfg.diffusion.prompts) if dm.text_conditioned else None,
+        "guidance_embedding": (
+            {
+                "time_cond_proj_dim": GUIDANCE_EMBED_DIM,
+                "input": "(w - 1) * 1000",
+                "max_w": cfg.diffusion.guidance_scale,
+            }
+            if cfg.diffusion.method == "guidance"
+            else None
+        ),
+        "sparse_attention": {"spec": sparse[0], "block_size": sparse[1]} if sparse else None,
+        "teacher_pool": pool_size,
+    }
+
+
 @releases_locks
 def run_diffusion_distill(cfg: DistillConfig, *, out: str, overwrite: bool = False) -> dict[str, Any]:
     """Distil the diffusers teacher ``cfg.models.teacher`` with ``cfg.diffusion.method``; write the artifact ``out``; return its
@@ -625,36 +721,11 @@ def run_diffusion_distill(cfg: DistillConfig, *, out: str, overwrite: bool = Fal
         + (f"; sparse attention {sparse[0]} (block {sparse[1]})" if sparse else "")
     )
 
-    gen = torch.Generator().manual_seed(cfg.optim.seed)
-    t0 = time.perf_counter()
-    if dm.flow:
-        from distillkit.distill.flow import evaluate_flow, flow_pool, run_flow_method
-
-        pool = flow_pool(dm, schedule, cfg.data.max_samples or DEFAULT_POOL, cfg.diffusion.teacher_steps, gen, device)
-    else:
-        pool = teacher_pool(
-            dm,
-            schedule,
-            labels,
-            cfg.data.max_samples or DEFAULT_POOL,
-            cfg.diffusion.teacher_steps,
-            gen,
-            device,
-            guidance=cfg.diffusion.guidance_scale if cfg.diffusion.method == "guidance" else None,
-        )
-    pool_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    if dm.flow:
-        student, rounds = run_flow_method(cfg, dm, schedule, pool, gen, sparse)
-    elif cfg.diffusion.method == "progressive":
-        student, rounds = run_progressive(cfg, dm, schedule, pool, gen, sparse)
-    elif cfg.diffusion.method == "consistency":
-        student, rounds = run_consistency(cfg, dm, schedule, pool, gen, sparse, scaling)
-    else:
-        student, rounds = run_guidance(cfg, dm, schedule, pool, gen, sparse)
-    train_s = time.perf_counter() - t0
+    pool, student, rounds, pool_s, train_s = _pool_and_train(cfg, dm, schedule, labels, sparse, scaling, device)
     student.requires_grad_(False).eval()
     if dm.flow:
+        from distillkit.distill.flow import evaluate_flow
+
         metrics = evaluate_flow(cfg, dm, schedule, student, device)
     else:
         metrics = evaluate(cfg, dm, schedule, student, labels, scaling, device)
@@ -668,33 +739,7 @@ def run_diffusion_distill(cfg: DistillConfig, *, out: str, overwrite: bool = Fal
 
     scheduler = student_scheduler(cfg, dm)
     steps = metrics["student_steps"]
-    if dm.flow:
-        usage = (
-            f"Sample with the saved {type(scheduler).__name__} (Euler, the teacher's shift) in "
-            f"`num_inference_steps={steps}`. The transformer is conditioned on zero text embeddings: with a "
-            f"pipeline, pass `prompt_embeds=torch.zeros(B, 1, {dm.model.config.joint_attention_dim})`, "
-            f"`pooled_prompt_embeds=torch.zeros(B, {dm.model.config.pooled_projection_dim})`, `guidance_scale=1.0`."
-        )
-    elif cfg.diffusion.method == "consistency":
-        usage = (
-            f"Sample with the saved LCMScheduler in {steps} steps (`scheduler.set_timesteps({steps})`); "
-            "distillkit's evaluation re-noises deterministically between steps (see distillkit.json)."
-        )
-    elif cfg.diffusion.method == "guidance":
-        usage = (
-            f"One evaluation per step replaces classifier-free guidance: pass "
-            f"`timestep_cond` = the sinusoidal embedding of `(w - 1) * 1000` ({GUIDANCE_EMBED_DIM} features, as "
-            f"diffusers' LCM pipelines compute it; `distillkit.models.diffusion.guidance_embedding`), with the "
-            f"class labels (or prompt embeddings); trained for w in [1, {cfg.diffusion.guidance_scale:g}]; {steps} DDIM steps."
-        )
-    else:
-        usage = f"Sample with the saved DDIMScheduler (trailing spacing) in `num_inference_steps={steps}`."
-    if sparse:
-        usage += (
-            f" The student was trained with block-sparse self-attention `{sparse[0]}` (block {sparse[1]}): "
-            f"`distillkit.distill.denoise_training.apply_sparse_attention(model, ({sparse[0]!r}, {sparse[1]}))` "
-            "reproduces it (every Attention gets BlockSparseAttnProcessor); without it the model runs dense attention."
-        )
+    usage = _usage(cfg, dm, type(scheduler).__name__, steps, sparse)
     manifest = Manifest(
         stage="distill",
         path=str(out_path),
@@ -705,31 +750,7 @@ def run_diffusion_distill(cfg: DistillConfig, *, out: str, overwrite: bool = Fal
         metrics=metrics,
         timings={"load_s": load_s, "teacher_samples_s": pool_s, "train_s": train_s},
         history=history_of(src),
-        extra={
-            "method": cfg.diffusion.method,
-            "layout": dm.layout,
-            "denoiser": dm.class_name,
-            "subfolder": dm.subfolder,
-            "scheduler": type(scheduler).__name__,
-            "num_inference_steps": steps,
-            "conditional": dm.conditional,
-            "null_class": dm.null_class,
-            "text_conditioned": dm.text_conditioned,
-            "prompts": len(labels) if dm.text_conditioned else None,
-            # the texts themselves, in draw order, so bench can condition on the same (noise, prompt) pairs
-            "prompt_texts": read_prompt_file(cfg.diffusion.prompts) if dm.text_conditioned else None,
-            "guidance_embedding": (
-                {
-                    "time_cond_proj_dim": GUIDANCE_EMBED_DIM,
-                    "input": "(w - 1) * 1000",
-                    "max_w": cfg.diffusion.guidance_scale,
-                }
-                if cfg.diffusion.method == "guidance"
-                else None
-            ),
-            "sparse_attention": {"spec": sparse[0], "block_size": sparse[1]} if sparse else None,
-            "teacher_pool": len(pool[0]),
-        },
+        extra=_extra(cfg, dm, type(scheduler).__name__, steps, labels, sparse, len(pool[0])),
     )
     with atomic_artifact(out_path, overwrite) as tmp:
         _save(student, scheduler, dm, tmp)

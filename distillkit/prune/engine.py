@@ -329,29 +329,11 @@ def prune_module(cfg: PruneConfig, ctx: Any) -> tuple[Any, dict[str, Any]]:
     return pruned, extra
 
 
-@mf.releases_locks
-def prune_model(cfg: PruneConfig, source: str | mf.Source, out: str, overwrite: bool = False) -> dict[str, Any]:
-    """Prune ``source`` as ``cfg`` says into the artifact directory ``out``; returns its manifest dict.
-
-    The manifest's metrics hold ``quality_before``, ``quality_after_prune`` and (with ``recover_steps``)
-    ``quality_after_recovery``: :func:`distillkit.evaluate.evaluate_quality` on held-out data against the
-    unpruned model, plus parameter (and for transformers FLOP) counts before and after.
-    """
-    import torch
-
+def _load(cfg: PruneConfig, src: mf.Source) -> tuple[Any, Any, Any]:
+    """(device, the model to prune, the teacher or None), after the checks that need the model but no data."""
     from distillkit.models import arch
     from distillkit.models.load import load_model, resolve_device
-    from distillkit.prune.importance import ImportanceContext
 
-    t_start = time.perf_counter()
-    src = source if isinstance(source, mf.Source) else mf.read_source(source)
-    final = mf.check_output(out, overwrite, protect=[src.path, cfg.teacher, cfg.data])
-    if not cfg.requested() and cfg.target_params is None:  # before any loading: there is nothing to do
-        raise ConfigError(
-            "nothing to prune: no structure amount was given, or every amount is 0",
-            hint="pass at least one of --mlp, --heads, --hidden, --layers (e.g. --mlp 0.3), --channels for a "
-            "ResNet, or --target-params",
-        )
     device = resolve_device(cfg.device)
     loaded = load_model(
         src,
@@ -382,6 +364,54 @@ def prune_model(cfg: PruneConfig, source: str | mf.Source, out: str, overwrite: 
             trust_remote_code=cfg.trust_remote_code,
         )
         teacher.model.eval().requires_grad_(False)
+    return device, loaded, teacher
+
+
+def _size_metrics(cfg: PruneConfig, model: Any, pruned: Any, task: str, is_resnet: bool, quality: dict) -> dict:
+    """Quality before/after and the parameter (and, for transformers, FLOP) counts of both models."""
+    n_before = sum(p.numel() for p in model.parameters())
+    n_after = sum(p.numel() for p in pruned.parameters())
+    metrics: dict[str, Any] = {
+        "quality_before": quality["before"],
+        "quality_after_prune": quality["after_prune"],
+        "params_before": n_before,
+        "params_after": n_after,
+        "param_ratio": n_after / n_before,
+    }
+    if not is_resnet:
+        from distillkit.prune.flops import transformer_flops
+
+        f0 = transformer_flops(model.config, cfg.max_length, task)
+        f1 = transformer_flops(pruned.config, cfg.max_length, task)
+        metrics.update(flops_per_token_before=f0, flops_per_token_after=f1, flop_ratio=f1 / f0)
+    return metrics
+
+
+@mf.releases_locks
+def prune_model(cfg: PruneConfig, source: str | mf.Source, out: str, overwrite: bool = False) -> dict[str, Any]:
+    """Prune ``source`` as ``cfg`` says into the artifact directory ``out``; returns its manifest dict.
+
+    The manifest's metrics hold ``quality_before``, ``quality_after_prune`` and (with ``recover_steps``)
+    ``quality_after_recovery``: :func:`distillkit.evaluate.evaluate_quality` on held-out data against the
+    unpruned model, plus parameter (and for transformers FLOP) counts before and after.
+    """
+    import torch
+
+    from distillkit.models import arch
+    from distillkit.prune.importance import ImportanceContext
+
+    t_start = time.perf_counter()
+    src = source if isinstance(source, mf.Source) else mf.read_source(source)
+    final = mf.check_output(out, overwrite, protect=[src.path, cfg.teacher, cfg.data])
+    if not cfg.requested() and cfg.target_params is None:  # before any loading: there is nothing to do
+        raise ConfigError(
+            "nothing to prune: no structure amount was given, or every amount is 0",
+            hint="pass at least one of --mlp, --heads, --hidden, --layers (e.g. --mlp 0.3), --channels for a "
+            "ResNet, or --target-params",
+        )
+    device, loaded, teacher = _load(cfg, src)
+    model = loaded.model
+    is_resnet = arch.family(model.config) == "resnet"
     t_loaded = time.perf_counter()
 
     calib, evals, data_info = _batches(cfg, loaded)
@@ -394,34 +424,19 @@ def prune_model(cfg: PruneConfig, source: str | mf.Source, out: str, overwrite: 
         pooling=loaded.pooling,
         teacher_pooling=teacher.pooling if teacher is not None else loaded.pooling,
     )
-    n_before = sum(p.numel() for p in model.parameters())
     t0 = time.perf_counter()
     pruned, extra = prune_module(cfg, ctx)
     extra["calibration"] = data_info
     target = extra.get("target_params")
     amounts = extra.pop("amounts")
     t_pruned = time.perf_counter()
-    n_after = sum(p.numel() for p in pruned.parameters())
 
     with torch.random.fork_rng(devices=[]):
         q_before = _quality(model, evals, loaded, model, device)
         q_pruned = _quality(pruned, evals, loaded, model, device)
-    metrics: dict[str, Any] = {
-        "quality_before": q_before,
-        "quality_after_prune": q_pruned,
-        "params_before": n_before,
-        "params_after": n_after,
-        "param_ratio": n_after / n_before,
-    }
+    metrics = _size_metrics(cfg, model, pruned, loaded.task, is_resnet, {"before": q_before, "after_prune": q_pruned})
     if target is not None:
         metrics["target_params"] = extra.pop("target_params")
-    if not is_resnet:
-        from distillkit.prune.flops import transformer_flops
-
-        f0 = transformer_flops(model.config, cfg.max_length, loaded.task)
-        f1 = transformer_flops(pruned.config, cfg.max_length, loaded.task)
-        metrics.update(flops_per_token_before=f0, flops_per_token_after=f1, flop_ratio=f1 / f0)
-
     final_model = pruned
     timings = {"load_s": t_loaded - t_start, "prune_s": t_pruned - t0}
     final.parent.mkdir(parents=True, exist_ok=True)

@@ -304,6 +304,40 @@ def _table(console: Any, ranking: list[dict[str, Any]], cfg: SearchConfig, limit
         console.print(f"({len(ranking) - limit} more in the manifest's extra.ranking)")
 
 
+def _param_budget(cfg: SearchConfig, space: SearchSpace, teacher_model: Any) -> tuple[int, int | None, Any]:
+    """(teacher parameters, the student's parameter budget or None, the smallest candidate); a budget below the
+    smallest candidate is refused."""
+    teacher_params = sum(p.numel() for p in teacher_model.parameters())
+    budget = cfg.max_params if cfg.max_params is not None else None
+    if cfg.params is not None:
+        budget = int(cfg.params * teacher_params)
+    counter = param_counter(teacher_model)
+    smallest = space.smallest(counter)
+    if budget is not None and counter(smallest) > budget:
+        raise ConfigError(
+            f"the budget of {budget:,} parameters is below the smallest candidate, "
+            f"{space.spec_string(smallest)} with {counter(smallest):,} parameters",
+            hint=f"allow at least {counter(smallest):,} parameters "
+            f"(--params {counter(smallest) / teacher_params:.3g} or more), or widen --space",
+        )
+    return teacher_params, budget, smallest
+
+
+def _check_latency_budget(cfg: SearchConfig, search: Any, space: SearchSpace, smallest: Any, device: Any) -> None:
+    """Refuse a --max-latency-ms that even the smallest candidate misses (measured once, before the search)."""
+    if cfg.max_latency_ms is None:
+        return
+    tiny = search.build(smallest, "random").eval()
+    lat = measure_latency_ms(tiny, latency_inputs(tiny, cfg.latency_batch, cfg.latency_seq, device))
+    del tiny
+    if lat > cfg.max_latency_ms:
+        raise ConfigError(
+            f"the latency budget of {cfg.max_latency_ms:g} ms is below the smallest candidate's "
+            f"{lat:.1f} ms ({space.spec_string(smallest)}, batch {cfg.latency_batch} x {cfg.latency_seq} on {device})",
+            hint=f"allow at least --max-latency-ms {lat * 1.1:.1f}, or lower --batch / --seq",
+        )
+
+
 @releases_locks
 def search_student(
     cfg: SearchConfig, teacher_source: str | Source | None = None, *, out: str, overwrite: bool = False
@@ -339,33 +373,11 @@ def search_student(
             hint="save one with the model (tokenizer.save_pretrained(dir))",
         )
     load_s = time.perf_counter() - t_start
-    teacher_params = sum(p.numel() for p in teacher.model.parameters())
-    budget = cfg.max_params if cfg.max_params is not None else None
-    if cfg.params is not None:
-        budget = int(cfg.params * teacher_params)
-    counter = param_counter(teacher.model)
-    smallest = space.smallest(counter)
-    if budget is not None and counter(smallest) > budget:
-        raise ConfigError(
-            f"the budget of {budget:,} parameters is below the smallest candidate, "
-            f"{space.spec_string(smallest)} with {counter(smallest):,} parameters",
-            hint=f"allow at least {counter(smallest):,} parameters "
-            f"(--params {counter(smallest) / teacher_params:.3g} or more), or widen --space",
-        )
-
+    teacher_params, budget, smallest = _param_budget(cfg, space, teacher.model)
     batch, data_info = calibration_batch(cfg, teacher.processor, teacher.task, device)
     ctx = ScoreContext(teacher.model, batch, teacher.task, pooling=teacher.pooling, relation=cfg.relation)
     search = _Search(cfg, space, teacher, ctx, budget, device)
-    if cfg.max_latency_ms is not None:
-        tiny = search.build(smallest, "random").eval()
-        lat = measure_latency_ms(tiny, latency_inputs(tiny, cfg.latency_batch, cfg.latency_seq, device))
-        del tiny
-        if lat > cfg.max_latency_ms:
-            raise ConfigError(
-                f"the latency budget of {cfg.max_latency_ms:g} ms is below the smallest candidate's "
-                f"{lat:.1f} ms ({space.spec_string(smallest)}, batch {cfg.latency_batch} x {cfg.latency_seq} on {device})",
-                hint=f"allow at least --max-latency-ms {lat * 1.1:.1f}, or lower --batch / --seq",
-            )
+    _check_latency_budget(cfg, search, space, smallest, device)
     console.print(
         f"[bold]search-student[/] {teacher.task}: teacher {config.model_type} {_fmt_count(teacher_params)} params; "
         f"budget {_fmt_count(budget) + ' params' if budget is not None else 'none on params'}"
