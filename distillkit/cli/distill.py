@@ -130,7 +130,11 @@ def distill(
     seed: o.Seed = None,
     mixed_precision: Annotated[
         str | None,
-        typer.Option("--mixed-precision", help="auto (bf16 on GPUs that have it, else none), no, bf16, fp16."),
+        typer.Option(
+            "--mixed-precision",
+            help="auto (bf16 on GPUs that have it, else none), no, bf16 (also on CPUs with AVX512-BF16/AMX), "
+            "fp16 (CUDA only).",
+        ),
     ] = None,
     teacher_dtype: Annotated[
         str | None,

@@ -223,8 +223,8 @@ def read_labels(cfg: DistillConfig, dm: DiffusionModel) -> torch.Tensor | None:
 
 
 def _sparse_spec(cfg: DistillConfig) -> tuple[str, int] | None:
-    spec = getattr(cfg.diffusion, "sparse_attention", None)
-    return (spec, int(getattr(cfg.diffusion, "sparse_block_size", 64))) if spec else None
+    spec = cfg.diffusion.sparse_attention
+    return (spec, int(cfg.diffusion.sparse_block_size)) if spec else None
 
 
 # --------------------------------------------------------------------------------------------

@@ -75,6 +75,9 @@ class DistillModule(nn.Module):
         self.student_blocks = sorted({b for _, _, loss in losses for b in loss.layers()[0]})
 
     def forward(self, batch: dict[str, Any], teacher_features: Any, progress: float) -> tuple[torch.Tensor, dict]:
+        if self.alpha >= 1:  # --alpha 1: the hard-label loss alone; no distillation term, no teacher features
+            _, hard = student_features(self.student, batch, self.task, set(), [], self.pooling, with_labels=True)
+            return hard, {"hard": hard.detach()}
         if getattr(self, "fused", None) is not None:  # --fused-loss: no logits (distillkit.distill.fused)
             return self.fused(self.student, batch, teacher_features, progress)
         feats, hard = student_features(
@@ -200,16 +203,22 @@ class TrainerState:
 
 
 def _mixed_precision(cfg: DistillConfig, device_type: str) -> str:
-    if cfg.optim.mixed_precision != "auto":
-        if cfg.optim.mixed_precision != "no" and device_type != "cuda":
-            raise ConfigError(
-                f"--mixed-precision {cfg.optim.mixed_precision} needs a CUDA device",
-                hint="use --mixed-precision no (or auto) on CPU",
-            )
-        return cfg.optim.mixed_precision
-    if device_type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "no"
+    """The autocast precision: bf16 on GPUs that have it and, when asked, on CPUs with native bf16 matmuls
+    (AVX512-BF16 / AMX); fp16 needs CUDA."""
+    choice = cfg.optim.mixed_precision
+    if choice == "auto":
+        return "bf16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+    if choice == "fp16" and device_type != "cuda":
+        raise ConfigError(
+            "--mixed-precision fp16 needs a CUDA device", hint="use --mixed-precision bf16 (or no) on a CPU"
+        )
+    if choice == "bf16" and device_type == "cpu" and not torch.cpu._is_avx512_bf16_supported():
+        raise ConfigError(
+            "--mixed-precision bf16 on a CPU needs native bf16 matrix products (AVX512-BF16 or AMX), which this CPU "
+            "lacks: bf16 would be emulated and slower than fp32",
+            hint="use --mixed-precision no (or auto) here",
+        )
+    return choice
 
 
 def _build_accelerator(cfg: DistillConfig, project_dir: Path) -> Any:
@@ -218,8 +227,15 @@ def _build_accelerator(cfg: DistillConfig, project_dir: Path) -> Any:
 
     from distillkit.models.load import resolve_device
 
+    from accelerate.state import AcceleratorState
+
     device = resolve_device(cfg.optim.device)
     mp = _mixed_precision(cfg, device.type)
+    # accelerate keeps one process-wide state; a later run in the same process (the Python API, a prune/quantize
+    # recovery run) may ask for another precision, which accelerate refuses unless that state is started afresh.
+    # The process-group part (PartialState) is kept.
+    if AcceleratorState._shared_state.get("_mixed_precision", mp) != mp:
+        AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(
         mixed_precision=mp,
         cpu=device.type == "cpu",
@@ -630,6 +646,7 @@ class _Training:
     batches: EpochBatches
     feed: Any
     pooling: str  # the teacher's (and so the student's) sentence pooling
+    uses_teacher: bool  # False with --alpha 1: no step runs the teacher (evaluation still compares with it)
 
 
 def _run(
@@ -834,7 +851,18 @@ def _build_training(cfg: DistillConfig, accelerator: Any, models: _Models, data:
         lengths=example_lengths(data.train) if cfg.data.group_by_length else None,
     )
     feed = build_feed(cfg, task=task, teacher=teacher, device=device, data=data, processor=processor, module=module)
-    return _Training(losses, module, fused_loss, teacher_blocks, optimizer, scheduler, batches, feed, teacher.pooling)
+    return _Training(
+        losses,
+        module,
+        fused_loss,
+        teacher_blocks,
+        optimizer,
+        scheduler,
+        batches,
+        feed,
+        teacher.pooling,
+        cfg.loss.alpha < 1,
+    )
 
 
 def _start_or_resume(
@@ -959,8 +987,12 @@ def _train_step(
     step_loss, parts_sum, step_tokens = 0.0, {}, 0
     for micro in range(accum):
         batch = t.feed.next_batch(t.batches, state.step, micro)
-        with torch.no_grad(), accelerator.autocast():
-            t_feats = t.feed.teacher_features(batch, module_needs(t.module, accelerator), t.teacher_blocks, t.pooling)
+        t_feats = None
+        if t.uses_teacher:
+            with torch.no_grad(), accelerator.autocast():
+                t_feats = t.feed.teacher_features(
+                    batch, module_needs(t.module, accelerator), t.teacher_blocks, t.pooling
+                )
         sync = micro == accum - 1
         ctx = accelerator.no_sync(t.module) if not sync and accelerator.num_processes > 1 else _null()
         with ctx, accelerator.autocast():

@@ -33,10 +33,12 @@ def fused_blocker(cfg: Any, task: str, losses: list[tuple[str, float, Any]], stu
     """Why the fused loss cannot replace the unfused one for this run, or None when it can."""
     if task != "causal-lm":
         return f"it is for causal LMs and the task is {task}"
+    if cfg.loss.alpha >= 1:
+        return "--alpha 1 trains on the hard labels alone: there is no distillation loss to fuse"
     for flag, on in (
-        (f"--mode {getattr(cfg, 'mode', 'offline')}", getattr(cfg.llm, "mode", "offline") != "offline"),
-        ("--teacher-cache", bool(getattr(cfg.llm, "teacher_cache", None))),
-        ("--cross-tokenizer", bool(getattr(cfg.llm, "cross_tokenizer", None))),
+        (f"--mode {cfg.llm.mode}", cfg.llm.mode != "offline"),
+        ("--teacher-cache", bool(cfg.llm.teacher_cache)),
+        ("--cross-tokenizer", bool(cfg.llm.cross_tokenizer)),
     ):
         if on:
             return f"it needs the live teacher on fixed data, and {flag} is set"
@@ -122,7 +124,7 @@ def resolve_fused_loss(
     cfg: Any, task: str, losses: list[tuple[str, float, Any]], student: Any, teacher: Any
 ) -> FusedLoss | None:
     """The fused loss for this run per ``cfg.loss.fused_loss`` (None: the unfused path); ConfigError for ``on``."""
-    choice = getattr(cfg.loss, "fused_loss", "auto")
+    choice = cfg.loss.fused_loss
     if choice not in FUSED_LOSS_CHOICES:
         raise ConfigError(f"--fused-loss must be one of {', '.join(FUSED_LOSS_CHOICES)} (got {choice!r})")
     if choice == "off":

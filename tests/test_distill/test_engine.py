@@ -780,3 +780,44 @@ def test_ctrl_c_exits_130_and_keeps_the_checkpoint(llama_dir, text_file, tmp_pat
     assert stdout == ""
     assert not out.exists()
     assert (checkpoint_step(out) or 0) >= 10  # --resume can continue from here
+
+
+def test_mixed_precision_on_cpu(llama_dir, text_file, tmp_path, capsys, monkeypatch):
+    """bf16 autocast runs on a CPU with native bf16 matmuls; without them, and fp16 on any CPU, is refused."""
+    import json
+
+    import torch
+
+    base = distill_cmd(llama_dir, text_file, "layers=1", "--steps", "2", "--max-length", "32", "--eval-data", "none")
+    code, lines, err = run([*base, "--mixed-precision", "fp16", "--out", str(tmp_path / "fp16")], capsys)
+    assert code == 1 and "fp16 needs a CUDA device" in err and not (tmp_path / "fp16").exists()
+    if torch.cpu._is_avx512_bf16_supported():
+        out = tmp_path / "bf16"
+        code, lines, err = run([*base, "--mixed-precision", "bf16", "--out", str(out)], capsys)
+        assert code == 0, err
+        config = json.loads((out / "distillkit.json").read_text())["config"]
+        assert config["mixed_precision"] == "bf16"
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    code, lines, err = run([*base, "--mixed-precision", "bf16", "--out", str(tmp_path / "emulated")], capsys)
+    assert code == 1 and "AVX512-BF16" in err and not (tmp_path / "emulated").exists()
+
+
+def test_alpha_one_never_runs_the_teacher_in_training(llama_dir, text_file, tmp_path, capsys, monkeypatch):
+    """--alpha 1 is the no-KD baseline: the hard-label loss alone, so no training step pays for a teacher forward."""
+    import json
+
+    from distillkit.distill.feed import OfflineFeed
+
+    def no_teacher(*a, **k):
+        raise AssertionError("the teacher ran in a --alpha 1 training step")
+
+    monkeypatch.setattr(OfflineFeed, "teacher_features", no_teacher)
+    out = tmp_path / "ce"
+    args = distill_cmd(llama_dir, text_file, "layers=1", "--steps", "3", "--max-length", "32", "--alpha", "1")
+    code, lines, err = run([*args, "--out", str(out)], capsys)
+    assert code == 0, err
+    manifest = json.loads((out / "distillkit.json").read_text())
+    assert manifest["config"]["resolved_fused_loss"] == "off"
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in logged if "loss" in r]
+    assert len(steps) == 3 and all(r["loss"] == r["loss/hard"] for r in steps)
