@@ -26,8 +26,8 @@ def load(source: str, **kwargs: Any):
     """Load any model or distillkit artifact; returns a :class:`distillkit.models.LoadedModel`.
 
     A packed quantized artifact runs with the fastest exact-enough product this machine has
-    (``quant_kernel="auto"``, see :mod:`distillkit.models.packed.kernels`); pass ``quant_kernel="dequant"`` for the
-    file's values computed in the model dtype."""
+    (``quant_kernel="auto"``, see :mod:`distillkit.models.packed.kernels`); pass ``quant_kernel="dequant"`` (or ``"cached"``,
+    the same outputs at float speed and memory) for the file's values computed in the model dtype."""
     from distillkit.models import load_model
 
     kwargs.setdefault("quant_kernel", "auto")

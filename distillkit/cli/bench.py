@@ -99,7 +99,8 @@ def bench(
             "--quant-kernel",
             help="How distillkit's packed quantized layers multiply: auto (cpu-bf16 on a CPU with AVX512-BF16, "
             "else dequant), cpu-bf16 (torch's int4 CPU kernel for batch-1 decode, a cached bf16 weight otherwise; "
-            "bf16 compute), dequant (the stored values dequantized in the model dtype every call; exact). "
+            "bf16 compute), cached (the exact weight dequantized once and kept: dequant's outputs at float speed and "
+            "memory), dequant (the stored values dequantized in the model dtype every call; exact). "
             "Default auto.",
         ),
     ] = None,

@@ -223,11 +223,10 @@ def _mixed_precision(cfg: DistillConfig, device_type: str) -> str:
 
 def _build_accelerator(cfg: DistillConfig, project_dir: Path) -> Any:
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
     from distillkit.models.load import resolve_device
-
-    from accelerate.state import AcceleratorState
 
     device = resolve_device(cfg.optim.device)
     mp = _mixed_precision(cfg, device.type)

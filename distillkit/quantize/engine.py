@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -86,20 +87,26 @@ def gptq_states(
 
     The inputs of a layer's Linears are collected with every earlier layer already quantized (sequential GPTQ), so
     later layers correct for the error of earlier ones. Embeddings and tied outputs get round-to-nearest (with the
-    clip search when asked). Each block runs on its own recorded inputs: the model runs once up to the first block,
-    and a block's quantized outputs become the next block's inputs wherever the model chains them (checked on the
-    first batch); elsewhere the model runs from the start up to the block.
+    clip search when asked), unless ``r["embedding_bits"]`` differs from ``r["bits"]``: then the caller quantizes
+    the tables at their own bits and they are left out here. Each block runs on its own recorded inputs: the model
+    runs once up to the first block, and a block's quantized outputs become the next block's inputs wherever the
+    model chains them (checked on the first batch); elsewhere the model runs from the start up to the block.
+
+    Linears that read the same input tensor (q/k/v, gate/up) share one Hessian and are quantized as one stacked
+    weight (GPTQ treats rows independently, so this is the same computation done once). The Hessian pass of a
+    block stops as soon as every Linear of the block has seen its input.
     """
     import torch
 
-    from distillkit.quantize.gptq import HessianAccumulator, gptq_quantize, group_params
+    from distillkit.quantize.gptq import gptq_quantize, group_params
     from distillkit.quantize.surgery import weight_of
 
     bits, group, sym = r["bits"], r["group_size"], r["symmetric"]
     states = {}
-    for t in targets:
-        if t.kind == "embedding":
-            states[t.name] = _rtn_state(weight_of(model, t).detach(), bits, group, sym, clip_search, group_params)
+    if r.get("embedding_bits", bits) == bits:
+        for t in targets:
+            if t.kind == "embedding":
+                states[t.name] = _rtn_state(weight_of(model, t).detach(), bits, group, sym, clip_search, group_params)
     linears = [t for t in targets if t.kind in ("linear", "conv1d")]
     # one stage per parent block (the module holding the Linears), in model order
     stages: list[list] = []
@@ -119,27 +126,11 @@ def gptq_states(
             chains = _chains(model, blocks, batches[0], device)
             inputs = _block_inputs(model, blocks[0], batches, device)
             for k, stage in enumerate(_progress(stages, "gptq")):
-                accs = {t.name: HessianAccumulator(t.in_features, device) for t in stage}
-                current: dict[str, Any] = {"mask": None}
-                hooks = []
-                for t in stage:
-                    mod = model.get_submodule(t.name)
-                    hooks.append(
-                        mod.register_forward_pre_hook(
-                            lambda m, args, _a=accs[t.name], _c=current: _a.add(args[0], _c["mask"])
-                        )
-                    )
-                try:
-                    for (args, kwargs), mask in zip(inputs, masks, strict=True):
-                        current["mask"] = mask
-                        blocks[k](*args, **kwargs)
-                finally:
-                    for h in hooks:
-                        h.remove()
-                for t in stage:
+                for members, H in _stage_hessians(model, blocks[k], stage, inputs, masks, device):
+                    ws = [weight_of(model, t) for t in members]
                     st = gptq_quantize(
-                        weight_of(model, t),
-                        accs[t.name].H,
+                        torch.cat(ws) if len(ws) > 1 else ws[0],
+                        H,
                         bits=bits,
                         group_size=group,
                         symmetric=sym,
@@ -147,19 +138,108 @@ def gptq_states(
                         act_order=act_order,
                         clip_search=clip_search,
                     )
-                    states[t.name] = st
-                    _set_weight(model, t, st.dequantize(torch.float32))
-                    del accs[t.name]
+                    del H
+                    for t, part in zip(members, _split_rows(st, [w.shape[0] for w in ws]), strict=True):
+                        states[t.name] = part
+                        _set_weight(model, t, part.dequantize(torch.float32))
                 if k + 1 == len(stages):
                     break
-                if chains[k]:  # the next block takes this one's (now quantized) output
+                if chains[k] is True:  # the next block takes this one's (now quantized) output
                     inputs = [_chain_input(args, kwargs, blocks[k](*args, **kwargs)) for args, kwargs in inputs]
+                elif chains[k]:  # ... and nothing else but constants, recorded once
+                    a1, k1 = chains[k]
+                    inputs = [_chain_input(a1, k1, blocks[k](*args, **kwargs)) for args, kwargs in inputs]
                 else:
                     inputs = _block_inputs(model, blocks[k + 1], batches, device)
     finally:
         for t in linears:  # the caller quantizes from the states; the float model is left as it was
             _set_weight(model, t, originals[t.name])
     return states
+
+
+def _stage_hessians(
+    model: Any, block: Any, stage: list, inputs: list, masks: list, device: Any, share: bool = True
+) -> list[tuple[list, Any]]:
+    """``[(targets, H)]``: the input Hessian of the Linears of ``stage``, from running ``block`` on ``inputs``.
+
+    With ``share``, Linears whose input is the very tensor another Linear of the block read first (on the first
+    batch) are grouped with it and get its Hessian instead of accumulating the same one again. Every later batch
+    must show the same sharing; if one does not, the pass is run again without sharing. When every Linear was
+    called once on the first batch, later batches stop the block as soon as each has seen its input.
+    """
+    from distillkit.quantize.gptq import HessianAccumulator
+
+    names = [t.name for t in stage]
+    leader: dict[str, str] = {}  # target -> the target whose Hessian it uses (itself for an accumulator's owner)
+    accs: dict[str, Any] = {}
+    st: dict[str, Any] = {"batch": 0, "mask": None, "seen": {}, "calls": {}, "broken": False, "stop": False}
+
+    def hook(name: str) -> Any:
+        def pre(module: Any, args: tuple) -> None:
+            x = args[0]
+            seen, calls = st["seen"], st["calls"]
+            calls[name] = calls.get(name, 0) + 1
+            if name not in leader:  # sharing is decided on the first batch; a Linear first seen later owns its own
+                owner = next((n for n, y in seen.items() if y is x), None) if share and st["batch"] == 0 else None
+                leader[name] = owner or name
+                if owner is None:
+                    accs[name] = HessianAccumulator(x.shape[-1], device)
+            own = leader[name]
+            if own == name:
+                accs[name].add(x, st["mask"])
+                seen.setdefault(name, x)
+            elif seen.get(own) is not x or calls[name] > 1:
+                st["broken"] = True
+            if st["stop"] and len(calls) == len(names):
+                raise _StopForward
+
+        return pre
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        for b, ((args, kwargs), mask) in enumerate(zip(inputs, masks, strict=True)):
+            st.update(batch=b, mask=mask, seen={}, calls={})
+            try:
+                block(*args, **kwargs)
+            except _StopForward:
+                pass
+            calls = st["calls"]
+            if any((n in calls) != (o in calls) for n, o in leader.items()):
+                st["broken"] = True  # a Linear ran without the one it shares with, or the other way round
+            if b == 0:
+                st["stop"] = len(calls) == len(names) and all(c == 1 for c in calls.values())
+            if st["broken"]:
+                break
+    finally:
+        for h in handles:
+            h.remove()
+    if st["broken"]:
+        return _stage_hessians(model, block, stage, inputs, masks, device, share=False)
+    for t in stage:  # never called: an all-zero Hessian (every input dead), as for a Linear with no inputs
+        if t.name not in leader:
+            leader[t.name] = t.name
+            accs[t.name] = HessianAccumulator(t.in_features, device)
+    by_name = {t.name: t for t in stage}
+    return [([by_name[n] for n in names if leader[n] == owner], accs[owner].H) for owner in accs]
+
+
+def _split_rows(st: Any, sizes: list[int]) -> list:
+    """The :class:`QuantState` of a stacked weight cut back into its Linears' row blocks (own storage each)."""
+    if len(sizes) == 1:
+        return [st]
+    out, r0 = [], 0
+    for n in sizes:
+        sl = slice(r0, r0 + n)
+        out.append(
+            dataclasses.replace(
+                st,
+                codes=st.codes[sl].clone(),
+                scales=st.scales[sl].clone(),
+                zeros=None if st.zeros is None else st.zeros[sl].clone(),
+            )
+        )
+        r0 += n
+    return out
 
 
 def _group_params() -> Any:
@@ -247,8 +327,11 @@ def _same(a: Any, b: Any) -> bool:
     return a is b or (type(a) is type(b) and isinstance(a, int | float | bool | str | type(None)) and a == b)
 
 
-def _chains(model: Any, blocks: list, batch: dict, device: Any) -> list[bool]:
-    """Per block, whether the next block is called with this block's output and otherwise the same arguments.
+def _chains(model: Any, blocks: list, batch: dict, device: Any) -> list[Any]:
+    """Per block, how the next block's inputs follow from this block's output: ``True`` when the next block is
+    called with this block's output and otherwise the same arguments; ``(args, kwargs)`` when it is called with the
+    output and nothing but constants (``None``, bools, strings: e.g. a pooler), recorded here; ``False`` when
+    neither holds (the model is run up to the next block instead).
 
     Checked on one batch with the float model: every block's call is recorded in one forward pass.
     """
@@ -268,21 +351,28 @@ def _chains(model: Any, blocks: list, batch: dict, device: Any) -> list[bool]:
     finally:
         for h in hooks:
             h.remove()
-    out = []
+    out: list[Any] = []
     for k in range(len(blocks) - 1):
         if k not in calls or k + 1 not in calls:
             out.append(False)
             continue
         (a0, k0), (a1, k1) = calls[k], calls[k + 1]
         h1 = _hidden_of(a1, k1)
-        ok = isinstance(h1, torch.Tensor) and len(a0) == len(a1) and set(k0) == set(k1)
-        ok = ok and all(_same(x, y) for x, y in zip(a0[1:], a1[1:], strict=True))
-        ok = ok and all(_same(k0[n], k1[n]) for n in k0 if n != "hidden_states")
-        if ok:
+        if not isinstance(h1, torch.Tensor):
+            out.append(False)
+            continue
+        same = len(a0) == len(a1) and set(k0) == set(k1)
+        same = same and all(_same(x, y) for x, y in zip(a0[1:], a1[1:], strict=True))
+        same = same and all(_same(k0[n], k1[n]) for n in k0 if n != "hidden_states")
+        rest = [*(a1[1:] if a1 else ()), *(v for n, v in k1.items() if n != "hidden_states")]
+        constant = all(v is None or isinstance(v, bool | str) for v in rest)
+        how: Any = True if same else (a1, k1) if constant else False
+        if how is not False:
             args, kwargs = _chain_input(a0, k0, blocks[k](*a0, **k0))
             h = _hidden_of(args, kwargs)
-            ok = isinstance(h, torch.Tensor) and h.shape == h1.shape and bool(torch.allclose(h, h1, atol=1e-5))
-        out.append(ok)
+            if not (isinstance(h, torch.Tensor) and h.shape == h1.shape and bool(torch.allclose(h, h1, atol=1e-5))):
+                how = False
+        out.append(how)
     return out
 
 
@@ -420,6 +510,7 @@ def quantize_model(cfg: QuantizeConfig, source: str | mf.Source, out: str, overw
     from distillkit.data.calibration import calibration_batches, held_out_quality
     from distillkit.models.load import load_model, resolve_device
     from distillkit.models.packed.format import FORMAT_VERSION, QUANT_METHOD, save_quantized
+    from distillkit.models.packed.kernels import select_kernel_
     from distillkit.models.packed.modules import to_dynamic_int8_
     from distillkit.models.save import copy_sentence_transformers_files
     from distillkit.quantize import functional as qf
@@ -516,6 +607,7 @@ def quantize_model(cfg: QuantizeConfig, source: str | mf.Source, out: str, overw
         if cfg.qat_steps:
             ptq = copy.deepcopy(model)
             to_quantized_(ptq, targets, states)
+            select_kernel_(ptq, "cached", device)
             with torch.random.fork_rng(devices=[]):
                 metrics["quality_ptq"] = held_out_quality(ptq, evals, loaded, reference, device)
             del ptq
@@ -531,7 +623,10 @@ def quantize_model(cfg: QuantizeConfig, source: str | mf.Source, out: str, overw
         metrics["quantized_params"] = n_q
     timings["quantize_s"] = time.perf_counter() - t0
 
-    # the converted model as it runs in memory: the reload of the written files must reproduce it
+    # the converted model as it runs in memory: the reload of the written files must reproduce it. Packed layers
+    # multiply with the exact weight kept once dequantized ("cached": the same outputs as dequantizing every call).
+    if layout is not None and r["format"] == "packed":
+        select_kernel_(qmodel, "cached", device)
     eval_model = qmodel
     if r["format"] == "dynamic":
         eval_model = to_dynamic_int8_(copy.deepcopy(qmodel).cpu())
@@ -616,7 +711,7 @@ def reload_artifact(directory: Path, task: str, fmt: str, scheme: str, device: A
         from distillkit.models.packed.format import load_quantized
 
         try:
-            return load_quantized(directory, task, device=device if fmt == "packed" else "cpu", kernel="dequant")
+            return load_quantized(directory, task, device=device if fmt == "packed" else "cpu", kernel="cached")
         except (ValueError, RuntimeError, OSError, KeyError) as e:
             raise _unfaithful(scheme, device, f"reloading it failed ({str(e).splitlines()[0][:200]})") from None
     from distillkit.models.load import auto_class

@@ -202,7 +202,10 @@ def test_parse_mask_spec():
             p(bad)
     from distillkit.config import DistillConfig
 
-    assert DistillConfig.of(teacher="t", sparse_attention="cdf:0.9", sparse_block_size=32).diffusion.sparse_attention == "cdf:0.9"
+    assert (
+        DistillConfig.of(teacher="t", sparse_attention="cdf:0.9", sparse_block_size=32).diffusion.sparse_attention
+        == "cdf:0.9"
+    )
     for bad in ({"sparse_attention": "topk:2.5"}, {"sparse_block_size": 48}, {"sparse_block_size": 8}):
         with pytest.raises(ConfigError):
             DistillConfig.of(teacher="t", **bad)

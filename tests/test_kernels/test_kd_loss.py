@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+
 from distillkit.kernels.kd_loss import (
     DIVERGENCES,
     fused_kd_loss,
@@ -385,9 +386,8 @@ def test_gpu_topk_matches_naive_topk():
 
 @pytest.mark.skipif(CUDA, reason="checks the error raised without CUDA")
 def test_bench_needs_cuda():
-    from distillkit.kernels.kd_loss import bench_kd_loss
-
     from distillkit.errors import ConfigError
+    from distillkit.kernels.kd_loss import bench_kd_loss
 
     with pytest.raises(ConfigError, match="needs a CUDA GPU") as e:
         bench_kd_loss(tokens=8, student_hidden=8, teacher_hidden=8, vocab=16)

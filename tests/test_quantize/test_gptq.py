@@ -129,6 +129,18 @@ def test_hessian_leaves_padding_out():
     torch.testing.assert_close(acc.H, 2 * real.t() @ real / len(real))
 
 
+def _padded_batches(seed=6, length=12, pad=(1, 9)):
+    """Three batches of two random sequences; row ``pad[0]`` is padding from position ``pad[1]`` on."""
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(3):
+        ids = torch.randint(3, 120, (2, length), generator=gen)
+        mask = torch.ones_like(ids)
+        mask[pad[0], pad[1] :] = 0
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches
+
+
 def test_block_by_block_calibration_equals_running_the_model_for_every_block(tmp_path, monkeypatch):
     from distillkit.models.load import load_model
     from distillkit.quantize import engine
@@ -137,13 +149,7 @@ def test_block_by_block_calibration_equals_running_the_model_for_every_block(tmp
 
     _, path = tiny.tiny_llama(tmp_path / "m")
     model = load_model(path, task="causal-lm", dtype="float32", device="cpu").model.eval()
-    gen = torch.Generator().manual_seed(6)
-    batches = []
-    for _ in range(3):
-        ids = torch.randint(3, 120, (2, 12), generator=gen)
-        mask = torch.ones_like(ids)
-        mask[1, 9:] = 0
-        batches.append({"input_ids": ids, "attention_mask": mask})
+    batches = _padded_batches()
     targets = find_targets(model, (), embeddings=True)
     r = {"bits": 4, "group_size": 32, "symmetric": False}
     chains = engine._chains(model, [model.model.layers[0], model.model.layers[1]], batches[0], "cpu")
@@ -171,3 +177,173 @@ def test_embedding_bits_defaults_and_refusals():
         QuantizeConfig(scheme="int4", embedding_bits=8, qat_steps=5, teacher="t")
     with pytest.raises(ConfigError, match="packed schemes"):
         QuantizeConfig(scheme="dynamic-int8", embedding_bits=8)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The faster paths against the plain computations they replace
+
+
+def test_inverse_cholesky_factor_equals_factorising_the_inverse():
+    from distillkit.quantize.gptq import _inverse_cholesky_upper, _lower_triangular_inverse
+
+    _, H, _ = _problem(11, n=300)  # above the leaf size, so the triangular inverse recurses
+    H = H + torch.eye(300, dtype=torch.float64) * 0.01 * torch.diag(H).mean()
+    U = _inverse_cholesky_upper(H)
+    torch.testing.assert_close(U, torch.linalg.cholesky(torch.linalg.inv(H), upper=True), rtol=1e-9, atol=1e-12)
+    assert torch.equal(U, U.triu())
+    L = torch.linalg.cholesky(H)
+    eye = torch.eye(300, dtype=torch.float64)
+    want = torch.linalg.solve_triangular(L, eye, upper=False)
+    for leaf in (16, 37, 128):
+        torch.testing.assert_close(_lower_triangular_inverse(L, leaf), want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("sym", [False, True])
+def test_clip_search_in_row_chunks_equals_one_pass(sym, monkeypatch):
+    from distillkit.quantize import gptq
+
+    gen = torch.Generator().manual_seed(12)
+    w = torch.randn(40, 3, 32, generator=gen)
+    wt = torch.rand(3, 32, generator=gen)
+    whole = group_params(w, 4, sym, wt, clip_search=True)
+    monkeypatch.setattr(gptq, "_CLIP_CHUNK", 100)  # one row per chunk
+    chunked = group_params(w, 4, sym, wt, clip_search=True)
+    assert torch.equal(whole[0], chunked[0])
+    assert (whole[1] is None) == (chunked[1] is None) and (sym or torch.equal(whole[1], chunked[1]))
+
+
+@pytest.mark.parametrize("act_order,clip", [(True, True), (False, False)])
+def test_stacked_weights_quantize_as_each_alone(act_order, clip):
+    # rows are independent given H, which is what lets Linears with one input share a Hessian and one GPTQ call
+    w, H, _ = _problem(13, o=96)
+    kw = dict(bits=4, group_size=64, symmetric=False, damp=0.01, act_order=act_order, clip_search=clip)
+    both = gptq_quantize(w, H, **kw)
+    parts = [gptq_quantize(p, H, **kw) for p in w.split([40, 56])]
+    assert torch.equal(both.codes, torch.cat([p.codes for p in parts]))
+    assert torch.equal(both.scales, torch.cat([p.scales for p in parts]))
+    assert torch.equal(both.zeros, torch.cat([p.zeros for p in parts]))
+
+
+def test_gptq_leaves_the_thread_count_as_it_was():
+    w, H, _ = _problem(14, o=8, n=64)
+    n = torch.get_num_threads()
+    gptq_quantize(w, H, bits=4, group_size=32, symmetric=False)
+    assert torch.get_num_threads() == n
+
+
+def _plain_hessians(model, block, names, inputs, masks):
+    """Every Linear's own Hessian from running the whole block on every batch (no sharing, no early stop)."""
+    accs = {n: HessianAccumulator(model.get_submodule(n).in_features) for n in names}
+    cur = {}
+    hooks = [
+        model.get_submodule(n).register_forward_pre_hook(lambda m, a, _n=n: accs[_n].add(a[0], cur["mask"]))
+        for n in names
+    ]
+    try:
+        with torch.no_grad():
+            for (args, kwargs), mask in zip(inputs, masks, strict=True):
+                cur["mask"] = mask
+                block(*args, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: a.H for n, a in accs.items()}
+
+
+def test_linears_reading_one_input_share_its_hessian_and_the_pass_stops_early(tmp_path):
+    from distillkit.models.load import load_model
+    from distillkit.quantize import engine
+    from distillkit.quantize.surgery import find_targets
+    from tests import tiny
+
+    _, path = tiny.tiny_llama(tmp_path / "m")
+    model = load_model(path, task="causal-lm", dtype="float32", device="cpu").model.eval()
+    batches = _padded_batches()
+    block = model.model.layers[1]
+    stage = [t for t in find_targets(model, ()) if t.name.startswith("model.layers.1.")]
+    with torch.no_grad():
+        inputs = engine._block_inputs(model, block, batches, "cpu")
+    masks = [b["attention_mask"] for b in batches]
+    calls = []
+    h = block.mlp.down_proj.register_forward_hook(lambda *a: calls.append(1))  # the last Linear of the block
+    try:
+        with torch.no_grad():
+            groups = engine._stage_hessians(model, block, stage, inputs, masks, "cpu")
+    finally:
+        h.remove()
+    assert len(calls) == 1  # run on the first batch only: later batches stop once down_proj has its input
+    names = [[t.name.split(".", 3)[-1] for t in members] for members, _ in groups]
+    assert names == [
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+        ["self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"],
+        ["mlp.down_proj"],
+    ]
+    want = _plain_hessians(model, block, [t.name for t in stage], inputs, masks)
+    for members, H in groups:
+        for t in members:
+            assert torch.equal(H, want[t.name]), t.name
+
+
+class _TwoReaders(torch.nn.Module):
+    """Two Linears on one input; from the second call on, ``b`` reads a copy unless ``always_shared``."""
+
+    def __init__(self, always_shared: bool):
+        super().__init__()
+        self.a = torch.nn.Linear(8, 4)
+        self.b = torch.nn.Linear(8, 4)
+        self.calls = 0
+        self.always_shared = always_shared
+
+    def forward(self, x):
+        self.calls += 1
+        return self.a(x) + self.b(x if self.always_shared or self.calls == 1 else x * 1.0)
+
+
+@pytest.mark.parametrize("always_shared", [True, False])
+def test_sharing_is_checked_on_every_batch(always_shared):
+    from distillkit.quantize import engine
+    from distillkit.quantize.surgery import Target
+
+    model = torch.nn.Sequential()
+    model.add_module("blk", _TwoReaders(always_shared))
+    gen = torch.Generator().manual_seed(15)
+    inputs = [((torch.randn(3, 5, 8, generator=gen),), {}) for _ in range(3)]
+    masks = [None] * 3
+    stage = [Target("blk.a", "linear", 8, 4), Target("blk.b", "linear", 8, 4)]
+    with torch.no_grad():
+        groups = engine._stage_hessians(model, model.blk, stage, inputs, masks, "cpu")
+    assert [[t.name for t in m] for m, _ in groups] == (
+        [["blk.a", "blk.b"]] if always_shared else [["blk.a"], ["blk.b"]]
+    )
+    model.blk.calls = 0
+    want = _plain_hessians(model, model.blk, ["blk.a", "blk.b"], inputs, masks)
+    for members, H in groups:
+        for t in members:
+            torch.testing.assert_close(H, want[t.name], rtol=0, atol=0)
+
+
+def test_a_pooler_chains_from_the_last_layer_and_embeddings_wait_for_their_own_bits(tmp_path, monkeypatch):
+    from distillkit.models.load import load_model
+    from distillkit.quantize import engine
+    from distillkit.quantize.surgery import find_targets
+    from tests import tiny
+
+    _, path = tiny.tiny_bert(tmp_path / "m")
+    model = load_model(path, task="feature-extraction", dtype="float32", device="cpu").model.eval()
+    batches = _padded_batches(16, length=10, pad=(0, 6))
+    chains = engine._chains(model, [model.encoder.layer[3], model.pooler], batches[0], "cpu")
+    assert isinstance(chains[0], tuple)  # called with the last layer's output and nothing else
+    targets = find_targets(model, (), embeddings=True)
+    r = {"bits": 4, "group_size": 32, "symmetric": False, "embedding_bits": 8}
+    fast = engine.gptq_states(model, targets, batches, r, 0.01, "cpu", act_order=True, clip_search=True)
+    assert not any(t.name in fast for t in targets if t.kind == "embedding")  # the caller quantizes them at 8 bits
+    monkeypatch.setattr(engine, "_chains", lambda model, blocks, batch, device: [False] * (len(blocks) - 1))
+    slow = engine.gptq_states(
+        model, targets, batches, {**r, "embedding_bits": 4}, 0.01, "cpu", act_order=True, clip_search=True
+    )
+    assert any(t.name in slow for t in targets if t.kind == "embedding")
+    assert "pooler.dense" in fast
+    for name in fast:
+        assert torch.equal(fast[name].codes, slow[name].codes), name
+        assert torch.equal(fast[name].scales, slow[name].scales), name

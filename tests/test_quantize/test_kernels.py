@@ -124,6 +124,33 @@ def test_load_picks_the_kernel_and_engines_keep_exact(int4_llama):
     assert q_proj.bits == 4 and q_proj._kernel._int4 is not None and q_proj._kernel.cached_bytes == 0
 
 
+@pytest.mark.parametrize("act_bits", [None, 8])
+def test_cached_is_the_exact_product_bit_for_bit(act_bits):
+    m = _layer(48, 64, 4, 32, False)
+    m.act_bits = act_bits
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(4))
+    ref = m(x)
+    m.set_kernel("cached")
+    assert m._kernel.cached_bytes == 0  # made on first use
+    assert torch.equal(m(x), ref) and torch.equal(m(x), ref)
+    assert m._kernel.cached_bytes == 48 * 64 * 4
+    y64 = m(x.double())  # a new dtype gets its own copy
+    assert m._kernel.cached_bytes == 48 * 64 * 8
+    m.set_kernel("dequant")
+    assert m._kernel is None and torch.equal(y64, m(x.double()))
+
+
+def test_cached_artifact_equals_dequant(int4_llama):
+    exact = distillkit.load(str(int4_llama), quant_kernel="dequant").model
+    cached = distillkit.load(str(int4_llama), quant_kernel="cached").model
+    assert cached.quant_kernel == "cached"
+    ids = torch.randint(3, 120, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(cached(ids).logits, exact(ids).logits)
+    manifest = json.loads((int4_llama / "distillkit.json").read_text())
+    assert manifest["metrics"]["reload_output_cosine"] >= 0.999
+
+
 def test_bench_rejects_unknown_quant_kernel(int4_llama, capsys):
     code = main(["bench", str(int4_llama), "--quant-kernel", "fast"])
     err = capsys.readouterr().err

@@ -5,4 +5,4 @@ It sits with the other shared model parts because ``load_model`` and ``export`` 
 stage (GPTQ, QAT, schemes) writes them. Importing this package does not import torch.
 """
 
-QUANT_KERNELS = ("auto", "cpu-bf16", "dequant")  # how packed layers multiply once loaded (see kernels.py)
+QUANT_KERNELS = ("auto", "cpu-bf16", "cached", "dequant")  # how packed layers multiply once loaded (see kernels.py)

@@ -9,6 +9,9 @@
   through a bf16 copy of the dequantized weight, made once on first use and kept (2 bytes per weight). Other layers
   (8-bit, 2-bit, learned codebooks, tied output projections) use the cached bf16 copy for every input. Outputs
   return in the input's dtype; the bias is added in that dtype.
+- ``cached``: the exact weight of ``dequant``, dequantized once on first use (per dtype and device) and kept: the
+  same outputs as ``dequant``, bit for bit, at the float model's speed and with its memory (4 bytes per weight in
+  fp32). What quantize measures its artifacts with, and the fast exact choice where memory is not the point.
 - ``auto`` (default): ``cpu-bf16`` when the model is on the CPU, the CPU has AVX512-BF16, and the int4 kernel
   passes a self-test against the exact path on this torch; ``dequant`` otherwise.
 
@@ -117,6 +120,34 @@ class CpuBf16Weight:
             y = F.linear(x2, self.dense())
         y = y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
         return y if bias is None else y + bias.to(x.dtype)
+
+
+class CachedWeight:
+    """The ``cached`` product: ``F.linear`` with the exact float weight, dequantized on first use and kept."""
+
+    def __init__(self, dequantize):
+        self._dequantize = dequantize
+        self._dense: torch.Tensor | None = None
+
+    @property
+    def cached_bytes(self) -> int:
+        return 0 if self._dense is None else self._dense.numel() * self._dense.element_size()
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        w = self._dense
+        if w is None or w.dtype != x.dtype or w.device != x.device:
+            w = self._dense = self._dequantize(x.dtype).to(x.device)
+        return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def make_kernel(kernel: str, dequantize, state=None) -> CpuBf16Weight | CachedWeight | None:
+    """The product object of one packed linear layer for a resolved ``kernel`` (None: ``dequant``, every call).
+    ``state`` (a QuantState, or None for a tied output projection) lets ``cpu-bf16`` use the int4 kernel."""
+    if kernel == "cached":
+        return CachedWeight(dequantize)
+    if kernel == "cpu-bf16":
+        return CpuBf16Weight(dequantize, None if state is None else int4_layout(state))
+    return None
 
 
 def int4_layout(state) -> tuple[torch.Tensor, torch.Tensor, int] | None:

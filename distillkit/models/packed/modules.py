@@ -104,20 +104,18 @@ class QuantLinear(_Packed):
         return self.dequantized_weight(self.scales.dtype if self.bias is None else self.bias.dtype)
 
     def set_kernel(self, kernel: str) -> None:
-        """``dequant`` or ``cpu-bf16`` (see :mod:`distillkit.models.packed.kernels`); activation fake-quant keeps
-        ``dequant``."""
-        fast = kernel == "cpu-bf16" and not self.act_bits
-        self._kernel = (
-            kernels.CpuBf16Weight(self.dequantized_weight, kernels.int4_layout(self.state())) if fast else None
+        """``dequant``, ``cached`` or ``cpu-bf16`` (see :mod:`distillkit.models.packed.kernels`); activation
+        fake-quant keeps exact products (``cpu-bf16`` falls back to ``dequant``)."""
+        if kernel == "cpu-bf16" and self.act_bits:
+            kernel = "dequant"
+        self._kernel = kernels.make_kernel(
+            kernel, self.dequantized_weight, self.state() if kernel == "cpu-bf16" else None
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fast = getattr(self, "_kernel", None)
-        if fast is not None and x.device.type == "cpu":
-            return fast(x, self.bias)
         if self.act_bits:
             x = qf.fake_quant_activations(x, self.act_bits)
-        return F.linear(x, self.dequantized_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return _product(self, x, self.dequantized_weight)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group_size={self.group_size}"
@@ -171,18 +169,25 @@ class TiedQuantLinear(nn.Module):
         return self._source[0].weight
 
     def set_kernel(self, kernel: str) -> None:
-        """As :meth:`QuantLinear.set_kernel`; the tied weight always goes through the cached bf16 copy."""
-        fast = kernel == "cpu-bf16" and not self.act_bits
-        self._kernel = kernels.CpuBf16Weight(self._source[0].dequantized_weight, None) if fast else None
+        """As :meth:`QuantLinear.set_kernel`; under ``cpu-bf16`` the tied weight always goes through the cached
+        bf16 copy."""
+        if kernel == "cpu-bf16" and self.act_bits:
+            kernel = "dequant"
+        self._kernel = kernels.make_kernel(kernel, self._source[0].dequantized_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fast = getattr(self, "_kernel", None)
-        if fast is not None and x.device.type == "cpu":
-            return fast(x, self.bias)
         if self.act_bits:
             x = qf.fake_quant_activations(x, self.act_bits)
-        w = self._source[0].dequantized_weight(x.dtype)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        return _product(self, x, self._source[0].dequantized_weight)
+
+
+def _product(layer: nn.Module, x: torch.Tensor, dequantize) -> torch.Tensor:
+    """``layer``'s output for ``x``: through its kernel object when it has one that runs here (``cpu-bf16`` only on
+    the CPU), else the exact weight dequantized for this call."""
+    fast = getattr(layer, "_kernel", None)
+    if fast is not None and (x.device.type == "cpu" or isinstance(fast, kernels.CachedWeight)):
+        return fast(x, layer.bias)
+    return F.linear(x, dequantize(x.dtype), None if layer.bias is None else layer.bias.to(x.dtype))
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
