@@ -495,6 +495,29 @@ def _qat(cfg: QuantizeConfig, src: mf.Source, loaded: Any, r: dict, init: dict, 
 
 
 @mf.releases_locks
+@dataclasses.dataclass
+class _Run:
+    """What the steps of :func:`quantize_model` share: the inputs, the loaded models and data, and the figures."""
+
+    cfg: QuantizeConfig
+    src: mf.Source
+    final: Path
+    r: dict  # the resolved scheme (bits, group size, method, format, ...)
+    device: Any
+    overwrite: bool = False
+    loaded: Any = None
+    model: Any = None  # the float model, quantized in place
+    teacher: Any = None
+    targets: list = dataclasses.field(default_factory=list)
+    save_dtype: Any = None
+    calib: list = dataclasses.field(default_factory=list)
+    evals: list = dataclasses.field(default_factory=list)
+    reference: Any = None  # what quality is measured against: the teacher, else a float copy of the model
+    metrics: dict = dataclasses.field(default_factory=dict)
+    timings: dict = dataclasses.field(default_factory=dict)
+    extra: dict = dataclasses.field(default_factory=dict)
+
+
 def quantize_model(cfg: QuantizeConfig, source: str | mf.Source, out: str, overwrite: bool = False) -> dict[str, Any]:
     """Quantize ``source`` as ``cfg`` says into the artifact directory ``out``; returns its manifest dict.
 
@@ -505,24 +528,22 @@ def quantize_model(cfg: QuantizeConfig, source: str | mf.Source, out: str, overw
     ``quality_ptq`` (the starting point) when quantized distillation ran; weight SQNR per layer (mean/min, dB);
     file sizes and their ratio.
     """
-    import torch
-
-    from distillkit.data.calibration import calibration_batches, held_out_quality
-    from distillkit.models.load import load_model, resolve_device
-    from distillkit.models.packed.format import FORMAT_VERSION, QUANT_METHOD, save_quantized
-    from distillkit.models.packed.kernels import select_kernel_
-    from distillkit.models.packed.modules import to_dynamic_int8_
-    from distillkit.models.save import copy_sentence_transformers_files
-    from distillkit.quantize import functional as qf
-    from distillkit.quantize.surgery import (
-        check_group_size,
-        find_targets,
-        quantize_states_rtn,
-        to_quantized_,
-        weight_of,
-    )
-
     t_start = time.perf_counter()
+    run = _start(cfg, source, out, overwrite)
+    _load(run)
+    run.timings["load_s"] = time.perf_counter() - t_start
+    _calibration_data(run)
+    qmodel, layout = _quantize(run)
+    check, expected = _expected_outputs(run, qmodel)
+    manifest = _write_artifact(run, qmodel, layout, check, expected, t_start)
+    _report(manifest)
+    return manifest.to_dict()
+
+
+def _start(cfg: QuantizeConfig, source: str | mf.Source, out: str, overwrite: bool) -> _Run:
+    """Check the request before anything heavy: the output, the scheme's dependencies and device, the source."""
+    from distillkit.models.load import resolve_device
+
     src = source if isinstance(source, mf.Source) else mf.read_source(source)
     final = mf.check_output(out, overwrite, protect=[src.path, cfg.teacher, cfg.data])
     r = cfg.resolved()
@@ -533,109 +554,154 @@ def quantize_model(cfg: QuantizeConfig, source: str | mf.Source, out: str, overw
         raise ConfigError("dynamic-int8 runs on the CPU", hint="pass --device cpu, or use --scheme int8 on a GPU")
     if src.kind != "hub":
         _refuse_quantized(src.path)
-    loaded = load_model(
-        src,
-        task=cfg.task,
-        dtype="float32",
-        device=str(device),
-        allow_pickle=cfg.allow_pickle,
-        trust_remote_code=cfg.trust_remote_code,
+    return _Run(cfg=cfg, src=src, final=final, r=r, device=device, overwrite=overwrite)
+
+
+def _load(run: _Run) -> None:
+    """The float model (and teacher) in float32, and the layers to quantize."""
+    import torch
+
+    from distillkit.models.load import load_model
+    from distillkit.quantize.surgery import check_group_size, find_targets
+
+    cfg, src = run.cfg, run.src
+    common = dict(
+        dtype="float32", device=str(run.device), allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code
     )
-    model = loaded.model.eval()
-    if loaded.task == "image-classification" and cfg.qat_steps and cfg.data is None:
+    run.loaded = load_model(src, task=cfg.task, **common)
+    run.model = run.loaded.model.eval()
+    if run.loaded.task == "image-classification" and cfg.qat_steps and cfg.data is None:
         raise DataError("quantized distillation of an image model needs images", hint="pass --data IMAGE_FOLDER")
-    save_dtype = _source_dtype(src.path) if src.kind != "hub" else torch.float32
-    targets = []
-    if r["format"] != "bnb":
-        targets = find_targets(model, cfg.skip, embeddings=cfg.embeddings and r["format"] == "packed")
-        if not targets:
+    run.save_dtype = _source_dtype(src.path) if src.kind != "hub" else torch.float32
+    if run.r["format"] != "bnb":
+        run.targets = find_targets(run.model, cfg.skip, embeddings=cfg.embeddings and run.r["format"] == "packed")
+        if not run.targets:
             raise ConfigError("nothing to quantize: every layer is skipped", hint="loosen --skip")
-        check_group_size(targets, r["group_size"])
-    teacher = None
+        check_group_size(run.targets, run.r["group_size"])
     if cfg.teacher:
-        teacher = load_model(
-            cfg.teacher,
-            task=loaded.task,
-            dtype="float32",
-            device=str(device),
-            allow_pickle=cfg.allow_pickle,
-            trust_remote_code=cfg.trust_remote_code,
-        )
-        teacher.model.eval().requires_grad_(False)
-    t_loaded = time.perf_counter()
+        run.teacher = load_model(cfg.teacher, task=run.loaded.task, **common)
+        run.teacher.model.eval().requires_grad_(False)
 
-    calib, evals, data_info = calibration_batches(cfg, loaded)
+
+def _calibration_data(run: _Run) -> None:
+    """Calibration and held-out batches, the reference model, and the float model's quality before quantization."""
+    import torch
+
+    from distillkit.data.calibration import calibration_batches, held_out_quality
+
+    run.calib, run.evals, data_info = calibration_batches(run.cfg, run.loaded)
     # the float model is quantized in place, so without a teacher the reference is a copy of it
-    reference = teacher.model if teacher is not None else copy.deepcopy(model)
-    metrics: dict[str, Any] = {}
-    timings: dict[str, float] = {"load_s": t_loaded - t_start}
-    extra: dict[str, Any] = {"calibration": data_info, "pooling": loaded.pooling}
-
+    run.reference = run.teacher.model if run.teacher is not None else copy.deepcopy(run.model)
+    run.extra.update(calibration=data_info, pooling=run.loaded.pooling)
     with torch.random.fork_rng(devices=[]):
-        metrics["quality_before"] = held_out_quality(model, evals, loaded, reference, device)
+        run.metrics["quality_before"] = held_out_quality(run.model, run.evals, run.loaded, run.reference, run.device)
 
+
+def _quantize(run: _Run) -> tuple[Any, dict | None]:
+    """The quantized model and its packed layout (None for bitsandbytes): post-training states (GPTQ or RTN),
+    embedding tables at their own bits, optional quantized distillation, then real low-bit modules."""
+    import torch
+
+    from distillkit.data.calibration import held_out_quality
+    from distillkit.models.packed.kernels import select_kernel_
+    from distillkit.quantize import functional as qf
+    from distillkit.quantize.surgery import to_quantized_, weight_of
+
+    cfg, r, model, metrics, timings = run.cfg, run.r, run.model, run.metrics, run.timings
     t0 = time.perf_counter()
     if r["format"] == "bnb":
         from distillkit.quantize.bnb import quantize_bnb
 
-        qmodel = quantize_bnb(src.path, loaded.task, cfg.scheme, device, trust_remote_code=cfg.trust_remote_code)
-        layout = None
-    else:
-        originals = {t.name: weight_of(model, t).detach().clone() for t in targets if t.kind != "tied"}
-        if r["method"] == "gptq":
-            if not calib:
-                raise DataError(
-                    "GPTQ needs calibration data, and there is none", hint="give --data or use --method rtn"
-                )
-            states = gptq_states(
-                model, targets, calib, r, cfg.damp, device, act_order=cfg.act_order, clip_search=cfg.clip_search
-            )
-        else:
-            states = quantize_states_rtn(model, targets, r["bits"], r["group_size"], r["symmetric"])
-        if r["embedding_bits"] != r["bits"]:  # mixed precision: embedding tables at their own bits
-            eb = r["embedding_bits"]
-            for t in targets:
-                if t.kind == "embedding":
-                    w = weight_of(model, t).detach()
-                    states[t.name] = (
-                        qf.quantize_rtn(w, 8, 0, True)
-                        if eb == 8
-                        else _rtn_state(w, eb, r["group_size"], r["symmetric"], cfg.clip_search, _group_params())
-                    )
-        timings["calibrate_s"] = time.perf_counter() - t0
-        qmodel = model
-        if cfg.qat_steps:
-            ptq = copy.deepcopy(model)
-            to_quantized_(ptq, targets, states)
-            select_kernel_(ptq, "cached", device)
-            with torch.random.fork_rng(devices=[]):
-                metrics["quality_ptq"] = held_out_quality(ptq, evals, loaded, reference, device)
-            del ptq
-            t_qat = time.perf_counter()
-            qmodel, states, extra["qat"] = _qat(cfg, src, loaded, r, states, final)
-            qmodel.to(device)
-            timings["qat_s"] = time.perf_counter() - t_qat
-        sq = [qf.sqnr_db(originals[n], st.dequantize()) for n, st in states.items()]
-        metrics["weight_sqnr_db_mean"] = sum(sq) / len(sq)
-        metrics["weight_sqnr_db_min"] = min(sq)
-        layout = to_quantized_(qmodel, targets, states, act_bits=cfg.act_bits)
-        n_q = sum(t.in_features * t.out_features for t in targets if t.kind != "tied")
-        metrics["quantized_params"] = n_q
+        qmodel = quantize_bnb(
+            run.src.path, run.loaded.task, cfg.scheme, run.device, trust_remote_code=cfg.trust_remote_code
+        )
+        timings["quantize_s"] = time.perf_counter() - t0
+        return qmodel, None
+    originals = {t.name: weight_of(model, t).detach().clone() for t in run.targets if t.kind != "tied"}
+    states = _post_training_states(run)
+    timings["calibrate_s"] = time.perf_counter() - t0
+    qmodel = model
+    if cfg.qat_steps:
+        ptq = copy.deepcopy(model)
+        to_quantized_(ptq, run.targets, states)
+        select_kernel_(ptq, "cached", run.device)
+        with torch.random.fork_rng(devices=[]):
+            metrics["quality_ptq"] = held_out_quality(ptq, run.evals, run.loaded, run.reference, run.device)
+        del ptq
+        t_qat = time.perf_counter()
+        qmodel, states, run.extra["qat"] = _qat(cfg, run.src, run.loaded, r, states, run.final)
+        qmodel.to(run.device)
+        timings["qat_s"] = time.perf_counter() - t_qat
+    sq = [qf.sqnr_db(originals[n], st.dequantize()) for n, st in states.items()]
+    metrics["weight_sqnr_db_mean"] = sum(sq) / len(sq)
+    metrics["weight_sqnr_db_min"] = min(sq)
+    layout = to_quantized_(qmodel, run.targets, states, act_bits=cfg.act_bits)
+    metrics["quantized_params"] = sum(t.in_features * t.out_features for t in run.targets if t.kind != "tied")
     timings["quantize_s"] = time.perf_counter() - t0
+    return qmodel, layout
 
-    # the converted model as it runs in memory: the reload of the written files must reproduce it. Packed layers
-    # multiply with the exact weight kept once dequantized ("cached": the same outputs as dequantizing every call).
-    if layout is not None and r["format"] == "packed":
-        select_kernel_(qmodel, "cached", device)
+
+def _post_training_states(run: _Run) -> dict:
+    """Every target's quantized state: GPTQ (or RTN) at the scheme's bits, embedding tables at theirs."""
+    from distillkit.quantize import functional as qf
+    from distillkit.quantize.surgery import quantize_states_rtn, weight_of
+
+    cfg, r, model = run.cfg, run.r, run.model
+    if r["method"] == "gptq":
+        if not run.calib:
+            raise DataError("GPTQ needs calibration data, and there is none", hint="give --data or use --method rtn")
+        states = gptq_states(
+            model, run.targets, run.calib, r, cfg.damp, run.device, act_order=cfg.act_order, clip_search=cfg.clip_search
+        )
+    else:
+        states = quantize_states_rtn(model, run.targets, r["bits"], r["group_size"], r["symmetric"])
+    eb = r["embedding_bits"]
+    if eb != r["bits"]:  # mixed precision: embedding tables at their own bits
+        for t in run.targets:
+            if t.kind == "embedding":
+                w = weight_of(model, t).detach()
+                states[t.name] = (
+                    qf.quantize_rtn(w, 8, 0, True)
+                    if eb == 8
+                    else _rtn_state(w, eb, r["group_size"], r["symmetric"], cfg.clip_search, _group_params())
+                )
+    return states
+
+
+def _expected_outputs(run: _Run, qmodel: Any) -> tuple[list[dict], list[Any]]:
+    """The check batches and the converted model's outputs on them, as it runs in memory: the reload of the written
+    files must reproduce them. Packed layers multiply with the exact weight kept once dequantized ("cached": the
+    same outputs as dequantizing every call)."""
+    from distillkit.models.packed.kernels import select_kernel_
+    from distillkit.models.packed.modules import to_dynamic_int8_
+
+    if run.r["format"] == "packed":
+        select_kernel_(qmodel, "cached", run.device)
     eval_model = qmodel
-    if r["format"] == "dynamic":
+    if run.r["format"] == "dynamic":
         eval_model = to_dynamic_int8_(copy.deepcopy(qmodel).cpu())
     # Recorded before the save: saving can change the in-memory model (bitsandbytes unpacks its CPU layout in
     # place), and a model compared with itself after that would agree with a broken reload.
-    check = [_check_rows(b) for b in (evals or calib or _sample_batches(model, loaded))[:_CHECK_BATCHES]]
+    check = [
+        _check_rows(b) for b in (run.evals or run.calib or _sample_batches(run.model, run.loaded))[:_CHECK_BATCHES]
+    ]
     with _no_cpu_repack(eval_model):
-        expected_outputs = [_outputs(eval_model, b, device).half().cpu() for b in check]
+        expected = [_outputs(eval_model, b, run.device).half().cpu() for b in check]
+    return check, expected
 
+
+def _write_artifact(
+    run: _Run, qmodel: Any, layout: dict | None, check: list[dict], expected: list[Any], t_start: float
+) -> mf.Manifest:
+    """Save, reload the files the way a user would, refuse an unfaithful reload, measure quality on the reload, and
+    finalize the artifact with its manifest. Nothing is left at ``--out`` if any of it fails."""
+    import torch
+
+    from distillkit.data.calibration import held_out_quality
+    from distillkit.models.packed.format import FORMAT_VERSION, QUANT_METHOD, save_quantized
+    from distillkit.models.save import copy_sentence_transformers_files
+
+    cfg, r, metrics = run.cfg, run.r, run.metrics
     qc = None
     if layout is not None:
         qc = {
@@ -646,53 +712,54 @@ def quantize_model(cfg: QuantizeConfig, source: str | mf.Source, out: str, overw
             "runtime": "dynamic-int8" if r["format"] == "dynamic" else "dequant",
             "modules": layout,
         }
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with mf.atomic_artifact(final, overwrite) as tmp:
+    run.final.parent.mkdir(parents=True, exist_ok=True)
+    with mf.atomic_artifact(run.final, run.overwrite) as tmp:
         if qc is not None:
-            save_quantized(qmodel, tmp, qc, save_dtype)
+            save_quantized(qmodel, tmp, qc, run.save_dtype)
         else:
             qmodel.save_pretrained(tmp, safe_serialization=True)
-        if loaded.processor is not None:
-            loaded.processor.save_pretrained(tmp)
-        copy_sentence_transformers_files(src.path, tmp)
+        if run.loaded.processor is not None:
+            run.loaded.processor.save_pretrained(tmp)
+        copy_sentence_transformers_files(run.src.path, tmp)
         # Every figure in the manifest describes the files as written: reload them the way a user would, refuse
         # if the reload does not reproduce the converted model, and measure quality on the reload.
         t_check = time.perf_counter()
-        reloaded = reload_artifact(tmp, loaded.task, r["format"], cfg.scheme, device)
-        fidelity = output_cosine(expected_outputs, reloaded, check, device)
+        reloaded = reload_artifact(tmp, run.loaded.task, r["format"], cfg.scheme, run.device)
+        fidelity = output_cosine(expected, reloaded, check, run.device)
         if not fidelity >= 1.0 - RELOAD_TOLERANCE:
-            raise _unfaithful(cfg.scheme, device, f"its outputs have cosine {fidelity:.3f} to the converted model's")
+            raise _unfaithful(
+                cfg.scheme, run.device, f"its outputs have cosine {fidelity:.3f} to the converted model's"
+            )
         metrics["reload_output_cosine"] = fidelity
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            metrics["quality_after"] = held_out_quality(reloaded, evals, loaded, reference, device)
+            metrics["quality_after"] = held_out_quality(reloaded, run.evals, run.loaded, run.reference, run.device)
         del reloaded
-        timings["reload_check_s"] = time.perf_counter() - t_check
+        run.timings["reload_check_s"] = time.perf_counter() - t_check
         for stage in ("before", "ptq", "after"):
             for k, v in metrics.get(f"quality_{stage}", {}).items():
                 metrics[f"{stage}_{k}"] = v
-        metrics["source_bytes"] = _weight_bytes(src.path) if src.kind != "hub" else None
+        metrics["source_bytes"] = _weight_bytes(run.src.path) if run.src.kind != "hub" else None
         metrics["artifact_bytes"] = _weight_bytes(tmp)
         if metrics["source_bytes"]:
             metrics["size_ratio"] = metrics["artifact_bytes"] / metrics["source_bytes"]
         manifest = mf.Manifest(
             stage="quantize",
-            path=str(final),
-            task=loaded.task,
-            model_type=getattr(loaded.config, "model_type", None),
+            path=str(run.final),
+            task=run.loaded.task,
+            model_type=getattr(run.loaded.config, "model_type", None),
             inputs={
-                "model": mf.describe_input(src.path, src.manifest),
-                **({"teacher": mf.describe_input(teacher.path, None)} if teacher is not None else {}),
+                "model": mf.describe_input(run.src.path, run.src.manifest),
+                **({"teacher": mf.describe_input(run.teacher.path, None)} if run.teacher is not None else {}),
             },
             config={**cfg.to_dict(), "resolved": r},
             metrics=metrics,
-            timings={**timings, "total_s": time.perf_counter() - t_start},
-            history=mf.history_of(src),
-            extra=extra,
+            timings={**run.timings, "total_s": time.perf_counter() - t_start},
+            history=mf.history_of(run.src),
+            extra=run.extra,
         )
-        mf.finalize_artifact(tmp, manifest, final)
-    _report(manifest)
-    return manifest.to_dict()
+        mf.finalize_artifact(tmp, manifest, run.final)
+    return manifest
 
 
 # ----------------------------------------------------------------------------------------------------------------
