@@ -322,3 +322,71 @@ class BlockSparseAttnProcessor:
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+
+class WanBlockSparseAttnProcessor(BlockSparseAttnProcessor):
+    """Block-sparse self-attention for diffusers' ``WanAttention`` (the Wan video transformer's attention module).
+
+    Self-attention over the video tokens (Wan's ``attn1``: rotary position embedding, no mask) runs block-sparse
+    through :func:`block_sparse_attention`; cross-attention to the text (``attn2``) and calls with a mask are handed
+    to diffusers' own ``WanAttnProcessor`` unchanged. Use ``transformer.set_attn_processor(
+    WanBlockSparseAttnProcessor("tiles:21,30,52:3,6,8", block_size=64))``; tokens are in Wan's
+    ``[frames, height, width]`` patch raster order, so ``tiles:F,H,W`` takes the patch grid.
+    """
+
+    def __call__(  # type: ignore[override]
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        from diffusers.models.embeddings import apply_rotary_emb
+        from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+        if encoder_hidden_states is not None or attention_mask is not None or attn.add_k_proj is not None:
+            return WanAttnProcessor()(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        if attn.fused_projections:
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        # [B, T, H, D], as WanAttnProcessor lays them out
+        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
+        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        if rotary_emb is not None:
+            # Wan's rotary table is [1, T, 1, D] with each frequency repeated for the (even, odd) channel pair:
+            # diffusers' generic real-valued rotation on the [T, D] table is the same arithmetic
+            freqs = (rotary_emb[0][0, :, 0], rotary_emb[1][0, :, 0])
+            query = apply_rotary_emb(query, freqs, use_real=True, use_real_unbind_dim=-1, sequence_dim=1)
+            key = apply_rotary_emb(key, freqs, use_real=True, use_real_unbind_dim=-1, sequence_dim=1)
+        out = block_sparse_attention(
+            query.transpose(1, 2),
+            key.transpose(1, 2),
+            value.transpose(1, 2),
+            self.mask_spec,
+            block_size=self.block_size,
+            backend=self.backend,
+        )
+        hidden_states = out.transpose(1, 2).flatten(2, 3).type_as(query)
+        hidden_states = attn.to_out[0](hidden_states)
+        return attn.to_out[1](hidden_states)
+
+
+def set_diffusers_sparse_attention(model: Any, spec: str, block_size: int = 64, backend: str = "auto") -> int:
+    """Give every attention layer of a diffusers denoiser block-sparse self-attention with ``spec``: diffusers'
+    ``Attention`` (UNet, DiT, SD3) gets :class:`BlockSparseAttnProcessor`, Wan's ``WanAttention``
+    :class:`WanBlockSparseAttnProcessor` (cross-attention stays dense in both). Works where the model has no
+    ``set_attn_processor`` (UNet2DModel, DiT). Returns how many layers were switched."""
+    from diffusers.models.attention_processor import Attention
+
+    layers = [m for m in model.modules() if isinstance(m, Attention) or type(m).__name__ == "WanAttention"]
+    if not layers:
+        raise ConfigError("--sparse-attention needs a model with attention layers", "drop --sparse-attention")
+    plain = BlockSparseAttnProcessor(spec, block_size=block_size, backend=backend)
+    wan = WanBlockSparseAttnProcessor(spec, block_size=block_size, backend=backend)
+    for layer in layers:
+        layer.set_processor(plain if isinstance(layer, Attention) else wan)
+    return len(layers)

@@ -32,6 +32,24 @@ INT64_MAX = 2**63 - 1
 SEED_MAX = 2**32 - 1
 
 
+def parse_video_shape(text: Any, flag: str = "--video-shape") -> tuple[int, int, int] | None:
+    """``"F,H,W"`` (or ``[F, H, W]`` from a config file) -> ``(F, H, W)``: the latent frames, height and width a
+    video denoiser samples (torch-free)."""
+    if text is None:
+        return None
+    parts = text if isinstance(text, (list, tuple)) else str(text).split(",")
+    try:
+        vals = tuple(int(v) for v in parts)
+    except ValueError:
+        vals = ()
+    if len(vals) != 3 or min(vals) < 1:
+        raise ConfigError(
+            f"{flag} must be three positive integers FRAMES,HEIGHT,WIDTH of the latent video (got {text!r})",
+            hint=f"pass e.g. {flag} 21,60,104 (Wan's 81 frames at 480x832)",
+        )
+    return vals  # type: ignore[return-value]
+
+
 def _toml_load(path: Path) -> dict[str, Any]:
     try:
         import tomllib
@@ -433,9 +451,12 @@ class DiffusionOptions(BaseConfig):
     # the student trains with block-sparse attention (mask spec, e.g. "topk:0.25")
     sparse_attention: str | None = None
     sparse_block_size: int = 64
+    # video denoisers (WanTransformer3DModel): the latent "FRAMES,HEIGHT,WIDTH" to sample; their config has no size
+    video_shape: str | None = None
 
     def __post_init__(self) -> None:
         _check_ints(self)
+        parse_video_shape(self.video_shape)
         _check(
             self.method is None or self.method in DIFFUSION_METHODS,
             f"--method must be one of {', '.join(DIFFUSION_METHODS)} (got {self.method})",

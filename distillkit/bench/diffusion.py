@@ -21,6 +21,10 @@ Text-conditioned pipelines (cross-attention UNet with a text encoder) are condit
 else the ``prompt_texts`` that ``distill --prompts`` recorded in an artifact's manifest. A prompt is drawn per sample
 after its noise (as for class labels, and as ``distill``'s evaluation draws them), and each model encodes the prompts
 once with its own text encoder, outside the timed runs; guidance's unconditional branch is the empty prompt.
+
+Video models (Wan) sample latent videos [C, F, H, W] of ``--video-shape``, else of the size recorded in their manifest
+(for a teacher, in its students'); MSE/PSNR are over whole videos, the Fréchet distance over frames. A student
+distilled with ``--sparse-attention`` is run with the block-sparse self-attention its manifest records.
 """
 
 from __future__ import annotations
@@ -107,15 +111,35 @@ def _same_path(a: str, b: str) -> bool:
         return False
 
 
-def _teacher_steps_of(base: mf.Source, others: list[mf.Source]) -> int | None:
-    """The ``--teacher-steps`` recorded by the students (among ``others``) that were distilled from ``base``."""
-    found = set()
+def _students_of(base: mf.Source, others: list[mf.Source]) -> list[mf.Manifest]:
+    """The manifests of the students (among ``others``) that were distilled from ``base``."""
+    found = []
     for s in others:
         m = s.manifest
         teacher = (m.inputs.get("teacher") or {}).get("path") if m is not None else None
-        if teacher and _same_path(teacher, base.path) and m.config.get("teacher_steps"):
-            found.add(int(m.config["teacher_steps"]))
+        if teacher and _same_path(teacher, base.path):
+            found.append(m)
+    return found
+
+
+def _teacher_steps_of(base: mf.Source, others: list[mf.Source]) -> int | None:
+    """The ``--teacher-steps`` recorded by the students (among ``others``) that were distilled from ``base``."""
+    found = {int(m.config["teacher_steps"]) for m in _students_of(base, others) if m.config.get("teacher_steps")}
     return found.pop() if len(found) == 1 else None
+
+
+def video_shape_of(cfg: BenchConfig, src: mf.Source, others: list[mf.Source]) -> tuple[int, int, int] | None:
+    """The latent (frames, height, width) a video model is sampled at: ``--video-shape``, else its manifest's
+    ``video_shape``, else the one its students recorded (a teacher benched against its students); None for image
+    models, whose size is in their config."""
+    from distillkit.config import parse_video_shape
+
+    if cfg.video_shape is not None:
+        return parse_video_shape(cfg.video_shape)
+    if (own := _extra(src).get("video_shape")) is not None:
+        return parse_video_shape(own)
+    found = {tuple(v) for m in _students_of(src, others) if (v := m.extra.get("video_shape"))}
+    return parse_video_shape(found.pop()) if len(found) == 1 else None
 
 
 def _guidance_scale(entries: list[tuple[mf.Source, bool]]) -> float | None:
@@ -261,7 +285,8 @@ class Sampler:
 
 @dataclass
 class Inputs:
-    """The timed batch (noise [B, C, H, W], labels [B] or None) and the quality noises [Q, C, H, W] / labels [Q].
+    """The timed batch (noise [B, C, H, W] or, for video, [B, C, F, H, W]; labels [B] or None) and the quality
+    noises [Q, ...] / labels [Q].
 
     Labels are class ids, or prompt ids into ``prompts`` for text-conditioned models (``classes`` is then P)."""
 
@@ -269,7 +294,7 @@ class Inputs:
     labels: Any
     quality_noise: Any
     quality_labels: Any
-    sample_shape: tuple[int, int, int]
+    sample_shape: tuple[int, ...]
     classes: int
     prompts: list[str] | None = None
     # the distribution noises [M, C, H, W] / labels [M] of the Fréchet distance (seed + 2)
@@ -433,13 +458,19 @@ def measure(
         torch.cuda.empty_cache()
     with PeakMemory(device) as memory:
         t0 = time.perf_counter()
-        dm = load_diffusion(src.path, device=device)
+        dm = load_diffusion(src.path, device=device, video_shape=video_shape_of(cfg, src, others))
         if dm.text_conditioned and prompts is None:
             # zero or made-up encoder states would time and score a model not used as it is meant to be
             raise ConfigError(
                 f"{src.path} is a text-conditioned pipeline and no prompts were recorded by distill",
                 hint="pass --prompts FILE with one prompt per line",
             )
+        sparse = _extra(src).get("sparse_attention")
+        if sparse:
+            # a sparse-attention student runs as it was trained (and as distill measured it)
+            from distillkit.attention import set_diffusers_sparse_attention
+
+            set_diffusers_sparse_attention(dm.model, sparse["spec"], int(sparse["block_size"]))
         sync_device(device)
         load_s = time.perf_counter() - t0
         if inputs is None:
@@ -461,6 +492,8 @@ def measure(
     notes: list[str] = []
     if plan.steps_from == "default":
         notes.append(f"{plan.steps} steps is the default: pass --diffusion-steps N (or --against its teacher)")
+    if sparse:
+        notes.append(f"block-sparse self-attention {sparse['spec']} (block {sparse['block_size']}), as distilled")
     if inputs.prompts is not None:
         notes.append(
             f"{len(inputs.prompts)} prompts ({prompts_from}), encoded once by its own text encoder (not timed)"
@@ -598,6 +631,13 @@ def run_diffusion_bench(
         f"same_steps_*: {base['name']} itself sampled at the model's step count from the same noises (the "
         "same-cost comparison)",
     ]
+    video = len(base["sample_shape"]) == 4
+    if video:
+        frames = base["sample_shape"][1]
+        notes.append(
+            f"video samples {base['sample_shape']} (C, frames, height, width, latent): MSE/PSNR over whole videos; "
+            f"fd over frames, each of the {frames} frames of a video one sample ({n_dist * frames} per model)"
+        )
     report = build_report(
         cfg,
         records,
@@ -621,6 +661,7 @@ def run_diffusion_bench(
         "distribution_measure": "frechet distance, fixed random conv features (distillkit.models.sample_features)",
         "reference": base["name"],
         "reference_steps": base["steps"],
+        "video_shape": base["sample_shape"][1:] if video else None,
         "guidance_scale": guidance,
         "prompts": prompts if inputs is not None and inputs.prompts is not None else None,
         "prompts_from": prompts_from if inputs is not None and inputs.prompts is not None else None,

@@ -455,6 +455,8 @@ def run_bench(cfg: BenchConfig, sources: list[Any] | None = None) -> dict[str, A
         raise ConfigError("--diffusion-steps applies to diffusers models only", hint="drop --diffusion-steps")
     if cfg.prompts is not None:
         raise ConfigError("--prompts applies to text-conditioned diffusers pipelines only", hint="drop --prompts")
+    if cfg.video_shape is not None:
+        raise ConfigError("--video-shape applies to video diffusers models only", hint="drop --video-shape")
     notes: list[str] = []
     if cfg.data is None and cfg.eval_data is None:
         notes.append(

@@ -123,6 +123,14 @@ def bench(
             "noise (default: the prompts distill recorded in a MODEL's manifest).",
         ),
     ] = None,
+    video_shape: Annotated[
+        str | None,
+        typer.Option(
+            "--video-shape",
+            help="Video diffusers models (Wan): FRAMES,HEIGHT,WIDTH of the latent video to sample (default: the "
+            "one distill recorded in the manifests).",
+        ),
+    ] = None,
     allow_pickle: o.AllowPickle = None,
     trust_remote_code: o.TrustRemoteCode = None,
     preset: o.Preset = None,
@@ -208,6 +216,7 @@ def bench(
         seed=seed,
         diffusion_steps=diffusion_steps,
         prompts=prompts,
+        video_shape=video_shape,
         allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code,
         command=shlex.join(sys.argv),

@@ -265,13 +265,22 @@ def distill(
     eval_samples: Annotated[
         int | None, typer.Option("--eval-samples", help="Diffusion: samples compared with the teacher (default 16).")
     ] = None,
+    video_shape: Annotated[
+        str | None,
+        typer.Option(
+            "--video-shape",
+            help="Diffusion, video transformers (Wan): FRAMES,HEIGHT,WIDTH of the latent video to sample (required "
+            "for them; e.g. 21,60,104 is Wan's 81 frames at 480x832).",
+        ),
+    ] = None,
     # sparse attention
     sparse_attention: Annotated[
         str | None,
         typer.Option(
             "--sparse-attention",
             help="Train the student with block-sparse attention: causal, window:TOKENS, strided:S[,G], "
-            "tiles:F,H,W[:TF,TH,TW], topk:FRACTION or cdf:THRESHOLD (transformers students).",
+            "tiles:F,H,W[:TF,TH,TW], topk:FRACTION or cdf:THRESHOLD (transformers students; diffusers students' "
+            "self-attention, Wan video transformers included).",
         ),
     ] = None,
     sparse_block_size: Annotated[
@@ -348,6 +357,7 @@ def distill(
         labels=labels,
         prompts=prompts,
         eval_samples=eval_samples,
+        video_shape=video_shape,
         sparse_attention=sparse_attention,
         sparse_block_size=sparse_block_size,
         fused_loss=fused_loss,

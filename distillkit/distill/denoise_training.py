@@ -12,25 +12,18 @@ from typing import Any
 import torch
 
 from distillkit.config import DistillConfig
-from distillkit.errors import ConfigError, TrainingError
+from distillkit.errors import TrainingError
 
 
 def apply_sparse_attention(model: Any, sparse: tuple[str, int] | None) -> int:
-    """Put block-sparse self-attention processors into every diffusers ``Attention`` of ``model`` (UNet2DModel
-    and DiT have no ``set_attn_processor``); returns how many there are."""
+    """Put block-sparse self-attention processors into every attention layer of ``model`` (diffusers ``Attention``,
+    or Wan's ``WanAttention``; see :func:`distillkit.attention.set_diffusers_sparse_attention`); ``sparse`` is
+    ``(spec, block_size)`` or None (nothing changes). Returns how many layers there are."""
     if sparse is None:
         return 0
-    from diffusers.models.attention_processor import Attention
+    from distillkit.attention import set_diffusers_sparse_attention
 
-    from distillkit.attention import BlockSparseAttnProcessor
-
-    layers = [m for m in model.modules() if isinstance(m, Attention)]
-    if not layers:
-        raise ConfigError("--sparse-attention needs a model with attention layers", hint="drop --sparse-attention")
-    processor = BlockSparseAttnProcessor(sparse[0], block_size=sparse[1])
-    for layer in layers:
-        layer.set_processor(processor)
-    return len(layers)
+    return set_diffusers_sparse_attention(model, sparse[0], sparse[1])
 
 
 class ProgressBar:

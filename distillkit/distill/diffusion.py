@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from distillkit.config import DistillConfig
+from distillkit.config import DistillConfig, parse_video_shape
 from distillkit.distill.denoise_training import (
     ProgressBar,
     apply_sparse_attention,
@@ -616,7 +616,16 @@ def _pool_and_train(cfg: DistillConfig, dm: DiffusionModel, schedule: Any, label
 
 def _usage(cfg: DistillConfig, dm: DiffusionModel, scheduler_name: str, steps: int, sparse: tuple | None) -> str:
     """How to sample with the saved student (the model card's usage paragraph)."""
-    if dm.flow:
+    if dm.video:
+        f, h, w = dm.video_shape
+        usage = (
+            f"Sample with the saved {scheduler_name} (Euler, the teacher's shift) in "
+            f"`num_inference_steps={steps}`, latents [B, {dm.sample_shape[0]}, {f}, {h}, {w}] (frames, height, "
+            f"width). The transformer is conditioned on zero text embeddings: with a pipeline, pass "
+            f"`prompt_embeds=torch.zeros(B, 1, {dm.model.config.text_dim})`, `guidance_scale=1.0`, "
+            f"`latents=noise` and the `num_frames`/`height`/`width` whose latent size that is."
+        )
+    elif dm.flow:
         usage = (
             f"Sample with the saved {scheduler_name} (Euler, the teacher's shift) in "
             f"`num_inference_steps={steps}`. The transformer is conditioned on zero text embeddings: with a "
@@ -641,7 +650,8 @@ def _usage(cfg: DistillConfig, dm: DiffusionModel, scheduler_name: str, steps: i
         usage += (
             f" The student was trained with block-sparse self-attention `{sparse[0]}` (block {sparse[1]}): "
             f"`distillkit.distill.denoise_training.apply_sparse_attention(model, ({sparse[0]!r}, {sparse[1]}))` "
-            "reproduces it (every Attention gets BlockSparseAttnProcessor); without it the model runs dense attention."
+            "reproduces it (every attention layer gets a block-sparse processor); without it the model runs dense "
+            "attention."
         )
     return usage
 
@@ -674,6 +684,8 @@ def _extra(
         ),
         "sparse_attention": {"spec": sparse[0], "block_size": sparse[1]} if sparse else None,
         "teacher_pool": pool_size,
+        # a video model's latent (frames, height, width): its config does not hold it, and bench samples it
+        "video_shape": list(dm.video_shape) if dm.video else None,
     }
 
 
@@ -699,7 +711,7 @@ def run_diffusion_distill(cfg: DistillConfig, *, out: str, overwrite: bool = Fal
     device = resolve_device(cfg.optim.device)
     torch.manual_seed(cfg.optim.seed)
     t0 = time.perf_counter()
-    dm = load_diffusion(src.path, device=device)
+    dm = load_diffusion(src.path, device=device, video_shape=parse_video_shape(cfg.diffusion.video_shape))
     check_method(cfg, dm)
     labels = read_labels(cfg, dm)
     sparse = _sparse_spec(cfg)

@@ -1,4 +1,5 @@
-"""Step distillation of flow-matching teachers (``SD3Transformer2DModel`` + ``FlowMatchEulerDiscreteScheduler``).
+"""Step distillation of flow-matching teachers (``SD3Transformer2DModel``, or the video ``WanTransformer3DModel``,
+with ``FlowMatchEulerDiscreteScheduler``); samples are images [B, C, H, W] or videos [B, C, F, H, W] alike.
 
 Data-free, as for DDPM-family teachers: the pool is ``--max-samples`` pairs (noise, the teacher's
 ``--teacher-steps``-step Euler sample from it). Every student samples with plain Euler on the saved scheduler's
@@ -42,7 +43,7 @@ from distillkit.distill.denoise_training import (
     trainable_copy,
 )
 from distillkit.models.diffusion import copy_student
-from distillkit.models.flow import FlowSchedule, euler_sample, shift_sigma, velocity
+from distillkit.models.flow import FlowSchedule, euler_sample, per_sample, shift_sigma, velocity
 
 POOL_BATCH = 64
 EMA_DECAY = 0.95
@@ -94,7 +95,7 @@ def progressive_flow_target(teacher: Any, schedule: FlowSchedule, x: torch.Tenso
     with torch.no_grad():
         y = schedule.euler(x, velocity(teacher, schedule, x, s), s, mid)
         y = schedule.euler(y, velocity(teacher, schedule, y, mid), mid, s_next)
-    return (y - x) / (s_next - s).view(-1, 1, 1, 1)
+    return (y - x) / per_sample(s_next - s, x)
 
 
 def progressive_flow_loss(student, teacher, schedule: FlowSchedule, x0, steps: int, gen) -> torch.Tensor:
@@ -209,7 +210,7 @@ def backward_simulate(generator, schedule: FlowSchedule, noise, k: torch.Tensor,
         for j in range(int(k.max()) if b else 0):
             s = torch.full((b,), sigmas[j], device=x.device)
             moved = schedule.euler(x, velocity(generator, schedule, x, s), s, torch.full_like(s, sigmas[j + 1]))
-            x = torch.where((k > j).view(-1, 1, 1, 1), moved, x)
+            x = torch.where(per_sample(k > j, x), moved, x)
     return x, _grid(sigmas, k)
 
 
@@ -225,7 +226,8 @@ def dmd_loss(x0_gen, teacher, fake, schedule: FlowSchedule, sigma, noise) -> tor
         x = schedule.add_noise(x0_gen, noise, sigma)
         real = schedule.x0_eps(velocity(teacher, schedule, x, sigma), x, sigma)[0]
         fake_x0 = schedule.x0_eps(velocity(fake, schedule, x, sigma), x, sigma)[0]
-        weight = (x0_gen - real).abs().mean(dim=(1, 2, 3), keepdim=True).clamp(min=1e-8)
+        weight = (x0_gen - real).abs().flatten(1).mean(1).clamp(min=1e-8)
+        weight = per_sample(weight, x0_gen)
         grad = torch.nan_to_num((fake_x0 - real) / weight)
     return 0.5 * ((x0_gen - (x0_gen - grad).detach()) ** 2).mean()
 

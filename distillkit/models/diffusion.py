@@ -20,9 +20,13 @@ branch of guidance is the empty prompt's embedding. A cross-attention UNet witho
 for a class-conditional UNet, its last embedding (id ``num_class_embeds - 1``), which then is not sampled as a
 class; the UNet must have been trained with that label dropout for guidance to mean anything.
 
-Flow-matching transformers (``SD3Transformer2DModel`` with ``FlowMatchEulerDiscreteScheduler``, velocity prediction)
-are sampled with Euler on the scheduler's own sigma grid (:mod:`distillkit.models.flow`); they are conditioned on zero
-text embeddings (a pipeline saved without its text encoders), and a pipeline with text encoders is refused.
+Flow-matching transformers (``SD3Transformer2DModel`` or the video ``WanTransformer3DModel``, with
+``FlowMatchEulerDiscreteScheduler``, velocity prediction) are sampled with Euler on the scheduler's own sigma grid
+(:mod:`distillkit.models.flow`); they are conditioned on zero text embeddings (a pipeline saved without its text
+encoders), and a pipeline with text encoders is refused. A video transformer's config has no sample size: the latent
+``(frames, height, width)`` it samples is given to :func:`load_diffusion` (``--video-shape``), and its samples are
+[C, F, H, W]. Wan 2.2's two-expert (``transformer_2``) and per-token-timestep (``expand_timesteps``) pipelines and
+image-conditioned Wan transformers are refused by name.
 
 Sampling of DDPM-family models here is deterministic DDIM (eta 0) with ``trailing`` timestep spacing, so that a few-step run starts
 from pure noise; :func:`ddim_step` reproduces ``DDIMScheduler.step`` (clip_sample included) for any pair of
@@ -45,9 +49,12 @@ MODEL_CLASSES = (
     "DiTTransformer2DModel",
     "Transformer2DModel",
     "SD3Transformer2DModel",
+    "WanTransformer3DModel",
 )
 # flow-matching transformers (velocity prediction, FlowMatchEulerDiscreteScheduler); see distillkit.models.flow
-FLOW_MODEL_CLASSES = ("SD3Transformer2DModel",)
+FLOW_MODEL_CLASSES = ("SD3Transformer2DModel", "WanTransformer3DModel")
+# video denoisers: samples [C, F, H, W] of a latent size given at load time (their config does not hold one)
+VIDEO_MODEL_CLASSES = ("WanTransformer3DModel",)
 # pipeline components of a text-conditioned flow pipeline, which distillkit does not encode prompts with yet
 FLOW_TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 DENOISER_FOLDERS = ("unet", "transformer")
@@ -112,8 +119,9 @@ def is_diffusers_teacher(arg: str) -> bool:
 class DiffusionModel:
     """A loaded denoiser and what is needed to sample from it.
 
-    ``sample_shape`` is ``(C, H, W)`` of one sample; ``num_classes`` is None for an unconditional model;
-    ``null_class`` is the label id of "no class" for classifier-free guidance (None when there is none).
+    ``sample_shape`` is ``(C, H, W)`` of one sample (``(C, F, H, W)`` for a video model); ``num_classes`` is None
+    for an unconditional model; ``null_class`` is the label id of "no class" for classifier-free guidance (None
+    when there is none).
     """
 
     model: Any
@@ -122,7 +130,7 @@ class DiffusionModel:
     layout: str  # "pipeline" | "model"
     class_name: str
     subfolder: str | None  # the denoiser's folder inside a pipeline
-    sample_shape: tuple[int, int, int]
+    sample_shape: tuple[int, ...]
     num_classes: int | None = None
     null_class: int | None = None
     space: str = "pixel"  # "pixel" | "latent"
@@ -150,6 +158,16 @@ class DiffusionModel:
     def flow(self) -> bool:
         """A flow-matching model: velocity prediction on FlowMatchEulerDiscreteScheduler's straight path."""
         return is_flow_scheduler(self.scheduler)
+
+    @property
+    def video(self) -> bool:
+        """A video denoiser: samples [C, F, H, W]."""
+        return self.class_name in VIDEO_MODEL_CLASSES
+
+    @property
+    def video_shape(self) -> tuple[int, int, int] | None:
+        """The latent (frames, height, width) of a video model's samples; None for an image model."""
+        return tuple(self.sample_shape[1:]) if self.video else None  # type: ignore[return-value]
 
     @property
     def prediction_type(self) -> str:
@@ -195,12 +213,22 @@ def _scheduler_dir(path: Path, layout: str) -> Path:
     )
 
 
-def load_diffusion(path: str | Path, *, device: Any = "cpu") -> DiffusionModel:
-    """Load the denoiser (float32, eval mode) and scheduler of a diffusers pipeline or model directory."""
+def load_diffusion(
+    path: str | Path, *, device: Any = "cpu", video_shape: tuple[int, int, int] | None = None
+) -> DiffusionModel:
+    """Load the denoiser (float32, eval mode) and scheduler of a diffusers pipeline or model directory.
+
+    ``video_shape`` is the latent (frames, height, width) a video denoiser samples (required for one, refused for an
+    image denoiser)."""
     import torch
 
     path = Path(path)
     name, model_dir, sub, index = _denoiser_dir(path)
+    if video_shape is not None and name not in VIDEO_MODEL_CLASSES:
+        raise ConfigError(
+            f"--video-shape sets the size of video denoisers ({', '.join(VIDEO_MODEL_CLASSES)}); {path} holds a {name}",
+            hint="drop --video-shape",
+        )
     layout = "pipeline" if index else "model"
     sched_dir = _scheduler_dir(path, layout)
     from distillkit.models.load import check_safetensors
@@ -215,11 +243,17 @@ def load_diffusion(path: str | Path, *, device: Any = "cpu") -> DiffusionModel:
         raise ModelError(f"cannot load the diffusers model in {path}: {str(e).splitlines()[0]}") from None
     cfg = model.config
     if (name in FLOW_MODEL_CLASSES) != is_flow_scheduler(scheduler):
-        raise ModelError(
-            f"{path} pairs a {name} with a {type(scheduler).__name__}",
-            hint="flow-matching transformers (SD3Transformer2DModel) sample with FlowMatchEulerDiscreteScheduler; "
-            "UNet and DiT denoisers with a DDPM/DDIM-family scheduler",
+        hint = (
+            f"flow-matching transformers ({', '.join(FLOW_MODEL_CLASSES)}) sample with FlowMatchEulerDiscreteScheduler; "
+            "UNet and DiT denoisers with a DDPM/DDIM-family scheduler"
         )
+        if name in FLOW_MODEL_CLASSES and getattr(scheduler.config, "use_flow_sigmas", False):
+            # Wan checkpoints ship UniPC on flow sigmas; Euler on the same shifted grid is its first-order solver
+            hint = (
+                "save FlowMatchEulerDiscreteScheduler(shift=<its flow_shift "
+                f"{getattr(scheduler.config, 'flow_shift', '?')}>) into scheduler/ to distil it with Euler"
+            )
+        raise ModelError(f"{path} pairs a {name} with a {type(scheduler).__name__}", hint=hint)
     if name in FLOW_MODEL_CLASSES:
         check_flow_scheduler(scheduler, str(path))
         texts = [k for k in FLOW_TEXT_COMPONENTS if (index.get(k) or [None])[0]]
@@ -229,7 +263,7 @@ def load_diffusion(path: str | Path, *, device: Any = "cpu") -> DiffusionModel:
                 "transformers with zero text conditioning only",
                 hint="save the pipeline without its text encoders (text_encoder*=None) to distil it unconditionally",
             )
-        h, w = _square(cfg.sample_size)
+        size = _video_size(path, model, index, video_shape) if name in VIDEO_MODEL_CLASSES else _square(cfg.sample_size)
         model.to(device).eval().requires_grad_(False)
         return DiffusionModel(
             model=model,
@@ -238,7 +272,7 @@ def load_diffusion(path: str | Path, *, device: Any = "cpu") -> DiffusionModel:
             layout=layout,
             class_name=name,
             subfolder=sub,
-            sample_shape=(int(cfg.in_channels), h, w),
+            sample_shape=(int(cfg.in_channels), *size),
             space="latent" if (index.get("vae") or [None])[0] else "pixel",
             pipeline_index=index,
         )
@@ -296,6 +330,43 @@ def load_diffusion(path: str | Path, *, device: Any = "cpu") -> DiffusionModel:
         tokenizer=tokenizer,
         null_embedding=null_embedding,
     )
+
+
+def _video_size(path: Path, model: Any, index: dict[str, Any], shape: tuple[int, int, int] | None) -> tuple[int, ...]:
+    """The latent (frames, height, width) of a Wan-style video transformer, checked against its patches and rotary
+    table; the Wan 2.2 and image-to-video variants distillkit does not sample are refused by name."""
+    cfg = model.config
+    if (index.get("transformer_2") or [None])[0] or index.get("expand_timesteps"):
+        raise ModelError(
+            f"{path} is a Wan 2.2 pipeline (two experts or per-token timesteps), which distillkit does not sample",
+            hint="distil a single-transformer text-to-video pipeline (transformer_2=None, expand_timesteps=false)",
+        )
+    if cfg.image_dim is not None or cfg.added_kv_proj_dim is not None:
+        raise ModelError(
+            f"{path} holds an image-conditioned {type(model).__name__} (image_dim / added_kv_proj_dim)",
+            hint="distillkit distils text-to-video transformers, conditioned on zero text embeddings",
+        )
+    if shape is None:
+        raise ConfigError(
+            f"{path} is a video model and its config does not say how large a video it samples",
+            hint="pass --video-shape FRAMES,HEIGHT,WIDTH of the latent video (e.g. 21,60,104 for Wan's 81x480x832)",
+        )
+    patch = tuple(int(p) for p in cfg.patch_size)
+    bad = [f"{n} {v} % {p}" for n, v, p in zip(("frames", "height", "width"), shape, patch, strict=True) if v % p]
+    if bad:
+        raise ConfigError(
+            f"--video-shape {','.join(map(str, shape))} does not split into the {patch} patches "
+            f"of {path} ({', '.join(bad)} != 0)",
+            hint="pass a latent size that is a multiple of the patch size along every axis",
+        )
+    grid = [v // p for v, p in zip(shape, patch, strict=True)]
+    if max(grid) > cfg.rope_max_seq_len:
+        raise ConfigError(
+            f"--video-shape {','.join(map(str, shape))} has {max(grid)} patches along an axis, more than the "
+            f"transformer's rotary table ({cfg.rope_max_seq_len})",
+            hint="pass a smaller --video-shape",
+        )
+    return tuple(int(v) for v in shape)
 
 
 def _square(size: Any) -> tuple[int, int]:
@@ -364,7 +435,7 @@ def label_range(dm: DiffusionModel) -> int:
 
 
 def denoise(model: Any, x: Any, t: Any, labels: Any = None, timestep_cond: Any = None) -> Any:
-    """The raw model output for noisy samples ``x`` [B, C, H, W] at integer timesteps ``t`` [B] (float
+    """The raw model output for noisy samples ``x`` [B, C, H, W] (video: [B, C, F, H, W]) at integer timesteps ``t`` [B] (float
     ``sigma * num_train_timesteps`` for a flow transformer, which gets zero text conditioning and returns its velocity).
 
     ``labels`` [B] (int64) for class-conditional models, or prompt embeddings [B, L, D] (float) for a
@@ -374,8 +445,7 @@ def denoise(model: Any, x: Any, t: Any, labels: Any = None, timestep_cond: Any =
     """
     name = type(model).__name__
     if name in FLOW_MODEL_CLASSES:
-        states, pooled = null_text_condition(model, x.shape[0], x.device)
-        return model(x, encoder_hidden_states=states, pooled_projections=pooled, timestep=t).sample
+        return model(x, timestep=t, **null_text_condition(model, x.shape[0], x.device)).sample
     if name == "UNet2DModel":
         out = model(x, t, class_labels=labels).sample
     elif name == "UNet2DConditionModel":
@@ -567,14 +637,18 @@ def copy_student(dm: DiffusionModel, *, time_cond_proj_dim: int | None = None) -
     return student
 
 
-def null_text_condition(model: Any, batch: int, device: Any = "cpu") -> tuple[Any, Any]:
-    """The conditioning an SD3 transformer without text encoders is sampled with: zero prompt embeddings
-    [B, 1, joint_attention_dim] and zero pooled projections [B, pooled_projection_dim]. A pipeline call reproduces it
-    with ``prompt_embeds=torch.zeros(B, 1, D)``, ``pooled_prompt_embeds=torch.zeros(B, P)``, ``guidance_scale=1``."""
+def null_text_condition(model: Any, batch: int, device: Any = "cpu") -> dict[str, Any]:
+    """The conditioning keywords a flow transformer without text encoders is sampled with: zero prompt embeddings
+    [B, 1, D] (``D`` the SD3 ``joint_attention_dim`` or the Wan ``text_dim``) and, for SD3, zero pooled projections
+    [B, pooled_projection_dim]. A pipeline call reproduces it with ``prompt_embeds=torch.zeros(B, 1, D)`` (SD3 also
+    ``pooled_prompt_embeds=torch.zeros(B, P)``) and ``guidance_scale=1``; Wan pads prompt embeddings with zeros, so
+    any length of zero embeddings gives the same cross-attention."""
     import torch
 
     cfg = model.config
-    return (
-        torch.zeros(batch, 1, int(cfg.joint_attention_dim), device=device),
-        torch.zeros(batch, int(cfg.pooled_projection_dim), device=device),
-    )
+    if type(model).__name__ in VIDEO_MODEL_CLASSES:
+        return {"encoder_hidden_states": torch.zeros(batch, 1, int(cfg.text_dim), device=device)}
+    return {
+        "encoder_hidden_states": torch.zeros(batch, 1, int(cfg.joint_attention_dim), device=device),
+        "pooled_projections": torch.zeros(batch, int(cfg.pooled_projection_dim), device=device),
+    }

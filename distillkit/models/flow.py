@@ -28,6 +28,11 @@ def flow_sigmas(scheduler: Any, steps: int) -> list[float]:
     return [float(s) for s in sch.sigmas]
 
 
+def per_sample(t: Any, x: Any) -> Any:
+    """``t`` [B] viewed to broadcast over the samples ``x`` [B, ...] (images [B, C, H, W] or videos [B, C, F, H, W])."""
+    return t.view(-1, *([1] * (x.dim() - 1)))
+
+
 def shift_sigma(scheduler: Any, u: Any) -> Any:
     """The scheduler's static shift ``shift * u / (1 + (shift - 1) u)`` of sigmas ``u`` in [0, 1] (a tensor)."""
     shift = float(getattr(scheduler.config, "shift", 1.0))
@@ -35,38 +40,39 @@ def shift_sigma(scheduler: Any, u: Any) -> Any:
 
 
 class FlowSchedule:
-    """The straight noise path and its velocity arithmetic; sigmas are float tensors [B] (viewed [B, 1, 1, 1])."""
+    """The straight noise path and its velocity arithmetic; sigmas are float tensors [B] (viewed to broadcast over
+    the samples, [B, 1, 1, 1] for images and [B, 1, 1, 1, 1] for videos)."""
 
     def __init__(self, scheduler: Any):
         self.scheduler = scheduler
         self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
 
     @staticmethod
-    def _v(sigma: Any) -> Any:
-        return sigma.float().view(-1, *([1] * 3))
+    def _v(sigma: Any, x: Any) -> Any:
+        return per_sample(sigma.float(), x).to(x)
 
     def timestep(self, sigma: Any) -> Any:
         """What the transformer is fed: ``sigma * num_train_timesteps`` [B], as the pipelines do."""
         return sigma.float() * self.num_train_timesteps
 
     def add_noise(self, x0: Any, noise: Any, sigma: Any) -> Any:
-        s = self._v(sigma).to(x0)
+        s = self._v(sigma, x0)
         return (1 - s) * x0 + s * noise
 
     def x0_eps(self, v: Any, x: Any, sigma: Any) -> tuple[Any, Any]:
         """(x0, eps) implied by the velocity ``v`` at ``x``, ``sigma``."""
-        s = self._v(sigma).to(x)
+        s = self._v(sigma, x)
         return x - s * v, x + (1 - s) * v
 
     def euler(self, x: Any, v: Any, sigma: Any, sigma_next: Any) -> Any:
-        return x + (self._v(sigma_next) - self._v(sigma)).to(x) * v
+        return x + (self._v(sigma_next, x) - self._v(sigma, x)) * v
 
     def sigmas(self, steps: int) -> list[float]:
         return flow_sigmas(self.scheduler, steps)
 
 
 def velocity(model: Any, schedule: FlowSchedule, x: Any, sigma: Any, labels: Any = None) -> Any:
-    """The model's velocity [B, C, H, W] at ``x`` and sigmas ``sigma`` [B]."""
+    """The model's velocity [B, C, H, W] (video: [B, C, F, H, W]) at ``x`` and sigmas ``sigma`` [B]."""
     return denoise(model, x, schedule.timestep(sigma.to(x.device)), labels)
 
 

@@ -6,6 +6,9 @@ and a global average, with weights drawn from a fixed seed (:data:`FEATURE_SEED`
 shape (pixels or latents, any channel count) gets the same, reproducible features on every machine. Its numbers
 compare models within one bench run (smaller is closer to the reference distribution); they are not comparable to
 published FID values.
+
+Videos [N, C, F, H, W] are measured frame by frame: each frame is one sample of the distribution (N * F features),
+so a model is scored on what its frames look like, not on motion.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ FEATURE_STRIDES = (1, 2, 2)
 
 
 class SampleFeatures:
-    """The fixed feature network for samples with ``channels`` channels; ``features(x)`` is [N, 64] (float64)."""
+    """The fixed feature network for samples with ``channels`` channels; ``features(x)`` is [N, 64] (float64) for
+    images [N, C, H, W], and [N * F, 64] for videos [N, C, F, H, W] (frames as images, video by video)."""
 
     def __init__(self, channels: int, device: Any = "cpu"):
         import torch
@@ -37,6 +41,8 @@ class SampleFeatures:
         import torch.nn.functional as F
 
         h = x.float()
+        if h.dim() == 5:
+            h = h.transpose(1, 2).flatten(0, 1)  # [N, C, F, H, W] -> [N * F, C, H, W]
         with torch.no_grad():
             for w, stride in zip(self.weights, FEATURE_STRIDES, strict=True):
                 h = F.relu(F.conv2d(h, w.to(h.device), stride=stride, padding=1))

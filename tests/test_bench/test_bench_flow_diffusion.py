@@ -78,8 +78,9 @@ def flow_students(tmp_path_factory):
     return teacher, reflow, dmd
 
 
-def _samples(path, steps, n, seed):
-    dm = load_diffusion(path)
+def _samples(path, steps, n, seed, video_shape=None):
+    """Euler samples [n, *sample_shape] of the model at ``path`` from the noises of ``seed``."""
+    dm = load_diffusion(path, video_shape=video_shape)
     noise = torch.randn(n, *dm.sample_shape, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         return euler_sample(dm.model, FlowSchedule(dm.scheduler), noise, steps)

@@ -50,17 +50,33 @@ def tiny_sd3_pipeline(save_dir: str | Path, *, seed: int = 0, shift: float = 3.0
 
 def tiny_sd3_model_dir(save_dir: str | Path, *, seed: int = 0, shift: float = 3.0, **overrides: Any) -> tuple[Any, str]:
     """The tiny transformer as a model directory, its scheduler in ``scheduler/``."""
-    model, scheduler = tiny_sd3(seed=seed, shift=shift, **overrides)
-    path = Path(save_dir) / "sd3-model"
+    return save_model_dir(*tiny_sd3(seed=seed, shift=shift, **overrides), Path(save_dir) / "sd3-model")
+
+
+def save_model_dir(model: Any, scheduler: Any, path: Path) -> tuple[Any, str]:
+    """``model`` saved as a model directory at ``path``, its scheduler in ``scheduler/``."""
     model.save_pretrained(path)
     scheduler.save_pretrained(path / "scheduler")
     return model, str(path)
 
 
-def load_pipeline(path: str | Path) -> Any:
+def load_pipeline(path: str | Path, absent: tuple[str, ...] = ABSENT) -> Any:
+    """DiffusionPipeline.from_pretrained of a pipeline saved without the ``absent`` components."""
     from diffusers import DiffusionPipeline
 
-    return DiffusionPipeline.from_pretrained(str(path), **{k: None for k in ABSENT})
+    return DiffusionPipeline.from_pretrained(str(path), **{k: None for k in absent})
+
+
+def eval_noise(dm: Any, cfg: Any) -> Any:
+    """The noises distill's evaluation samples from (seed + 1), [eval_samples, *sample_shape]."""
+    import torch
+
+    gen = torch.Generator().manual_seed(cfg.optim.seed + 1)
+    return torch.randn(cfg.diffusion.eval_samples, *dm.sample_shape, generator=gen)
+
+
+def mse(a: Any, b: Any) -> float:
+    return float(((a.double() - b.double()) ** 2).mean())
 
 
 def pipeline_sample(pipe: Any, noise: Any, steps: int) -> Any:

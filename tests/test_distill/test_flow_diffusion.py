@@ -30,13 +30,7 @@ def sd3_model_dir(tmp_path_factory):
     return flow_tiny.tiny_sd3_model_dir(tmp_path_factory.mktemp("sd3m"))[1]
 
 
-def _eval_noise(dm, cfg):
-    gen = torch.Generator().manual_seed(cfg.optim.seed + 1)
-    return torch.randn(cfg.diffusion.eval_samples, *dm.sample_shape, generator=gen)
-
-
-def _mse(a, b):
-    return float(((a.double() - b.double()) ** 2).mean())
+_eval_noise, _mse = flow_tiny.eval_noise, flow_tiny.mse
 
 
 def _v(model, x, sigma):
