@@ -432,6 +432,21 @@ def test_a_second_run_on_the_same_out_is_refused_while_the_first_runs(artifact, 
     assert snapshot(out) == snapshot(artifact)  # the first run's failure left the artifact as it was
 
 
+def test_a_stage_called_from_python_releases_its_lock_when_it_fails(artifact, tmp_path, monkeypatch):
+    from distillkit.errors import DataError
+    from distillkit.quantize import engine
+    from distillkit.quantize.config import QuantizeConfig
+
+    def fail(run):
+        raise DataError("no calibration data today")
+
+    monkeypatch.setattr(engine, "_calibration_data", fail)
+    out = tmp_path / "q"
+    with pytest.raises(DataError):
+        engine.quantize_model(QuantizeConfig(scheme="int8", method="rtn"), str(artifact), str(out))
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no lock, no partial output
+
+
 def test_a_lock_file_of_a_dead_run_does_not_block(artifact, tmp_path, capsys):
     out = tmp_path / "exported"
     (tmp_path / ".exported.lock").write_text(f"{dead_pid()}\n")

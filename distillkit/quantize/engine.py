@@ -494,7 +494,6 @@ def _qat(cfg: QuantizeConfig, src: mf.Source, loaded: Any, r: dict, init: dict, 
 # The run
 
 
-@mf.releases_locks
 @dataclasses.dataclass
 class _Run:
     """What the steps of :func:`quantize_model` share: the inputs, the loaded models and data, and the figures."""
@@ -518,6 +517,7 @@ class _Run:
     extra: dict = dataclasses.field(default_factory=dict)
 
 
+@mf.releases_locks
 def quantize_model(cfg: QuantizeConfig, source: str | mf.Source, out: str, overwrite: bool = False) -> dict[str, Any]:
     """Quantize ``source`` as ``cfg`` says into the artifact directory ``out``; returns its manifest dict.
 
