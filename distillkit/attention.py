@@ -375,18 +375,114 @@ class WanBlockSparseAttnProcessor(BlockSparseAttnProcessor):
         return attn.to_out[1](hidden_states)
 
 
+class FluxBlockSparseAttnProcessor(BlockSparseAttnProcessor):
+    """Block-sparse joint attention for diffusers' ``FluxAttention`` (Flux's double- and single-stream blocks).
+
+    Flux attends over the joint sequence ``[text, image]``. The mask spec applies to the **image tokens only**:
+    image queries see the image keys of the kept blocks and every text key; text queries see every key. For the
+    kernel the sequence is reordered ``[image, text]`` (after the rotary embedding, so nothing else changes): image
+    blocks start at token 0, where ``tiles:1,H,W[:1,TH,TW]`` takes the packed latent grid (``H, W`` = latent
+    height / 2, width / 2) in raster order, and the text (with a ragged last image block) forms the trailing dense
+    blocks. A single-stream block sees the joint sequence without its split: the text length is recorded by the
+    forward pre-hook :func:`set_diffusers_sparse_attention` puts on the transformer (:attr:`text_tokens`).
+    Calls with an attention mask are handed to diffusers' ``FluxAttnProcessor`` unchanged.
+    """
+
+    text_tokens: int | None = None
+
+    def record_text_tokens(self, _module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
+        """Forward pre-hook of the transformer: remember how many text tokens lead the joint sequence."""
+        states = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        self.text_tokens = None if states is None else int(states.shape[1])
+
+    def image_mask(self, q: torch.Tensor, k: torch.Tensor, n_image: int) -> torch.Tensor:
+        """The block mask ``[B or 1, H or 1, nb, nb]`` of ``q, k`` [B, H, T, D] ordered ``[image, text]``: the
+        spec's mask over the whole image blocks, everything kept for the text (and a ragged last image block)."""
+        import torch
+
+        from distillkit.kernels.block_sparse_attention.masks import num_blocks
+
+        bs = self.block_size
+        image = self.mask_spec.build(q[:, :, :n_image], k[:, :, :n_image], bs)
+        whole = n_image // bs
+        nb = num_blocks(q.shape[2], bs)
+        mask = torch.ones(*image.shape[:2], nb, nb, dtype=torch.bool, device=q.device)
+        mask[..., :whole, :whole] = image[..., :whole, :whole]
+        return mask
+
+    def __call__(  # type: ignore[override]
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> Any:
+        import torch
+        from diffusers.models.embeddings import apply_rotary_emb
+        from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+        if attention_mask is not None:
+            return FluxAttnProcessor()(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        joint = encoder_hidden_states is not None
+        text = int(encoder_hidden_states.shape[1]) if joint else self.text_tokens
+        if text is None:
+            raise ModelError(
+                "a single-stream FluxAttention was called without the transformer's text length",
+                "install the processor with distillkit.attention.set_diffusers_sparse_attention(transformer, ...)",
+            )
+
+        def heads(x: torch.Tensor, proj: str, norm: str | None) -> torch.Tensor:
+            y = getattr(attn, proj)(x).unflatten(-1, (-1, attn.head_dim))
+            return getattr(attn, norm)(y) if norm else y
+
+        if getattr(attn, "fused_projections", False):
+            raise ModelError(
+                "block-sparse Flux attention reads the separate q/k/v projections",
+                "call unfuse_qkv_projections() first",
+            )
+        q, k = heads(hidden_states, "to_q", "norm_q"), heads(hidden_states, "to_k", "norm_k")
+        v = heads(hidden_states, "to_v", None)
+        if joint:
+            q = torch.cat([heads(encoder_hidden_states, "add_q_proj", "norm_added_q"), q], dim=1)
+            k = torch.cat([heads(encoder_hidden_states, "add_k_proj", "norm_added_k"), k], dim=1)
+            v = torch.cat([heads(encoder_hidden_states, "add_v_proj", None), v], dim=1)
+        if image_rotary_emb is not None:
+            q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
+            k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+        # [B, T, H, D] in [text, image] order -> [B, H, T, D] in [image, text] order
+        q, k, v = (torch.cat([x[:, text:], x[:, :text]], dim=1).transpose(1, 2) for x in (q, k, v))
+        n_image = q.shape[2] - text
+        mask = self.image_mask(q, k, n_image)
+        out = block_sparse_attention(q, k, v, mask, block_size=self.block_size, backend=self.backend).transpose(1, 2)
+        out = torch.cat([out[:, n_image:], out[:, :n_image]], dim=1).flatten(2, 3).to(q.dtype)
+        if not joint:
+            return out
+        context, image = out[:, :text], out[:, text:]
+        image = attn.to_out[1](attn.to_out[0](image.contiguous()))
+        return image, attn.to_add_out(context.contiguous())
+
+
 def set_diffusers_sparse_attention(model: Any, spec: str, block_size: int = 64, backend: str = "auto") -> int:
     """Give every attention layer of a diffusers denoiser block-sparse self-attention with ``spec``: diffusers'
     ``Attention`` (UNet, DiT, SD3) gets :class:`BlockSparseAttnProcessor`, Wan's ``WanAttention``
-    :class:`WanBlockSparseAttnProcessor` (cross-attention stays dense in both). Works where the model has no
-    ``set_attn_processor`` (UNet2DModel, DiT). Returns how many layers were switched."""
+    :class:`WanBlockSparseAttnProcessor` (cross-attention stays dense in both), Flux's ``FluxAttention``
+    :class:`FluxBlockSparseAttnProcessor` (sparse over the image tokens of the joint attention; ``model`` must then
+    be the whole transformer, which gets a forward pre-hook recording the text length). Works where the model has
+    no ``set_attn_processor`` (UNet2DModel, DiT). Returns how many layers were switched."""
     from diffusers.models.attention_processor import Attention
 
-    layers = [m for m in model.modules() if isinstance(m, Attention) or type(m).__name__ == "WanAttention"]
+    kinds = ("WanAttention", "FluxAttention")
+    layers = [m for m in model.modules() if isinstance(m, Attention) or type(m).__name__ in kinds]
     if not layers:
         raise ConfigError("--sparse-attention needs a model with attention layers", "drop --sparse-attention")
     plain = BlockSparseAttnProcessor(spec, block_size=block_size, backend=backend)
     wan = WanBlockSparseAttnProcessor(spec, block_size=block_size, backend=backend)
+    flux = FluxBlockSparseAttnProcessor(spec, block_size=block_size, backend=backend)
+    if any(type(m).__name__ == "FluxAttention" for m in layers):
+        # (a hook of an earlier call only updates its own processor, which no layer uses any more)
+        model.register_forward_pre_hook(flux.record_text_tokens, with_kwargs=True)
     for layer in layers:
-        layer.set_processor(plain if isinstance(layer, Attention) else wan)
+        name = type(layer).__name__
+        layer.set_processor(plain if isinstance(layer, Attention) else wan if name == "WanAttention" else flux)
     return len(layers)

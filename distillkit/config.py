@@ -32,9 +32,8 @@ INT64_MAX = 2**63 - 1
 SEED_MAX = 2**32 - 1
 
 
-def parse_video_shape(text: Any, flag: str = "--video-shape") -> tuple[int, int, int] | None:
-    """``"F,H,W"`` (or ``[F, H, W]`` from a config file) -> ``(F, H, W)``: the latent frames, height and width a
-    video denoiser samples (torch-free)."""
+def _parse_sizes(text: Any, flag: str, names: str, what: str, example: str) -> tuple[int, ...] | None:
+    """``"A,B,..."`` (or a list from a config file) -> positive ints, one per name in ``names`` (torch-free)."""
     if text is None:
         return None
     parts = text if isinstance(text, (list, tuple)) else str(text).split(",")
@@ -42,12 +41,28 @@ def parse_video_shape(text: Any, flag: str = "--video-shape") -> tuple[int, int,
         vals = tuple(int(v) for v in parts)
     except ValueError:
         vals = ()
-    if len(vals) != 3 or min(vals) < 1:
+    n = len(names.split(","))
+    if len(vals) != n or min(vals) < 1:
         raise ConfigError(
-            f"{flag} must be three positive integers FRAMES,HEIGHT,WIDTH of the latent video (got {text!r})",
-            hint=f"pass e.g. {flag} 21,60,104 (Wan's 81 frames at 480x832)",
+            f"{flag} must be {'three' if n == 3 else 'two'} positive integers {names} of {what} (got {text!r})",
+            hint=f"pass e.g. {flag} {example}",
         )
-    return vals  # type: ignore[return-value]
+    return vals
+
+
+def parse_video_shape(text: Any, flag: str = "--video-shape") -> tuple[int, int, int] | None:
+    """``"F,H,W"`` (or ``[F, H, W]`` from a config file) -> ``(F, H, W)``: the latent frames, height and width a
+    video denoiser samples (torch-free)."""
+    return _parse_sizes(  # type: ignore[return-value]
+        text, flag, "FRAMES,HEIGHT,WIDTH", "the latent video", "21,60,104 (Wan's 81 frames at 480x832)"
+    )
+
+
+def parse_image_size(text: Any, flag: str = "--image-size") -> tuple[int, int] | None:
+    """``"H,W"`` (or ``[H, W]``) -> ``(H, W)``: the latent height and width a Flux transformer samples (torch-free)."""
+    return _parse_sizes(  # type: ignore[return-value]
+        text, flag, "HEIGHT,WIDTH", "the latent image", "128,128 (Flux's 1024x1024 pixels)"
+    )
 
 
 def _toml_load(path: Path) -> dict[str, Any]:
@@ -453,10 +468,13 @@ class DiffusionOptions(BaseConfig):
     sparse_block_size: int = 64
     # video denoisers (WanTransformer3DModel): the latent "FRAMES,HEIGHT,WIDTH" to sample; their config has no size
     video_shape: str | None = None
+    # Flux transformers: the latent "HEIGHT,WIDTH" to sample (default FluxPipeline's 128,128); their config has none
+    image_size: str | None = None
 
     def __post_init__(self) -> None:
         _check_ints(self)
         parse_video_shape(self.video_shape)
+        parse_image_size(self.image_size)
         _check(
             self.method is None or self.method in DIFFUSION_METHODS,
             f"--method must be one of {', '.join(DIFFUSION_METHODS)} (got {self.method})",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from distillkit.config import BaseConfig, parse_video_shape
+from distillkit.config import BaseConfig, parse_image_size, parse_video_shape
 from distillkit.errors import ConfigError
 from distillkit.models.packed import QUANT_KERNELS
 
@@ -47,6 +47,7 @@ class BenchConfig(BaseConfig):
     diffusion_steps: int | None = None
     prompts: str | None = None  # text-conditioned diffusers pipelines: one prompt per line
     video_shape: str | None = None  # video denoisers: latent "FRAMES,HEIGHT,WIDTH" (default: the manifests')
+    image_size: str | None = None  # Flux transformers: latent "HEIGHT,WIDTH" (default: the manifests')
     allow_pickle: bool = False
     trust_remote_code: bool = False
     command: str = ""
@@ -64,6 +65,7 @@ class BenchConfig(BaseConfig):
         if self.diffusion_steps is not None:
             _positive_int("--diffusion-steps", self.diffusion_steps, 1, "pass e.g. --diffusion-steps 4")
         parse_video_shape(self.video_shape)
+        parse_image_size(self.image_size)
         if self.dtype not in BENCH_DTYPES:
             raise ConfigError(f"unknown dtype {self.dtype!r}", hint=f"choose one of: {', '.join(BENCH_DTYPES)}")
         if self.quant_kernel not in QUANT_KERNELS:

@@ -24,14 +24,17 @@ once with its own text encoder, outside the timed runs; guidance's unconditional
 
 Video models (Wan) sample latent videos [C, F, H, W] of ``--video-shape``, else of the size recorded in their manifest
 (for a teacher, in its students'); MSE/PSNR are over whole videos, the Fréchet distance over frames. A student
-distilled with ``--sparse-attention`` is run with the block-sparse self-attention its manifest records.
+distilled with ``--sparse-attention`` is run with the block-sparse self-attention its manifest records. Flux models
+sample latents of ``--image-size``, else of the size their manifests record, at the embedded guidance recorded there
+(a guidance-distilled Flux model nothing recorded one for: :data:`FLUX_GUIDANCE`).
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +44,7 @@ from distillkit.errors import ConfigError, ModelError
 
 DEFAULT_STEPS = 50  # diffusers' DDIM pipelines sample in 50 steps by default
 QUALITY_SAMPLES = 16  # distill's default --eval-samples, so its evaluation noise is reproduced
+FLUX_GUIDANCE = 3.0  # distill's default --guidance-scale, for a guidance-distilled Flux model nothing recorded one
 DISTRIBUTION_SAMPLES = 256  # samples per model for the Fréchet distance (--max-samples changes it)
 
 
@@ -94,6 +98,8 @@ class Plan:
     sampler: str = "ddim"
     guidance: float | None = None
     embedded: bool = False
+    # a guidance-distilled Flux transformer's embedded guidance scale (one evaluation per step)
+    embedded_guidance: float | None = None
 
     @property
     def evaluations_per_step(self) -> int:
@@ -128,18 +134,29 @@ def _teacher_steps_of(base: mf.Source, others: list[mf.Source]) -> int | None:
     return found.pop() if len(found) == 1 else None
 
 
+def _recorded(src: mf.Source, others: list[mf.Source], key: str) -> Any:
+    """``extra[key]`` of ``src``'s manifest, else the one value its students (among ``others``) recorded, else None."""
+    if (own := _extra(src).get(key)) is not None:
+        return own
+    found = {json.dumps(v) for m in _students_of(src, others) if (v := m.extra.get(key)) is not None}
+    return json.loads(found.pop()) if len(found) == 1 else None
+
+
 def video_shape_of(cfg: BenchConfig, src: mf.Source, others: list[mf.Source]) -> tuple[int, int, int] | None:
     """The latent (frames, height, width) a video model is sampled at: ``--video-shape``, else its manifest's
     ``video_shape``, else the one its students recorded (a teacher benched against its students); None for image
     models, whose size is in their config."""
     from distillkit.config import parse_video_shape
 
-    if cfg.video_shape is not None:
-        return parse_video_shape(cfg.video_shape)
-    if (own := _extra(src).get("video_shape")) is not None:
-        return parse_video_shape(own)
-    found = {tuple(v) for m in _students_of(src, others) if (v := m.extra.get("video_shape"))}
-    return parse_video_shape(found.pop()) if len(found) == 1 else None
+    return parse_video_shape(cfg.video_shape if cfg.video_shape is not None else _recorded(src, others, "video_shape"))
+
+
+def image_size_of(cfg: BenchConfig, src: mf.Source, others: list[mf.Source]) -> tuple[int, int] | None:
+    """The latent (height, width) a Flux model is sampled at: ``--image-size``, else its manifest's ``image_size``,
+    else its students'; None otherwise (a Flux model then samples FluxPipeline's default size)."""
+    from distillkit.config import parse_image_size
+
+    return parse_image_size(cfg.image_size if cfg.image_size is not None else _recorded(src, others, "image_size"))
 
 
 def _guidance_scale(entries: list[tuple[mf.Source, bool]]) -> float | None:
@@ -207,9 +224,9 @@ class Sampler:
 
         self.dm, self.plan = dm, plan
         if dm.flow:
-            from distillkit.models.flow import FlowSchedule
+            from distillkit.models.flow import flow_schedule
 
-            self.schedule = FlowSchedule(dm.scheduler)
+            self.schedule = flow_schedule(dm, plan.embedded_guidance)
         else:
             self.schedule = NoiseSchedule(dm.scheduler, device)
         self.prompt_embeds = encode_prompts(dm.text_encoder, dm.tokenizer, prompts) if dm.text_conditioned else None
@@ -458,7 +475,12 @@ def measure(
         torch.cuda.empty_cache()
     with PeakMemory(device) as memory:
         t0 = time.perf_counter()
-        dm = load_diffusion(src.path, device=device, video_shape=video_shape_of(cfg, src, others))
+        dm = load_diffusion(
+            src.path,
+            device=device,
+            video_shape=video_shape_of(cfg, src, others),
+            image_size=image_size_of(cfg, src, others),
+        )
         if dm.text_conditioned and prompts is None:
             # zero or made-up encoder states would time and score a model not used as it is meant to be
             raise ConfigError(
@@ -477,6 +499,10 @@ def measure(
             inputs = draw_inputs(cfg, dm, device, prompts)
         _check_compatible(dm, inputs, name, baseline)
         plan = plan_for(cfg, src, dm, is_model=is_model, others=others, guidance=guidance)
+        flux_guidance = _recorded(src, others, "flux_guidance") if dm.flux else None
+        if flux_guidance is None and dm.flux and dm.model.config.guidance_embeds:
+            flux_guidance = FLUX_GUIDANCE
+        plan = replace(plan, embedded_guidance=flux_guidance)
         sampler = Sampler(dm, plan, device, inputs.prompts)
         sampler.sample(inputs.noise, inputs.labels)
     # timed runs show on stderr: sampling a large denoiser many times is minutes of otherwise silent work
@@ -498,6 +524,8 @@ def measure(
         notes.append(
             f"{len(inputs.prompts)} prompts ({prompts_from}), encoded once by its own text encoder (not timed)"
         )
+    if plan.embedded_guidance is not None:
+        notes.append(f"Flux embedded guidance {plan.embedded_guidance:g} (guidance_embeds)")
     if plan.guidance is not None:
         notes.append(
             f"guidance w={plan.guidance:g} "

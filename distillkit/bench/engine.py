@@ -457,6 +457,8 @@ def run_bench(cfg: BenchConfig, sources: list[Any] | None = None) -> dict[str, A
         raise ConfigError("--prompts applies to text-conditioned diffusers pipelines only", hint="drop --prompts")
     if cfg.video_shape is not None:
         raise ConfigError("--video-shape applies to video diffusers models only", hint="drop --video-shape")
+    if cfg.image_size is not None:
+        raise ConfigError("--image-size applies to Flux diffusers models only", hint="drop --image-size")
     notes: list[str] = []
     if cfg.data is None and cfg.eval_data is None:
         notes.append(

@@ -131,6 +131,14 @@ def bench(
             "one distill recorded in the manifests).",
         ),
     ] = None,
+    image_size: Annotated[
+        str | None,
+        typer.Option(
+            "--image-size",
+            help="Flux transformers: HEIGHT,WIDTH of the latent image to sample (default: the one distill recorded "
+            "in the manifests, else FluxPipeline's 128,128).",
+        ),
+    ] = None,
     allow_pickle: o.AllowPickle = None,
     trust_remote_code: o.TrustRemoteCode = None,
     preset: o.Preset = None,
@@ -217,6 +225,7 @@ def bench(
         diffusion_steps=diffusion_steps,
         prompts=prompts,
         video_shape=video_shape,
+        image_size=image_size,
         allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code,
         command=shlex.join(sys.argv),

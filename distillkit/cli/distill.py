@@ -273,6 +273,14 @@ def distill(
             "for them; e.g. 21,60,104 is Wan's 81 frames at 480x832).",
         ),
     ] = None,
+    image_size: Annotated[
+        str | None,
+        typer.Option(
+            "--image-size",
+            help="Diffusion, Flux transformers: HEIGHT,WIDTH of the latent image to sample (default 128,128, "
+            "FluxPipeline's 1024x1024 pixels).",
+        ),
+    ] = None,
     # sparse attention
     sparse_attention: Annotated[
         str | None,
@@ -280,7 +288,7 @@ def distill(
             "--sparse-attention",
             help="Train the student with block-sparse attention: causal, window:TOKENS, strided:S[,G], "
             "tiles:F,H,W[:TF,TH,TW], topk:FRACTION or cdf:THRESHOLD (transformers students; diffusers students' "
-            "self-attention, Wan video transformers included).",
+            "self-attention, Wan video transformers included; Flux: over the image tokens of its joint attention).",
         ),
     ] = None,
     sparse_block_size: Annotated[
@@ -358,6 +366,7 @@ def distill(
         prompts=prompts,
         eval_samples=eval_samples,
         video_shape=video_shape,
+        image_size=image_size,
         sparse_attention=sparse_attention,
         sparse_block_size=sparse_block_size,
         fused_loss=fused_loss,

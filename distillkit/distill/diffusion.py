@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from distillkit.config import DistillConfig, parse_video_shape
+from distillkit.config import DistillConfig, parse_image_size, parse_video_shape
 from distillkit.distill.denoise_training import (
     ProgressBar,
     apply_sparse_attention,
@@ -625,6 +625,17 @@ def _usage(cfg: DistillConfig, dm: DiffusionModel, scheduler_name: str, steps: i
             f"`prompt_embeds=torch.zeros(B, 1, {dm.model.config.text_dim})`, `guidance_scale=1.0`, "
             f"`latents=noise` and the `num_frames`/`height`/`width` whose latent size that is."
         )
+    elif dm.flux:
+        c, h, w = dm.sample_shape
+        mc = dm.model.config
+        guidance = f"guidance_scale={cfg.diffusion.guidance_scale:g}" if mc.guidance_embeds else "any guidance_scale"
+        usage = (
+            f"Sample with the saved {scheduler_name} in `num_inference_steps={steps}` at latents [B, {c}, {h}, {w}] "
+            f"(FluxPipeline: `height`/`width` = {h}/{w} x its VAE scale factor, `latents` packed 2x2 as "
+            f"`FluxPipeline._pack_latents` packs them; it computes the same shift mu). The transformer is "
+            f"conditioned on zero text embeddings: pass `prompt_embeds=torch.zeros(B, 1, {mc.joint_attention_dim})`, "
+            f"`pooled_prompt_embeds=torch.zeros(B, {mc.pooled_projection_dim})` and {guidance}."
+        )
     elif dm.flow:
         usage = (
             f"Sample with the saved {scheduler_name} (Euler, the teacher's shift) in "
@@ -686,6 +697,9 @@ def _extra(
         "teacher_pool": pool_size,
         # a video model's latent (frames, height, width): its config does not hold it, and bench samples it
         "video_shape": list(dm.video_shape) if dm.video else None,
+        # a Flux model's latent (height, width) and embedded guidance scale: bench samples it the same way
+        "image_size": list(dm.sample_shape[1:]) if dm.flux else None,
+        "flux_guidance": cfg.diffusion.guidance_scale if dm.flux and dm.model.config.guidance_embeds else None,
     }
 
 
@@ -711,14 +725,19 @@ def run_diffusion_distill(cfg: DistillConfig, *, out: str, overwrite: bool = Fal
     device = resolve_device(cfg.optim.device)
     torch.manual_seed(cfg.optim.seed)
     t0 = time.perf_counter()
-    dm = load_diffusion(src.path, device=device, video_shape=parse_video_shape(cfg.diffusion.video_shape))
+    dm = load_diffusion(
+        src.path,
+        device=device,
+        video_shape=parse_video_shape(cfg.diffusion.video_shape),
+        image_size=parse_image_size(cfg.diffusion.image_size),
+    )
     check_method(cfg, dm)
     labels = read_labels(cfg, dm)
     sparse = _sparse_spec(cfg)
     if dm.flow:
-        from distillkit.models.flow import FlowSchedule
+        from distillkit.models.flow import flow_schedule
 
-        schedule = FlowSchedule(dm.scheduler)
+        schedule = flow_schedule(dm, cfg.diffusion.guidance_scale)
     else:
         schedule = NoiseSchedule(dm.scheduler, device)
     scaling = float(getattr(dm.scheduler.config, "timestep_scaling", 10.0))

@@ -1,5 +1,5 @@
-"""Step distillation of flow-matching teachers (``SD3Transformer2DModel``, or the video ``WanTransformer3DModel``,
-with ``FlowMatchEulerDiscreteScheduler``); samples are images [B, C, H, W] or videos [B, C, F, H, W] alike.
+"""Step distillation of flow-matching teachers (``SD3Transformer2DModel``, ``FluxTransformer2DModel``, or the video
+``WanTransformer3DModel``, with ``FlowMatchEulerDiscreteScheduler``); samples are images [B, C, H, W] or videos [B, C, F, H, W] alike.
 
 Data-free, as for DDPM-family teachers: the pool is ``--max-samples`` pairs (noise, the teacher's
 ``--teacher-steps``-step Euler sample from it). Every student samples with plain Euler on the saved scheduler's
@@ -43,7 +43,7 @@ from distillkit.distill.denoise_training import (
     trainable_copy,
 )
 from distillkit.models.diffusion import copy_student
-from distillkit.models.flow import FlowSchedule, euler_sample, per_sample, shift_sigma, velocity
+from distillkit.models.flow import FlowSchedule, euler_sample, per_sample, velocity
 
 POOL_BATCH = 64
 EMA_DECAY = 0.95
@@ -136,7 +136,7 @@ def reflow_sigmas(schedule: FlowSchedule, steps: int, b: int, gen, device) -> to
     half = b // 2
     on_grid = _grid(grid, torch.randint(len(grid), (half,), generator=gen).to(device))
     u = 1 - _rand(b - half, gen, device)  # (0, 1]
-    return torch.cat([on_grid, shift_sigma(schedule.scheduler, u)])
+    return torch.cat([on_grid, schedule.shift(u)])
 
 
 def reflow_loss(student, schedule: FlowSchedule, noise, x0, sigma) -> torch.Tensor:
@@ -216,7 +216,7 @@ def backward_simulate(generator, schedule: FlowSchedule, noise, k: torch.Tensor,
 
 def dmd_sigmas(schedule: FlowSchedule, b: int, gen, device) -> torch.Tensor:
     lo, hi = DMD_T_RANGE
-    return shift_sigma(schedule.scheduler, lo + (hi - lo) * _rand(b, gen, device))
+    return schedule.shift(lo + (hi - lo) * _rand(b, gen, device))
 
 
 def dmd_loss(x0_gen, teacher, fake, schedule: FlowSchedule, sigma, noise) -> torch.Tensor:

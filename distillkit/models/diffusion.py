@@ -7,7 +7,8 @@ What distillkit accepts as a diffusers teacher (``--teacher DIR``):
   copied into the output unchanged. A pipeline with a ``vae`` is a latent model: samples are compared in
   latent space and never decoded.
 - a **model directory**: ``config.json`` whose ``_class_name`` is ``UNet2DModel``, ``UNet2DConditionModel``,
-  ``DiTTransformer2DModel``, ``Transformer2DModel`` or ``SD3Transformer2DModel``, with its scheduler in ``DIR/scheduler/`` or as
+  ``DiTTransformer2DModel``, ``Transformer2DModel``, ``SD3Transformer2DModel``, ``WanTransformer3DModel`` or
+  ``FluxTransformer2DModel``, with its scheduler in ``DIR/scheduler/`` or as
   ``DIR/scheduler_config.json`` beside the model config.
 
 Conditioning is by class label: ``UNet2DModel`` / ``UNet2DConditionModel`` with ``num_class_embeds`` and
@@ -20,13 +21,20 @@ branch of guidance is the empty prompt's embedding. A cross-attention UNet witho
 for a class-conditional UNet, its last embedding (id ``num_class_embeds - 1``), which then is not sampled as a
 class; the UNet must have been trained with that label dropout for guidance to mean anything.
 
-Flow-matching transformers (``SD3Transformer2DModel`` or the video ``WanTransformer3DModel``, with
+Flow-matching transformers (``SD3Transformer2DModel``, ``FluxTransformer2DModel`` or the video
+``WanTransformer3DModel``, with
 ``FlowMatchEulerDiscreteScheduler``, velocity prediction) are sampled with Euler on the scheduler's own sigma grid
 (:mod:`distillkit.models.flow`); they are conditioned on zero text embeddings (a pipeline saved without its text
 encoders), and a pipeline with text encoders is refused. A video transformer's config has no sample size: the latent
 ``(frames, height, width)`` it samples is given to :func:`load_diffusion` (``--video-shape``), and its samples are
 [C, F, H, W]. Wan 2.2's two-expert (``transformer_2``) and per-token-timestep (``expand_timesteps``) pipelines and
 image-conditioned Wan transformers are refused by name.
+
+Flux-style transformers (``FluxTransformer2DModel`` in a ``FluxPipeline``) sample [C, H, W] latents of a size given at
+load time (``--image-size``, default FluxPipeline's 128 x 128); :func:`flux_denoise` packs them into 2x2 patches with
+their rotary ids as the pipeline does, and a guidance-distilled one (``guidance_embeds``) gets an embedded guidance
+scale. Their scheduler's resolution-dependent shift (``use_dynamic_shifting``) is reproduced; image-conditioned Flux
+pipelines (Kontext, Fill, Control, ...) and transformers are refused by name.
 
 Sampling of DDPM-family models here is deterministic DDIM (eta 0) with ``trailing`` timestep spacing, so that a few-step run starts
 from pure noise; :func:`ddim_step` reproduces ``DDIMScheduler.step`` (clip_sample included) for any pair of
@@ -50,9 +58,17 @@ MODEL_CLASSES = (
     "Transformer2DModel",
     "SD3Transformer2DModel",
     "WanTransformer3DModel",
+    "FluxTransformer2DModel",
 )
 # flow-matching transformers (velocity prediction, FlowMatchEulerDiscreteScheduler); see distillkit.models.flow
-FLOW_MODEL_CLASSES = ("SD3Transformer2DModel", "WanTransformer3DModel")
+FLOW_MODEL_CLASSES = ("SD3Transformer2DModel", "WanTransformer3DModel", "FluxTransformer2DModel")
+# Flux-style transformers: packed 2x2 latents, rotary ids, FluxPipeline's sigma grid and resolution-dependent shift
+FLUX_MODEL_CLASSES = ("FluxTransformer2DModel",)
+# the one Flux pipeline distillkit samples as FluxPipeline does; Kontext / Fill / Control / img2img / ControlNet /
+# Redux pipelines condition on images and are refused by name
+FLUX_PIPELINE = "FluxPipeline"
+# FluxPipeline's default size: default_sample_size 128 latents (1024 x 1024 pixels through its 8x VAE)
+FLUX_DEFAULT_SIZE = (128, 128)
 # video denoisers: samples [C, F, H, W] of a latent size given at load time (their config does not hold one)
 VIDEO_MODEL_CLASSES = ("WanTransformer3DModel",)
 # pipeline components of a text-conditioned flow pipeline, which distillkit does not encode prompts with yet
@@ -70,11 +86,13 @@ def is_flow_scheduler(scheduler: Any) -> bool:
     return type(scheduler).__name__ in FLOW_SCHEDULERS
 
 
-def check_flow_scheduler(scheduler: Any, path: str) -> None:
-    """Refuse scheduler settings distillkit's Euler solver does not reproduce, by name."""
+def check_flow_scheduler(scheduler: Any, path: str, *, flux: bool = False) -> None:
+    """Refuse scheduler settings distillkit's Euler solver does not reproduce, by name (a Flux teacher's
+    resolution-dependent shift is reproduced, as FluxPipeline computes it)."""
     cfg = scheduler.config
+    dynamic = getattr(cfg, "use_dynamic_shifting", False) and not flux
     bad = [
-        (getattr(cfg, "use_dynamic_shifting", False), "use_dynamic_shifting", "a resolution-dependent shift (mu)"),
+        (dynamic, "use_dynamic_shifting", "a resolution-dependent shift (mu)"),
         (getattr(cfg, "stochastic_sampling", False), "stochastic_sampling", "stochastic sampling"),
         (getattr(cfg, "invert_sigmas", False), "invert_sigmas", "inverted sigmas"),
     ]
@@ -165,6 +183,11 @@ class DiffusionModel:
         return self.class_name in VIDEO_MODEL_CLASSES
 
     @property
+    def flux(self) -> bool:
+        """A Flux-style transformer: samples [C, H, W] are packed into 2x2 patches for the model."""
+        return self.class_name in FLUX_MODEL_CLASSES
+
+    @property
     def video_shape(self) -> tuple[int, int, int] | None:
         """The latent (frames, height, width) of a video model's samples; None for an image model."""
         return tuple(self.sample_shape[1:]) if self.video else None  # type: ignore[return-value]
@@ -214,21 +237,31 @@ def _scheduler_dir(path: Path, layout: str) -> Path:
 
 
 def load_diffusion(
-    path: str | Path, *, device: Any = "cpu", video_shape: tuple[int, int, int] | None = None
+    path: str | Path,
+    *,
+    device: Any = "cpu",
+    video_shape: tuple[int, int, int] | None = None,
+    image_size: tuple[int, int] | None = None,
 ) -> DiffusionModel:
     """Load the denoiser (float32, eval mode) and scheduler of a diffusers pipeline or model directory.
 
     ``video_shape`` is the latent (frames, height, width) a video denoiser samples (required for one, refused for an
-    image denoiser)."""
+    image denoiser); ``image_size`` the latent (height, width) a Flux transformer samples (default
+    :data:`FLUX_DEFAULT_SIZE`, refused for other denoisers, whose config holds their size)."""
     import torch
 
     path = Path(path)
     name, model_dir, sub, index = _denoiser_dir(path)
-    if video_shape is not None and name not in VIDEO_MODEL_CLASSES:
-        raise ConfigError(
-            f"--video-shape sets the size of video denoisers ({', '.join(VIDEO_MODEL_CLASSES)}); {path} holds a {name}",
-            hint="drop --video-shape",
-        )
+    for given, flag, classes, what in (
+        (video_shape, "--video-shape", VIDEO_MODEL_CLASSES, "video denoisers"),
+        (image_size, "--image-size", FLUX_MODEL_CLASSES, "Flux transformers"),
+    ):
+        if given is not None and name not in classes:
+            raise ConfigError(
+                f"{flag} sets the size of {what} ({', '.join(classes)}); {path} holds a {name}", hint=f"drop {flag}"
+            )
+    if name in FLUX_MODEL_CLASSES:
+        _check_flux_pipeline(path, index)
     layout = "pipeline" if index else "model"
     sched_dir = _scheduler_dir(path, layout)
     from distillkit.models.load import check_safetensors
@@ -255,7 +288,7 @@ def load_diffusion(
             )
         raise ModelError(f"{path} pairs a {name} with a {type(scheduler).__name__}", hint=hint)
     if name in FLOW_MODEL_CLASSES:
-        check_flow_scheduler(scheduler, str(path))
+        check_flow_scheduler(scheduler, str(path), flux=name in FLUX_MODEL_CLASSES)
         texts = [k for k in FLOW_TEXT_COMPONENTS if (index.get(k) or [None])[0]]
         if texts:
             raise ModelError(
@@ -263,7 +296,13 @@ def load_diffusion(
                 "transformers with zero text conditioning only",
                 hint="save the pipeline without its text encoders (text_encoder*=None) to distil it unconditionally",
             )
-        size = _video_size(path, model, index, video_shape) if name in VIDEO_MODEL_CLASSES else _square(cfg.sample_size)
+        channels = int(cfg.in_channels)
+        if name in VIDEO_MODEL_CLASSES:
+            size = _video_size(path, model, index, video_shape)
+        elif name in FLUX_MODEL_CLASSES:
+            size, channels = _flux_size(path, model, image_size), channels // 4
+        else:
+            size = _square(cfg.sample_size)
         model.to(device).eval().requires_grad_(False)
         return DiffusionModel(
             model=model,
@@ -272,7 +311,7 @@ def load_diffusion(
             layout=layout,
             class_name=name,
             subfolder=sub,
-            sample_shape=(int(cfg.in_channels), *size),
+            sample_shape=(channels, *size),
             space="latent" if (index.get("vae") or [None])[0] else "pixel",
             pipeline_index=index,
         )
@@ -369,6 +408,42 @@ def _video_size(path: Path, model: Any, index: dict[str, Any], shape: tuple[int,
     return tuple(int(v) for v in shape)
 
 
+def _check_flux_pipeline(path: Path, index: dict[str, Any]) -> None:
+    """Refuse the image-conditioned Flux pipelines (Kontext, Fill, Control, img2img, ...) by their class name."""
+    cls = index.get("_class_name")
+    if index and cls != FLUX_PIPELINE:
+        raise ModelError(
+            f"{path} is a {cls}, an image-conditioned Flux pipeline that distillkit does not sample",
+            hint=f"distil a text-to-image {FLUX_PIPELINE} (saved without its text encoders)",
+        )
+
+
+def _flux_size(path: Path, model: Any, size: tuple[int, int] | None) -> tuple[int, int]:
+    """The latent (height, width) of a Flux transformer's samples, checked against its 2x2 packing; image-conditioned
+    transformers (Fill / Control: more input than output channels) and patched ones are refused by name."""
+    cfg = model.config
+    channels, out = int(cfg.in_channels), int(cfg.out_channels or cfg.in_channels)
+    if channels != out:
+        raise ModelError(
+            f"{path} holds an image-conditioned {type(model).__name__} (in_channels {channels} != out_channels {out}, "
+            "as Flux Fill / Control have)",
+            hint=f"distillkit distils text-to-image Flux transformers ({FLUX_PIPELINE})",
+        )
+    if int(cfg.patch_size) != 1 or channels % 4:
+        raise ModelError(
+            f"{path} holds a {type(model).__name__} with patch_size {cfg.patch_size} and in_channels {channels}; "
+            "FluxPipeline packs 2x2 latent patches into in_channels = 4 x latent channels with patch_size 1",
+            hint="distil a FluxPipeline transformer",
+        )
+    h, w = size or FLUX_DEFAULT_SIZE
+    if h % 2 or w % 2:
+        raise ConfigError(
+            f"--image-size {h},{w} does not split into Flux's 2x2 latent patches",
+            hint="pass an even latent height and width (e.g. 128,128 for 1024x1024 pixels)",
+        )
+    return int(h), int(w)
+
+
 def _square(size: Any) -> tuple[int, int]:
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     return int(h), int(w)
@@ -434,7 +509,9 @@ def label_range(dm: DiffusionModel) -> int:
 # One call for every denoiser
 
 
-def denoise(model: Any, x: Any, t: Any, labels: Any = None, timestep_cond: Any = None) -> Any:
+def denoise(
+    model: Any, x: Any, t: Any, labels: Any = None, timestep_cond: Any = None, guidance: float | None = None
+) -> Any:
     """The raw model output for noisy samples ``x`` [B, C, H, W] (video: [B, C, F, H, W]) at integer timesteps ``t`` [B] (float
     ``sigma * num_train_timesteps`` for a flow transformer, which gets zero text conditioning and returns its velocity).
 
@@ -442,8 +519,11 @@ def denoise(model: Any, x: Any, t: Any, labels: Any = None, timestep_cond: Any =
     text-conditioned UNet2DConditionModel; ``timestep_cond`` [B, time_cond_proj_dim] for a
     guidance-distilled UNet2DConditionModel. Returns [B, C, H, W] in the scheduler's prediction type (a DiT
     that learns its variance returns 2C channels; the variance half is dropped, as DiTPipeline does).
+    ``guidance`` is the embedded guidance scale of a guidance-distilled Flux transformer (``guidance_embeds``).
     """
     name = type(model).__name__
+    if name in FLUX_MODEL_CLASSES:
+        return flux_denoise(model, x, t, guidance)
     if name in FLOW_MODEL_CLASSES:
         return model(x, timestep=t, **null_text_condition(model, x.shape[0], x.device)).sample
     if name == "UNet2DModel":
@@ -639,16 +719,75 @@ def copy_student(dm: DiffusionModel, *, time_cond_proj_dim: int | None = None) -
 
 def null_text_condition(model: Any, batch: int, device: Any = "cpu") -> dict[str, Any]:
     """The conditioning keywords a flow transformer without text encoders is sampled with: zero prompt embeddings
-    [B, 1, D] (``D`` the SD3 ``joint_attention_dim`` or the Wan ``text_dim``) and, for SD3, zero pooled projections
-    [B, pooled_projection_dim]. A pipeline call reproduces it with ``prompt_embeds=torch.zeros(B, 1, D)`` (SD3 also
-    ``pooled_prompt_embeds=torch.zeros(B, P)``) and ``guidance_scale=1``; Wan pads prompt embeddings with zeros, so
+    [B, 1, D] (``D`` the SD3 / Flux ``joint_attention_dim`` or the Wan ``text_dim``) and, for SD3 and Flux, zero
+    pooled projections [B, pooled_projection_dim] (Flux: also ``txt_ids`` [1, 3]). A pipeline call reproduces it
+    with ``prompt_embeds=torch.zeros(B, 1, D)`` (SD3 / Flux also ``pooled_prompt_embeds=torch.zeros(B, P)``) and
+    ``guidance_scale=1`` (Flux: the embedded guidance scale, or any value without ``guidance_embeds``); Wan pads prompt embeddings with zeros, so
     any length of zero embeddings gives the same cross-attention."""
     import torch
 
     cfg = model.config
     if type(model).__name__ in VIDEO_MODEL_CLASSES:
         return {"encoder_hidden_states": torch.zeros(batch, 1, int(cfg.text_dim), device=device)}
+    if type(model).__name__ in FLUX_MODEL_CLASSES:
+        # one zero text token at rotary position (0, 0, 0), as FluxPipeline makes txt_ids for prompt_embeds [B, 1, D]
+        return {
+            "encoder_hidden_states": torch.zeros(batch, 1, int(cfg.joint_attention_dim), device=device),
+            "pooled_projections": torch.zeros(batch, int(cfg.pooled_projection_dim), device=device),
+            "txt_ids": torch.zeros(1, 3, device=device),
+        }
     return {
         "encoder_hidden_states": torch.zeros(batch, 1, int(cfg.joint_attention_dim), device=device),
         "pooled_projections": torch.zeros(batch, int(cfg.pooled_projection_dim), device=device),
     }
+
+
+# --------------------------------------------------------------------------------------------
+# Flux: packed latents
+
+
+def pack_latents(x: Any) -> Any:
+    """[B, C, H, W] latents -> [B, (H/2)(W/2), 4C] tokens of 2x2 patches, as ``FluxPipeline._pack_latents``."""
+    b, c, h, w = x.shape
+    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: Any, h: int, w: int) -> Any:
+    """The inverse of :func:`pack_latents`: [B, (H/2)(W/2), 4C] -> [B, C, H, W]."""
+    b, _, d = tokens.shape
+    return tokens.view(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, d // 4, h, w)
+
+
+def flux_image_ids(h: int, w: int, device: Any = "cpu") -> Any:
+    """Rotary position ids [(H/2)(W/2), 3] of the packed latent grid: ``(0, row, column)`` in raster order, as
+    ``FluxPipeline._prepare_latent_image_ids``."""
+    import torch
+
+    ids = torch.zeros(h // 2, w // 2, 3)
+    ids[..., 1] = torch.arange(h // 2)[:, None]
+    ids[..., 2] = torch.arange(w // 2)[None, :]
+    return ids.reshape(-1, 3).to(device)
+
+
+def flux_denoise(model: Any, x: Any, t: Any, guidance: float | None = None) -> Any:
+    """A Flux transformer's velocity [B, C, H, W] at latents ``x`` [B, C, H, W] and timesteps ``t`` [B]
+    (``sigma * 1000``): packed as FluxPipeline packs them, zero text conditioning (:func:`null_text_condition`),
+    the timestep and embedded guidance divided by 1000 as the pipeline passes them (the model multiplies back)."""
+    import torch
+
+    b, _, h, w = x.shape
+    kwargs = null_text_condition(model, b, x.device)
+    if model.config.guidance_embeds:
+        if guidance is None:
+            raise ConfigError(
+                f"{type(model).__name__} is guidance-distilled (guidance_embeds) and needs an embedded guidance scale",
+                hint="pass --guidance-scale (FluxPipeline's default is 3.5)",
+            )
+        kwargs["guidance"] = torch.full((b,), float(guidance), device=x.device)
+    out = model(
+        pack_latents(x),
+        timestep=t.to(x.dtype) / 1000,
+        img_ids=flux_image_ids(h, w, x.device),
+        **kwargs,
+    ).sample
+    return unpack_latents(out, h, w)

@@ -1,5 +1,6 @@
-"""Flow-matching denoisers (SD3-style transformers with ``FlowMatchEulerDiscreteScheduler``): the noise path,
-the model's velocity, and Euler sampling on the scheduler's own sigma grid.
+"""Flow-matching denoisers (SD3-, Wan- and Flux-style transformers with ``FlowMatchEulerDiscreteScheduler``): the
+noise path, the model's velocity, and Euler sampling on the scheduler's own sigma grid (for Flux, the grid
+FluxPipeline asks for: ``linspace(1, 1/n, n)`` shifted by ``mu`` of the image's token count).
 
 A flow-matching model predicts the velocity ``v = eps - x0`` of the straight path
 ``x_sigma = (1 - sigma) x0 + sigma eps`` (``sigma`` from 1, pure noise, to 0, the sample); the transformer is fed
@@ -20,12 +21,28 @@ from typing import Any
 from distillkit.models.diffusion import denoise
 
 
-def flow_sigmas(scheduler: Any, steps: int) -> list[float]:
+def flow_sigmas(scheduler: Any, steps: int, *, flux: bool = False, mu: float | None = None) -> list[float]:
     """The ``steps + 1`` sigmas (the last 0) of a ``steps``-step run, exactly as ``scheduler.set_timesteps`` makes
-    them (on a copy, so the caller's scheduler is not changed)."""
+    them (on a copy, so the caller's scheduler is not changed). ``flux``: as FluxPipeline asks for them, from the
+    grid ``linspace(1, 1/steps, steps)`` with the resolution-dependent shift ``mu`` (:func:`flux_mu`)."""
+    import numpy as np
+
     sch = type(scheduler).from_config(scheduler.config)
-    sch.set_timesteps(steps)
+    if flux:
+        sch.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    else:
+        sch.set_timesteps(steps)
     return [float(s) for s in sch.sigmas]
+
+
+def flux_mu(scheduler: Any, image_seq_len: int) -> float:
+    """FluxPipeline's ``calculate_shift``: ``mu`` linear in the number of packed image tokens, from the scheduler's
+    ``base_image_seq_len``/``max_image_seq_len`` and ``base_shift``/``max_shift``."""
+    cfg = scheduler.config
+    base_len, max_len = cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096)
+    base_shift, max_shift = cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15)
+    m = (max_shift - base_shift) / (max_len - base_len)
+    return image_seq_len * m + (base_shift - m * base_len)
 
 
 def per_sample(t: Any, x: Any) -> Any:
@@ -41,11 +58,23 @@ def shift_sigma(scheduler: Any, u: Any) -> Any:
 
 class FlowSchedule:
     """The straight noise path and its velocity arithmetic; sigmas are float tensors [B] (viewed to broadcast over
-    the samples, [B, 1, 1, 1] for images and [B, 1, 1, 1, 1] for videos)."""
+    the samples, [B, 1, 1, 1] for images and [B, 1, 1, 1, 1] for videos).
 
-    def __init__(self, scheduler: Any):
+    A Flux teacher's schedule (``flux=True``) takes FluxPipeline's sigma grid with its shift ``mu`` (None without
+    ``use_dynamic_shifting``), and ``guidance`` is the embedded guidance scale its transformer is fed (None for one
+    without ``guidance_embeds``); :func:`flow_schedule` builds the schedule a loaded model samples with."""
+
+    def __init__(self, scheduler: Any, *, flux: bool = False, mu: float | None = None, guidance: float | None = None):
         self.scheduler = scheduler
         self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
+        self.flux, self.mu, self.guidance = flux, mu, guidance
+
+    def shift(self, u: Any) -> Any:
+        """Sigmas ``u`` in [0, 1] (a tensor) shifted as the scheduler shifts its grid: the resolution-dependent
+        ``time_shift(mu)`` of a dynamic-shifting scheduler, else the static shift."""
+        if self.scheduler.config.get("use_dynamic_shifting", False) and self.mu is not None:
+            return self.scheduler.time_shift(self.mu, 1.0, u)
+        return shift_sigma(self.scheduler, u)
 
     @staticmethod
     def _v(sigma: Any, x: Any) -> Any:
@@ -68,12 +97,25 @@ class FlowSchedule:
         return x + (self._v(sigma_next, x) - self._v(sigma, x)) * v
 
     def sigmas(self, steps: int) -> list[float]:
-        return flow_sigmas(self.scheduler, steps)
+        return flow_sigmas(self.scheduler, steps, flux=self.flux, mu=self.mu)
+
+
+def flow_schedule(dm: Any, guidance: float | None = None, scheduler: Any = None) -> FlowSchedule:
+    """The :class:`FlowSchedule` the loaded flow model ``dm`` samples with (``scheduler``: another one, e.g. a
+    student's, on the same latents); ``guidance`` is used only by a guidance-distilled Flux transformer."""
+    scheduler = scheduler if scheduler is not None else dm.scheduler
+    if not dm.flux:
+        return FlowSchedule(scheduler)
+    _, h, w = dm.sample_shape
+    embeds = bool(dm.model.config.guidance_embeds)
+    return FlowSchedule(
+        scheduler, flux=True, mu=flux_mu(scheduler, (h // 2) * (w // 2)), guidance=guidance if embeds else None
+    )
 
 
 def velocity(model: Any, schedule: FlowSchedule, x: Any, sigma: Any, labels: Any = None) -> Any:
     """The model's velocity [B, C, H, W] (video: [B, C, F, H, W]) at ``x`` and sigmas ``sigma`` [B]."""
-    return denoise(model, x, schedule.timestep(sigma.to(x.device)), labels)
+    return denoise(model, x, schedule.timestep(sigma.to(x.device)), labels, guidance=schedule.guidance)
 
 
 def euler_sample(

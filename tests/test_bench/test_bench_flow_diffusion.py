@@ -22,7 +22,19 @@ from distillkit.models.sample_features import SampleFeatures, frechet_distance, 
 from tests.test_distill import flow_tiny
 
 FAST = ["--repeats", "1", "--warmup", "0", "--batch", "4"]
+# the distill settings of the students benched here: 8 teacher steps, a small pool, fast training
+DISTILL_FAST = dict(teacher_steps=8, batch_size=8, max_samples=32, eval_samples=16, warmup=0.0, lr=1e-3)
 N_DIST = 64
+
+
+def check_one_step_reflow(q: dict, met: dict, student: list, teacher: list) -> None:
+    """A 1-step reflow student's bench quality ``q`` reproduces distill's metrics ``met`` (student, and the teacher at
+    one step), beats that teacher, and its PSNR is that of its ``student`` samples against the 8-step ``teacher``
+    samples of seed 1."""
+    assert q["mse"] == pytest.approx(met["student_mse"], rel=1e-5)
+    assert q["same_steps_mse"] == pytest.approx(met["baseline_mse"], rel=1e-5)
+    assert q["mse"] < q["same_steps_mse"]
+    assert q["psnr"] == pytest.approx(sample_errors(student, teacher)["psnr"], abs=1e-4)
 
 
 def run_cli(args: list[str]) -> tuple[int, list[str], str]:
@@ -67,7 +79,7 @@ def test_frechet_distance_matches_scipy():
 def flow_students(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench-flow")
     teacher = flow_tiny.tiny_sd3_pipeline(root / "teacher")[1]
-    common = dict(teacher_steps=8, batch_size=8, max_samples=32, eval_samples=16, warmup=0.0, lr=1e-3)
+    common = DISTILL_FAST
     reflow = run_diffusion_distill(
         DistillConfig.of(teacher=teacher, method="reflow", target_steps=1, steps=25, **common), out=str(root / "reflow")
     )

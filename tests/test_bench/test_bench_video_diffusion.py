@@ -10,10 +10,9 @@ import pytest
 import torch
 
 from distillkit.config import DistillConfig
-from distillkit.distill.denoise_training import sample_errors
 from distillkit.distill.diffusion import run_diffusion_distill
 from distillkit.models.sample_features import SampleFeatures, frechet_distance, gaussian_stats
-from tests.test_bench.test_bench_flow_diffusion import FAST, run_cli
+from tests.test_bench.test_bench_flow_diffusion import DISTILL_FAST, FAST, check_one_step_reflow, run_cli
 from tests.test_bench.test_bench_flow_diffusion import _samples as flow_samples
 from tests.test_distill import wan_tiny
 
@@ -37,17 +36,7 @@ def video_students(tmp_path_factory):
     """The tiny Wan teacher, a 1-step reflow student and a 2-step reflow student with video-tile sparse attention."""
     root = tmp_path_factory.mktemp("bench-video")
     teacher = wan_tiny.tiny_wan_pipeline(root / "teacher")[1]
-    common = dict(
-        teacher=teacher,
-        method="reflow",
-        teacher_steps=8,
-        batch_size=8,
-        max_samples=32,
-        eval_samples=16,
-        warmup=0.0,
-        lr=1e-3,
-        video_shape=",".join(map(str, SHAPE)),
-    )
+    common = dict(teacher=teacher, method="reflow", video_shape=",".join(map(str, SHAPE)), **DISTILL_FAST)
     reflow = run_diffusion_distill(DistillConfig.of(target_steps=1, steps=25, **common), out=str(root / "reflow"))
     sparse = run_diffusion_distill(
         DistillConfig.of(
@@ -78,11 +67,7 @@ def test_bench_video_students_against_teacher(video_students):
     assert (base["steps"], r["steps"]) == (8, 1) and r["sampler"] == "euler"
     assert report["diffusion"]["video_shape"] == list(SHAPE)
     met, q = reflow["metrics"], r["quality"]
-    assert q["mse"] == pytest.approx(met["student_mse"], rel=1e-5)
-    assert q["same_steps_mse"] == pytest.approx(met["baseline_mse"], rel=1e-5)
-    assert q["mse"] < q["same_steps_mse"]
-    expected = sample_errors(_samples(reflow["path"], 1, 16, 1), _samples(teacher, 8, 16, 1))
-    assert q["psnr"] == pytest.approx(expected["psnr"], abs=1e-4)
+    check_one_step_reflow(q, met, _samples(reflow["path"], 1, 16, 1), _samples(teacher, 8, 16, 1))
     # the Fréchet distance over frames (N_DIST videos of 3 frames each), recomputed on the seed + 2 noises
     feats = SampleFeatures(4)
     ref = feats.features(_samples(teacher, 8, N_DIST, 2))

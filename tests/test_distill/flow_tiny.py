@@ -96,3 +96,26 @@ def pipeline_sample(pipe: Any, noise: Any, steps: int) -> Any:
         output_type="latent",
     )
     return out.images
+
+
+def sparse_progressive(teacher: str, out: Path, spec: str, block: int, **fast: Any) -> dict[str, Any]:
+    """``distill --method progressive`` 4 -> 2 steps of ``teacher`` with a block-sparse student (``spec``, ``block``)
+    into ``out``; returns the manifest after checking it records the spec and the student beats the teacher's own
+    2 steps."""
+    from distillkit.config import DistillConfig
+    from distillkit.distill.diffusion import run_diffusion_distill
+
+    cfg = DistillConfig.of(
+        teacher=teacher,
+        method="progressive",
+        teacher_steps=4,
+        target_steps=2,
+        steps=10,
+        sparse_attention=spec,
+        sparse_block_size=block,
+        **fast,
+    )
+    m = run_diffusion_distill(cfg, out=str(out))
+    assert m["extra"]["sparse_attention"] == {"spec": spec, "block_size": block}
+    assert m["metrics"]["student_mse"] < m["metrics"]["baseline_mse"], m["metrics"]
+    return m
