@@ -60,7 +60,7 @@ def quantize(
         int | None,
         typer.Option(
             "--embedding-bits",
-            help="Bits of the embedding tables (8, 4, 3, 2; default 8 for post-training int4/int3/int2, else the scheme's).",
+            help="Bits of the embedding tables (8, 4, 3, 2; default 8 for int4/int3/int2, also in quantized distillation; else the scheme's).",
         ),
     ] = None,
     damp: Annotated[

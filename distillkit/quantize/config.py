@@ -23,9 +23,7 @@ class QuantizeConfig(BaseConfig):
     method: str | None = None  # None: gptq for packed schemes
     skip: tuple[str, ...] = ()
     embeddings: bool = True
-    embedding_bits: int | None = (
-        None  # None: 8 for post-training int4/int3/int2 (embedding tables are the most sensitive)
-    )
+    embedding_bits: int | None = None  # None: 8 for int4/int3/int2 (embedding tables are the most sensitive)
     damp: float = 0.1
     act_order: bool = True  # GPTQ: columns by decreasing Hessian diagonal, static groups
     clip_search: bool = True  # per-group range shrink minimising the (Hessian-weighted) quantization error
@@ -67,12 +65,6 @@ class QuantizeConfig(BaseConfig):
             if scheme.format != "packed":
                 raise ConfigError(
                     "--embedding-bits applies to the packed schemes", hint="use --scheme int8, int4, int3 or int2"
-                )
-            if self.qat_steps:
-                raise ConfigError(
-                    "--embedding-bits is post-training only: quantized distillation trains every table at the "
-                    "scheme's bits",
-                    hint="drop --embedding-bits, or --qat-steps",
                 )
         if self.act_bits is not None and self.act_bits not in ACT_BITS:
             raise ConfigError(
@@ -146,7 +138,7 @@ class QuantizeConfig(BaseConfig):
         method = self.method or ("gptq" if s.format in ("packed", "dynamic") else "bnb")
         emb = self.embedding_bits
         if emb is None:
-            emb = 8 if s.format == "packed" and s.bits < 8 and not self.qat_steps else s.bits
+            emb = 8 if s.format == "packed" and s.bits < 8 else s.bits
         return {
             "format": s.format,
             "bits": s.bits,

@@ -434,6 +434,7 @@ def _qat(cfg: QuantizeConfig, src: mf.Source, loaded: Any, r: dict, init: dict, 
             quantizer=cfg.quantizer,
             act_bits=cfg.act_bits,
             init=init,
+            embedding_grid=embedding_grid(r),
         )
 
     def finish(student: Any) -> None:
@@ -655,17 +656,26 @@ def _post_training_states(run: _Run) -> dict:
         )
     else:
         states = quantize_states_rtn(model, run.targets, r["bits"], r["group_size"], r["symmetric"])
-    eb = r["embedding_bits"]
-    if eb != r["bits"]:  # mixed precision: embedding tables at their own bits
+    grid = embedding_grid(r)
+    if grid is not None:  # mixed precision: embedding tables at their own bits
         for t in run.targets:
             if t.kind == "embedding":
                 w = weight_of(model, t).detach()
                 states[t.name] = (
-                    qf.quantize_rtn(w, 8, 0, True)
-                    if eb == 8
-                    else _rtn_state(w, eb, r["group_size"], r["symmetric"], cfg.clip_search, _group_params())
+                    qf.quantize_rtn(w, *grid)
+                    if grid[0] == 8
+                    else _rtn_state(w, *grid, cfg.clip_search, _group_params())
                 )
     return states
+
+
+def embedding_grid(r: dict) -> tuple[int, int, bool] | None:
+    """(bits, group size, symmetric) of the embedding tables when they differ from the scheme's bits, else None:
+    8-bit tables are per row and symmetric, narrower ones take the scheme's group and symmetry."""
+    eb = r["embedding_bits"]
+    if eb == r["bits"]:
+        return None
+    return (8, 0, True) if eb == 8 else (eb, r["group_size"], r["symmetric"])
 
 
 def _expected_outputs(run: _Run, qmodel: Any) -> tuple[list[dict], list[Any]]:

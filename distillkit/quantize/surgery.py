@@ -119,8 +119,12 @@ def to_fake_quant_(
     quantizer: str,
     act_bits: int | None = None,
     init: dict[str, QuantState] | None = None,
+    embedding_grid: tuple[int, int, bool] | None = None,
 ) -> nn.Module:
-    """Swap every target for its fake-quant module (in place); ``init`` starts them from given states (e.g. GPTQ)."""
+    """Swap every target for its fake-quant module (in place); ``init`` starts them from given states (e.g. GPTQ).
+
+    ``embedding_grid`` (bits, group size, symmetric) gives the embedding tables a grid of their own (mixed
+    precision, e.g. 8-bit tables in a 2-bit model); by default they share the Linears' grid."""
     init = init or {}
     done: dict[str, nn.Module] = {}
     for t in sorted(targets, key=lambda t: t.kind == "tied"):
@@ -133,7 +137,8 @@ def to_fake_quant_(
                 deq = init[t.name].dequantize(torch.float32)
                 (m.weight.copy_(deq.t()) if t.kind == "conv1d" else m.weight.copy_(deq))
         w = weight_of(model, t)
-        q = WeightQuantizer(w, bits, group_size, symmetric, quantizer, init.get(t.name)).to(w.device)
+        grid = embedding_grid if t.kind == "embedding" and embedding_grid is not None else (bits, group_size, symmetric)
+        q = WeightQuantizer(w, *grid, quantizer, init.get(t.name)).to(w.device)
         if t.kind == "embedding":
             new = FakeQuantEmbedding(m.weight, m.padding_idx, q)
         else:

@@ -169,12 +169,11 @@ def test_embedding_bits_defaults_and_refusals():
 
     assert QuantizeConfig(scheme="int4").resolved()["embedding_bits"] == 8
     assert QuantizeConfig(scheme="int2", embedding_bits=4).resolved()["embedding_bits"] == 4
-    assert QuantizeConfig(scheme="int4", qat_steps=5, teacher="t").resolved()["embedding_bits"] == 4
+    assert QuantizeConfig(scheme="int4", qat_steps=5, teacher="t").resolved()["embedding_bits"] == 8
+    assert QuantizeConfig(scheme="int2", embedding_bits=2, qat_steps=5, teacher="t").resolved()["embedding_bits"] == 2
     assert QuantizeConfig(scheme="int3").resolved()["embedding_bits"] == 8
     with pytest.raises(ConfigError, match="not supported"):
         QuantizeConfig(scheme="int4", embedding_bits=5)
-    with pytest.raises(ConfigError, match="post-training only"):
-        QuantizeConfig(scheme="int4", embedding_bits=8, qat_steps=5, teacher="t")
     with pytest.raises(ConfigError, match="packed schemes"):
         QuantizeConfig(scheme="dynamic-int8", embedding_bits=8)
 

@@ -143,6 +143,9 @@ def test_quantized_distillation_trains_converts_and_records(llama, tmp_path, cap
     q = load_quantized(out, "causal-lm")
     layer = q.model.layers[0].mlp.up_proj
     assert layer.act_bits == 8 and layer.has_codebook == (quantizer == "dq")
+    # mixed precision survives training: the table was trained and stored at 8 bits, the Linears at 4
+    assert layer.bits == 4 and q.model.embed_tokens.bits == 8
+    assert m["config"]["resolved"]["embedding_bits"] == 8
     assert not list(out.parent.glob(".qat.qat-*"))  # the inner distill run left nothing behind
 
 
