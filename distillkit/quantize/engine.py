@@ -746,6 +746,8 @@ def _write_artifact(
             metrics["quality_after"] = held_out_quality(reloaded, run.evals, run.loaded, run.reference, run.device)
         del reloaded
         run.timings["reload_check_s"] = time.perf_counter() - t_check
+        if "qat" in run.extra:
+            run.extra["qat"]["gain"] = qat_gain(metrics.get("quality_ptq", {}), metrics["quality_after"])
         for stage in ("before", "ptq", "after"):
             for k, v in metrics.get(f"quality_{stage}", {}).items():
                 metrics[f"{stage}_{k}"] = v
@@ -770,6 +772,28 @@ def _write_artifact(
         )
         mf.finalize_artifact(tmp, manifest, run.final)
     return manifest
+
+
+# The figure that says whether quantized distillation helped, by task: (metric, +1 higher is better / -1 lower)
+_QAT_MEASURES = (("embedding_cosine", 1), ("kl_to_teacher", -1), ("top1_agreement", 1), ("accuracy", 1))
+
+
+def qat_gain(ptq: dict, after: dict) -> dict | None:
+    """How quantized distillation moved the held-out figure it is judged by, from its post-training start to the
+    saved artifact: ``{"metric", "ptq", "after", "improved"}``; None when the two share no such figure. A run that
+    ended below its start says so on stderr, with what to try."""
+    from distillkit.errors import warn
+
+    for name, sign in _QAT_MEASURES:
+        if name in ptq and name in after:
+            improved = sign * (after[name] - ptq[name]) > 0
+            if not improved:
+                warn(
+                    f"quantized distillation ended no better than its post-training start ({name} "
+                    f"{after[name]:.4f} vs {ptq[name]:.4f}); try a lower --qat-lr, more --qat-steps, or --qat-steps 0"
+                )
+            return {"metric": name, "ptq": ptq[name], "after": after[name], "improved": improved}
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -136,6 +136,10 @@ def test_quantized_distillation_trains_converts_and_records(llama, tmp_path, cap
     assert m["extra"]["qat"]["steps"] == 3 and m["extra"]["qat"]["quantizer"] == quantizer
     assert {"quality_before", "quality_ptq", "quality_after"} <= set(m["metrics"])
     assert m["metrics"]["quality_after"] != m["metrics"]["quality_ptq"]  # training changed the model
+    gain = m["extra"]["qat"]["gain"]
+    ptq_kl, after_kl = m["metrics"]["quality_ptq"]["kl_to_teacher"], m["metrics"]["quality_after"]["kl_to_teacher"]
+    assert gain == {"metric": "kl_to_teacher", "ptq": ptq_kl, "after": after_kl, "improved": after_kl < ptq_kl}
+    assert ("ended no better than its post-training start" in err) == (not gain["improved"])
     # the converted low-bit model computes what the trained fake-quant model computed (same held-out batches)
     fq = m["extra"]["qat"]["fake_quant_quality"]
     for key in ("kl_to_teacher", "perplexity", "top1_agreement"):
@@ -279,3 +283,16 @@ def test_export_keeps_the_packed_layout_and_onnx_refuses_it(llama, tmp_path, cap
     assert torch.equal(load_quantized(hf, "causal-lm")(x).logits, load_quantized(q, "causal-lm")(x).logits)
     code, _, err = _run(["export", str(q), "--format", "onnx", "--out", str(tmp_path / "onnx")], capsys)
     assert code == 1 and "packed low-bit weights" in err and not (tmp_path / "onnx").exists()
+
+
+def test_qat_gain_says_when_training_did_not_help(capsys):
+    from distillkit.quantize.engine import qat_gain
+
+    up = qat_gain({"embedding_cosine": 0.86, "eval_examples": 8}, {"embedding_cosine": 0.87, "eval_examples": 8})
+    assert up == {"metric": "embedding_cosine", "ptq": 0.86, "after": 0.87, "improved": True}
+    assert capsys.readouterr().err == ""
+    down = qat_gain({"kl_to_teacher": 0.10, "top1_agreement": 0.9}, {"kl_to_teacher": 0.12, "top1_agreement": 0.95})
+    assert down["metric"] == "kl_to_teacher" and down["improved"] is False  # lower KL is better: 0.12 is worse
+    err = capsys.readouterr().err
+    assert err.startswith("warning: quantized distillation ended no better") and "--qat-lr" in err
+    assert qat_gain({}, {"embedding_cosine": 0.9}) is None
