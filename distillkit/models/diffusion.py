@@ -727,19 +727,17 @@ def null_text_condition(model: Any, batch: int, device: Any = "cpu") -> dict[str
     import torch
 
     cfg = model.config
-    if type(model).__name__ in VIDEO_MODEL_CLASSES:
+    name = type(model).__name__
+    if name in VIDEO_MODEL_CLASSES:
         return {"encoder_hidden_states": torch.zeros(batch, 1, int(cfg.text_dim), device=device)}
-    if type(model).__name__ in FLUX_MODEL_CLASSES:
-        # one zero text token at rotary position (0, 0, 0), as FluxPipeline makes txt_ids for prompt_embeds [B, 1, D]
-        return {
-            "encoder_hidden_states": torch.zeros(batch, 1, int(cfg.joint_attention_dim), device=device),
-            "pooled_projections": torch.zeros(batch, int(cfg.pooled_projection_dim), device=device),
-            "txt_ids": torch.zeros(1, 3, device=device),
-        }
-    return {
+    cond = {
         "encoder_hidden_states": torch.zeros(batch, 1, int(cfg.joint_attention_dim), device=device),
         "pooled_projections": torch.zeros(batch, int(cfg.pooled_projection_dim), device=device),
     }
+    if name in FLUX_MODEL_CLASSES:
+        # one zero text token at rotary position (0, 0, 0), as FluxPipeline makes txt_ids for prompt_embeds [B, 1, D]
+        cond["txt_ids"] = torch.zeros(1, 3, device=device)
+    return cond
 
 
 # --------------------------------------------------------------------------------------------

@@ -37,7 +37,8 @@ def flow_sigmas(scheduler: Any, steps: int, *, flux: bool = False, mu: float | N
 
 def flux_mu(scheduler: Any, image_seq_len: int) -> float:
     """FluxPipeline's ``calculate_shift``: ``mu`` linear in the number of packed image tokens, from the scheduler's
-    ``base_image_seq_len``/``max_image_seq_len`` and ``base_shift``/``max_shift``."""
+    ``base_image_seq_len``/``max_image_seq_len`` and ``base_shift``/``max_shift`` (tested equal to diffusers' own;
+    written here because importing the Flux pipeline module loads transformers' image processors)."""
     cfg = scheduler.config
     base_len, max_len = cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096)
     base_shift, max_shift = cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15)

@@ -89,6 +89,11 @@ def test_euler_sample_matches_flux_pipeline(tmp_path, guidance_embeds):
     # the grid is FluxPipeline's linspace(1, 1/3, 3) through the exponential shift of mu, not the static shift 3
     mu = sch.mu
     assert mu == pytest.approx(0.5 + (16 - 256) * 0.65 / 3840)
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    c = dm.scheduler.config
+    theirs_mu = calculate_shift(16, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift)
+    assert mu == pytest.approx(theirs_mu, rel=1e-12)
     grid = [1.0, 2 / 3, 1 / 3]
     expected = [torch.e**mu / (torch.e**mu + (1 / s - 1)) for s in grid] + [0.0]
     assert sch.sigmas(3) == pytest.approx(expected, rel=1e-6)
