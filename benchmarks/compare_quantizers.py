@@ -22,7 +22,9 @@ Arms (``--arms``; ``--list-arms`` prints them):
 
 - ``fp32``: the model as loaded (the reference);
 - ``dk-*``: the real CLI, ``distillkit quantize MODEL --scheme ... --out DIR``, in a subprocess (GPTQ, asymmetric,
-  its defaults: int4/int3 group 128, int2 group 32, embedding tables to int8), then the artifact reloaded with
+  its defaults: int4/int3 group 128, int2 group 32, block-wise reconstruction for int3 and int2, embedding tables
+  to int8; ``dk-int4-g128-recon`` adds ``--reconstruct-steps 400``, ``dk-int3-g128-gptq`` and ``dk-int2-g32-gptq``
+  turn it off), then the artifact reloaded with
   ``distillkit.load`` (``quant_kernel`` from ``--dk-kernel``: ``auto`` runs bf16 products on CPUs with
   AVX512-BF16; the JSON's ``heldout_dequant`` is the same artifact's quality with exact fp32 products);
   ``dk-int4-g128-linear`` (``--no-embeddings``) keeps the embedding tables in fp32 as the peers do, and
@@ -108,8 +110,18 @@ ARMS = [
     Arm("fp32", "fp32", 32, None, "reference"),
     Arm("dk-int4-g128", "distillkit", 4, 128, "GPTQ", {"cli": ["--scheme", "int4"]}),
     Arm("dk-int4-g32", "distillkit", 4, 32, "GPTQ", {"cli": ["--scheme", "int4", "--group-size", "32"]}),
-    Arm("dk-int3-g128", "distillkit", 3, 128, "GPTQ", {"cli": ["--scheme", "int3"]}),
-    Arm("dk-int2-g32", "distillkit", 2, 32, "GPTQ", {"cli": ["--scheme", "int2"]}),
+    Arm("dk-int3-g128", "distillkit", 3, 128, "GPTQ + reconstruction", {"cli": ["--scheme", "int3"]}),
+    Arm("dk-int3-g128-gptq", "distillkit", 3, 128, "GPTQ", {"cli": ["--scheme", "int3", "--reconstruct-steps", "0"]}),
+    Arm("dk-int2-g32", "distillkit", 2, 32, "GPTQ + reconstruction", {"cli": ["--scheme", "int2"]}),
+    Arm("dk-int2-g32-gptq", "distillkit", 2, 32, "GPTQ", {"cli": ["--scheme", "int2", "--reconstruct-steps", "0"]}),
+    Arm(
+        "dk-int4-g128-recon",
+        "distillkit",
+        4,
+        128,
+        "GPTQ + reconstruction",
+        {"cli": ["--scheme", "int4", "--reconstruct-steps", "400"]},
+    ),
     Arm(
         "dk-int4-g128-linear",
         "distillkit",

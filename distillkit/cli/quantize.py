@@ -81,6 +81,17 @@ def quantize(
             help="Shrink each group's range where that lowers its Hessian-weighted error (default yes).",
         ),
     ] = None,
+    reconstruct_steps: Annotated[
+        int | None,
+        typer.Option(
+            "--reconstruct-steps",
+            help="Block-wise reconstruction after GPTQ: train each block's latent weights and step sizes for N steps to reproduce the float block's outputs (default: 400 for int3 and int2, else 0; 0 turns it off).",
+        ),
+    ] = None,
+    reconstruct_lr: Annotated[
+        float | None,
+        typer.Option("--reconstruct-lr", help="Learning rate of block-wise reconstruction (default 3e-4)."),
+    ] = None,
     teacher: Annotated[
         str | None,
         typer.Option(
@@ -129,7 +140,11 @@ def quantize(
     max_length: o.MaxLength = None,
     max_samples: o.MaxSamples = None,
     calib_batches: Annotated[
-        int | None, typer.Option("--calib-batches", help="Calibration batches for GPTQ (default 16).")
+        int | None,
+        typer.Option(
+            "--calib-batches",
+            help="Calibration batches for GPTQ and reconstruction (default 16; 64 with --reconstruct-steps).",
+        ),
     ] = None,
     batch_size: Annotated[
         int | None,
@@ -163,6 +178,8 @@ def quantize(
         damp=damp,
         act_order=act_order,
         clip_search=clip_search,
+        reconstruct_steps=reconstruct_steps,
+        reconstruct_lr=reconstruct_lr,
         teacher=teacher,
         qat_steps=qat_steps,
         qat_lr=qat_lr,

@@ -27,6 +27,8 @@ class QuantizeConfig(BaseConfig):
     damp: float = 0.1
     act_order: bool = True  # GPTQ: columns by decreasing Hessian diagonal, static groups
     clip_search: bool = True  # per-group range shrink minimising the (Hessian-weighted) quantization error
+    reconstruct_steps: int | None = None  # block-wise reconstruction after GPTQ; None: the scheme's default
+    reconstruct_lr: float = 3e-4
     task: str | None = None
     # quantized distillation
     teacher: str | None = None
@@ -43,7 +45,7 @@ class QuantizeConfig(BaseConfig):
     eval_split: float = 0.05
     max_length: int = 128
     max_samples: int | None = None
-    calib_batches: int = 16
+    calib_batches: int | None = None  # None: 64 with block-wise reconstruction (it learns from them), else 16
     batch_size: int = 8
     eval_batches: int = 20
     seed: int = 0
@@ -123,7 +125,21 @@ class QuantizeConfig(BaseConfig):
         )
         check_temperature(self.temperature)
         require(self.damp > 0, "--damp must be positive", "e.g. 0.1 (the default) or 0.01")
+        if self.reconstruct_steps is not None:
+            require(self.reconstruct_steps >= 0, "--reconstruct-steps must be >= 0", "0 turns reconstruction off")
+            if self.reconstruct_steps and scheme.format != "packed":
+                raise ConfigError(
+                    f"block-wise reconstruction trains distillkit's packed codes, not the {self.scheme} scheme",
+                    hint="use --scheme int8, int4, int3 or int2, or drop --reconstruct-steps",
+                )
+            if self.reconstruct_steps and self.method == "rtn":
+                raise ConfigError(
+                    "block-wise reconstruction continues from GPTQ", hint="drop --method rtn or --reconstruct-steps"
+                )
+        require(self.reconstruct_lr > 0, "--reconstruct-lr must be positive", "e.g. 3e-4 (the default)")
         require(0 <= self.eval_split <= 0.5, "--eval-split must be in [0, 0.5]", "e.g. 0.05")
+        if self.calib_batches is None:
+            object.__setattr__(self, "calib_batches", 64 if self.resolved()["reconstruct_steps"] else 16)
         for name in ("calib_batches", "batch_size", "max_length"):
             require(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive", "give a positive number")
         require(self.eval_batches >= 0, "--eval-batches must be >= 0", "0 skips the quality measurement")
@@ -139,6 +155,9 @@ class QuantizeConfig(BaseConfig):
         emb = self.embedding_bits
         if emb is None:
             emb = 8 if s.format == "packed" and s.bits < 8 else s.bits
+        recon = self.reconstruct_steps
+        if recon is None:
+            recon = s.reconstruct_steps if method == "gptq" else 0
         return {
             "format": s.format,
             "bits": s.bits,
@@ -146,4 +165,5 @@ class QuantizeConfig(BaseConfig):
             "symmetric": sym,
             "method": method,
             "embedding_bits": emb,
+            "reconstruct_steps": recon,
         }

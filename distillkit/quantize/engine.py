@@ -82,8 +82,18 @@ def gptq_states(
     *,
     act_order: bool = False,
     clip_search: bool = False,
+    latents: dict | None = None,
+    reconstruct: Any = None,
+    report: list | None = None,
 ) -> dict:
     """GPTQ every Linear target, block by block in model order.
+
+    ``latents``, when given, receives each Linear's error-compensated float weight (see ``gptq_quantize``'s
+    ``return_latent``): where quantized distillation starts from.
+
+    ``reconstruct`` (a :class:`~distillkit.quantize.reconstruct.ReconstructSpec`) trains each block after its GPTQ
+    to reproduce the float block (see :mod:`distillkit.quantize.reconstruct`); the float model's own inputs of
+    every block are then carried beside the quantized ones. ``report`` receives one record per reconstructed block.
 
     The inputs of a layer's Linears are collected with every earlier layer already quantized (sequential GPTQ), so
     later layers correct for the error of earlier ones. Embeddings and tied outputs get round-to-nearest (with the
@@ -99,6 +109,7 @@ def gptq_states(
     import torch
 
     from distillkit.quantize.gptq import gptq_quantize, group_params
+    from distillkit.quantize.reconstruct import output_of
     from distillkit.quantize.surgery import weight_of
 
     bits, group, sym = r["bits"], r["group_size"], r["symmetric"]
@@ -121,14 +132,20 @@ def gptq_states(
     blocks = [model.get_submodule(_block_of(s[0].name)) for s in stages]
     masks = [b.get("attention_mask") for b in batches]
     originals = {t.name: weight_of(model, t).detach().clone() for t in linears}
+    if reconstruct is not None and latents is None:
+        latents = {}
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _reconstruct_progress(reconstruct, stages) as progress:
             chains = _chains(model, blocks, batches[0], device)
             inputs = _block_inputs(model, blocks[0], batches, device)
+            float_inputs = inputs  # the float model's inputs of block k (the same until a block is quantized)
             for k, stage in enumerate(_progress(stages, "gptq")):
+                goals = None
+                if progress is not None:  # the float block's outputs, before its weights are quantized
+                    goals = [output_of(blocks[k](*a, **kw)) for a, kw in float_inputs]
                 for members, H in _stage_hessians(model, blocks[k], stage, inputs, masks, device):
                     ws = [weight_of(model, t) for t in members]
-                    st = gptq_quantize(
+                    st, latent = gptq_quantize(
                         torch.cat(ws) if len(ws) > 1 else ws[0],
                         H,
                         bits=bits,
@@ -137,24 +154,103 @@ def gptq_states(
                         damp=damp,
                         act_order=act_order,
                         clip_search=clip_search,
+                        return_latent=True,
                     )
                     del H
-                    for t, part in zip(members, _split_rows(st, [w.shape[0] for w in ws]), strict=True):
+                    sizes = [w.shape[0] for w in ws]
+                    parts = zip(members, _split_rows(st, sizes), latent.split(sizes), strict=True)
+                    for t, part, lat in parts:
                         states[t.name] = part
+                        if latents is not None:
+                            latents[t.name] = lat
                         _set_weight(model, t, part.dequantize(torch.float32))
+                if goals is not None:
+                    rec = _reconstruct_stage(
+                        model, blocks[k], stage, states, latents, (inputs, goals, masks), reconstruct, progress
+                    )
+                    if report is not None:
+                        report.append(rec)
                 if k + 1 == len(stages):
                     break
-                if chains[k] is True:  # the next block takes this one's (now quantized) output
-                    inputs = [_chain_input(args, kwargs, blocks[k](*args, **kwargs)) for args, kwargs in inputs]
-                elif chains[k]:  # ... and nothing else but constants, recorded once
-                    a1, k1 = chains[k]
-                    inputs = [_chain_input(a1, k1, blocks[k](*args, **kwargs)) for args, kwargs in inputs]
-                else:
-                    inputs = _block_inputs(model, blocks[k + 1], batches, device)
+                inputs = _next_inputs(model, blocks, k, chains[k], inputs, batches, device)
+                if goals is not None:
+                    with _float_weights(model, [t for st in stages[: k + 1] for t in st], originals, states):
+                        float_inputs = _next_inputs(model, blocks, k, chains[k], float_inputs, batches, device, goals)
     finally:
         for t in linears:  # the caller quantizes from the states; the float model is left as it was
             _set_weight(model, t, originals[t.name])
     return states
+
+
+def _next_inputs(
+    model: Any, blocks: list, k: int, chain: Any, inputs: list, batches: list[dict], device: Any, outputs: Any = None
+) -> list:
+    """Block ``k + 1``'s inputs from block ``k``'s (``outputs``: its outputs when already computed), as ``chain``
+    says (see :func:`_chains`); unchained, the model runs from the start up to the block."""
+    if not chain:
+        return _block_inputs(model, blocks[k + 1], batches, device)
+    if outputs is None:
+        outputs = [blocks[k](*args, **kwargs) for args, kwargs in inputs]
+    if chain is True:  # the next block takes this one's output and otherwise its arguments
+        return [_chain_input(args, kwargs, out) for (args, kwargs), out in zip(inputs, outputs, strict=True)]
+    a1, k1 = chain  # ... or the output and nothing else but constants, recorded once
+    return [_chain_input(a1, k1, out) for out in outputs]
+
+
+@contextlib.contextmanager
+def _float_weights(model: Any, linears: list, originals: dict, states: dict) -> Iterator[None]:
+    """The float weights in ``linears`` for the duration (to run the float model), their quantized ones after."""
+    import torch
+
+    for t in linears:
+        _set_weight(model, t, originals[t.name])
+    try:
+        yield
+    finally:
+        for t in linears:
+            _set_weight(model, t, states[t.name].dequantize(torch.float32))
+
+
+@contextlib.contextmanager
+def _reconstruct_progress(spec: Any, stages: list) -> Iterator[Any]:
+    """A progress line over every block's reconstruction steps (None when there is no reconstruction)."""
+    if spec is None:
+        yield None
+        return
+    from distillkit.progress import Progress
+
+    with Progress("reconstruct", total=spec.steps * len(stages), unit="step") as p:
+        yield p
+
+
+def _reconstruct_stage(
+    model: Any, block: Any, stage: list, states: dict, latents: dict, data: tuple, spec: Any, progress: Any
+) -> dict:
+    """Reconstruct one block after its GPTQ, in place (``states``, ``latents`` and the block's weights); ``data``
+    is (quantized inputs, float goals, masks). Returns the block's record for the manifest."""
+    import torch
+
+    from distillkit.quantize.reconstruct import reconstruct_block
+
+    name = _block_of(stage[0].name)
+    base = progress.done
+    if any(t.name == name for t in stage):  # a bare Linear (an output head): GPTQ's objective is already its own
+        progress.update(base + spec.steps, info=f"{name}: skipped")
+        return {"block": name, "skipped": "a single Linear"}
+
+    def on_step(step: int, loss: float) -> None:
+        progress.update(base + step, info=f"{name} mse {loss:.4g}")
+
+    t0 = time.perf_counter()
+    new_states, new_latents, rec = reconstruct_block(
+        block, stage, states, latents, *data, spec, prefix=name + ".", on_step=on_step
+    )
+    rec["seconds"] = time.perf_counter() - t0
+    states.update(new_states)
+    latents.update(new_latents)
+    for t in stage:
+        _set_weight(model, t, states[t.name].dequantize(torch.float32))
+    return {"block": name, **rec}
 
 
 def _stage_hessians(
@@ -407,8 +503,11 @@ def _progress(items: list, what: str):
 # Quantized distillation
 
 
-def _qat(cfg: QuantizeConfig, src: mf.Source, loaded: Any, r: dict, init: dict, final: Path) -> tuple[Any, dict, dict]:
-    """Distil the teacher into the fake-quantized model for ``qat_steps``; returns (model, states, summary)."""
+def _qat(cfg: QuantizeConfig, src: mf.Source, loaded: Any, r: dict, init: tuple, final: Path) -> tuple[Any, dict, dict]:
+    """Distil the teacher into the fake-quantized model for ``qat_steps``; returns (model, states, summary).
+
+    ``init`` is (states, latents): the post-training codes and grid every quantized layer starts from, and the
+    float weights behind them where GPTQ left some (see ``to_fake_quant_``)."""
     import torch
 
     from distillkit.config import DistillConfig
@@ -433,7 +532,8 @@ def _qat(cfg: QuantizeConfig, src: mf.Source, loaded: Any, r: dict, init: dict, 
             symmetric=r["symmetric"],
             quantizer=cfg.quantizer,
             act_bits=cfg.act_bits,
-            init=init,
+            init=init[0],
+            latents=init[1],
             embedding_grid=embedding_grid(r),
         )
 
@@ -512,6 +612,7 @@ class _Run:
     save_dtype: Any = None
     calib: list = dataclasses.field(default_factory=list)
     evals: list = dataclasses.field(default_factory=list)
+    latents: dict = dataclasses.field(default_factory=dict)  # GPTQ's float weights behind its codes, for QAT
     reference: Any = None  # what quality is measured against: the teacher, else a float copy of the model
     metrics: dict = dataclasses.field(default_factory=dict)
     timings: dict = dataclasses.field(default_factory=dict)
@@ -630,7 +731,7 @@ def _quantize(run: _Run) -> tuple[Any, dict | None]:
             metrics["quality_ptq"] = held_out_quality(ptq, run.evals, run.loaded, run.reference, run.device)
         del ptq
         t_qat = time.perf_counter()
-        qmodel, states, run.extra["qat"] = _qat(cfg, run.src, run.loaded, r, states, run.final)
+        qmodel, states, run.extra["qat"] = _qat(cfg, run.src, run.loaded, r, (states, run.latents), run.final)
         qmodel.to(run.device)
         timings["qat_s"] = time.perf_counter() - t_qat
     sq = [qf.sqnr_db(originals[n], st.dequantize()) for n, st in states.items()]
@@ -651,9 +752,32 @@ def _post_training_states(run: _Run) -> dict:
     if r["method"] == "gptq":
         if not run.calib:
             raise DataError("GPTQ needs calibration data, and there is none", hint="give --data or use --method rtn")
+        spec, report = None, []
+        if r["reconstruct_steps"]:
+            from distillkit.quantize.reconstruct import ReconstructSpec
+
+            spec = ReconstructSpec(steps=r["reconstruct_steps"], lr=cfg.reconstruct_lr, seed=cfg.seed)
         states = gptq_states(
-            model, run.targets, run.calib, r, cfg.damp, run.device, act_order=cfg.act_order, clip_search=cfg.clip_search
+            model,
+            run.targets,
+            run.calib,
+            r,
+            cfg.damp,
+            run.device,
+            act_order=cfg.act_order,
+            clip_search=cfg.clip_search,
+            latents=run.latents,
+            reconstruct=spec,
+            report=report,
         )
+        if spec is not None:
+            run.extra["reconstruct"] = {
+                "steps_per_block": spec.steps,
+                "lr": spec.lr,
+                "calibration_batches": len(run.calib),
+                "seconds": sum(b.get("seconds", 0.0) for b in report),
+                "blocks": report,
+            }
     else:
         states = quantize_states_rtn(model, run.targets, r["bits"], r["group_size"], r["symmetric"])
     grid = embedding_grid(r)

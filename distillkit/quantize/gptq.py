@@ -195,8 +195,14 @@ def gptq_quantize(
     damp: float = 0.01,
     act_order: bool = False,
     clip_search: bool = False,
-) -> QuantState:
-    """GPTQ codes for ``w [O, I]`` given the input Hessian ``H [I, I]``."""
+    return_latent: bool = False,
+) -> QuantState | tuple[QuantState, torch.Tensor]:
+    """GPTQ codes for ``w [O, I]`` given the input Hessian ``H [I, I]``.
+
+    With ``return_latent``, also the error-compensated weight ``[O, I]`` each column had when it was rounded: the
+    codes are its round-to-nearest on the returned grid, so it is the float weight a straight-through trainer
+    starts from to continue where GPTQ stopped (the dequantized weight sits exactly on the grid, where the step
+    sizes' gradient ``round(w / s) - w / s`` vanishes)."""
     dt = torch.float64 if w.dtype == torch.float64 else torch.float32  # float64: for exact comparisons in tests
     W = w.detach().to(dt, copy=True)
     o, n = W.shape
@@ -284,8 +290,11 @@ def gptq_quantize(
             Wt[i2:].addmm_(Hinv[i1:i2, i2:].t(), Err[i1:i2], alpha=-1.0)
 
     if perm is not None:
-        codes_t = codes_t.index_select(0, torch.argsort(perm))
-    return QuantState(
+        inv = torch.argsort(perm)
+        codes_t = codes_t.index_select(0, inv)
+        if return_latent:
+            Wt = Wt.index_select(0, inv)
+    state = QuantState(
         codes=codes_t.t().contiguous(),
         scales=scales.to(qf.SCALE_DTYPE),
         zeros=None if zeros is None else zeros.to(torch.uint8),
@@ -293,3 +302,4 @@ def gptq_quantize(
         group_size=g,
         symmetric=symmetric,
     )
+    return (state, Wt.t().to(w.dtype)) if return_latent else state

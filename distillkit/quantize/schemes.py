@@ -31,6 +31,7 @@ class Scheme:
     symmetric: bool  # the default
     qat: bool  # can be the target of quantized distillation
     help: str
+    reconstruct_steps: int = 0  # default steps per block of block-wise reconstruction after GPTQ
 
 
 def _scheme(name: str, **kw) -> Scheme:
@@ -64,7 +65,8 @@ _scheme(
     group_size=128,
     symmetric=False,
     qat=True,
-    help="3-bit weights, eight per three bytes, group 128 asymmetric by default",
+    help="3-bit weights, eight per three bytes, group 128 asymmetric, block-wise reconstruction by default",
+    reconstruct_steps=400,
 )
 _scheme(
     "int2",
@@ -73,7 +75,8 @@ _scheme(
     group_size=32,
     symmetric=False,
     qat=True,
-    help="2-bit weights, four per byte, group 32 asymmetric by default (use with --qat-steps)",
+    help="2-bit weights, four per byte, group 32 asymmetric, block-wise reconstruction by default",
+    reconstruct_steps=400,
 )
 _scheme(
     "dynamic-int8",

@@ -120,8 +120,13 @@ def to_fake_quant_(
     act_bits: int | None = None,
     init: dict[str, QuantState] | None = None,
     embedding_grid: tuple[int, int, bool] | None = None,
+    latents: dict[str, torch.Tensor] | None = None,
 ) -> nn.Module:
     """Swap every target for its fake-quant module (in place); ``init`` starts them from given states (e.g. GPTQ).
+
+    The float weight a started module keeps is the state's dequantized weight, or the target's ``latents`` entry
+    (``[out, in]``) when there is one: a weight whose rounding on the state's grid gives the state's codes, such as
+    GPTQ's error-compensated weight, which leaves the step sizes a gradient to learn from.
 
     ``embedding_grid`` (bits, group size, symmetric) gives the embedding tables a grid of their own (mixed
     precision, e.g. 8-bit tables in a 2-bit model); by default they share the Linears' grid."""
@@ -134,8 +139,9 @@ def to_fake_quant_(
             continue
         if t.name in init:
             with torch.no_grad():
-                deq = init[t.name].dequantize(torch.float32)
-                (m.weight.copy_(deq.t()) if t.kind == "conv1d" else m.weight.copy_(deq))
+                start = (latents or {}).get(t.name)
+                start = init[t.name].dequantize(torch.float32) if start is None else start
+                (m.weight.copy_(start.t()) if t.kind == "conv1d" else m.weight.copy_(start))
         w = weight_of(model, t)
         grid = embedding_grid if t.kind == "embedding" and embedding_grid is not None else (bits, group_size, symmetric)
         q = WeightQuantizer(w, *grid, quantizer, init.get(t.name)).to(w.device)
