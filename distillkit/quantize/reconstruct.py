@@ -42,11 +42,12 @@ def output_of(out: Any) -> torch.Tensor:
 
 
 def masked_mse(out: torch.Tensor, goal: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean squared error over the real tokens (``mask [B, T]`` of ``[B, T, H]`` outputs), else over everything."""
-    if mask is not None and out.dim() >= 2 and tuple(mask.shape) == tuple(out.shape[:2]):
-        keep = mask.to(out.device).bool()
-        return (out[keep] - goal[keep]).pow(2).mean()
-    return (out - goal).pow(2).mean()
+    """Distillation's hidden-state MSE over the real tokens (``mask [B, T]`` of ``[B, T, H]`` outputs), else over
+    everything (e.g. a pooler's ``[B, H]``)."""
+    from distillkit.distill.functional import hidden_mse
+
+    keep = mask is not None and out.dim() >= 2 and tuple(mask.shape) == tuple(out.shape[:-1])
+    return hidden_mse(out, goal, mask if keep else None)
 
 
 def reconstruct_block(
