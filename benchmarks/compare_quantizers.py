@@ -24,7 +24,8 @@ Arms (``--arms``; ``--list-arms`` prints them):
 - ``dk-*``: the real CLI, ``distillkit quantize MODEL --scheme ... --out DIR``, in a subprocess (GPTQ, asymmetric,
   its defaults: int4/int3 group 128, int2 group 32, block-wise reconstruction for int3 and int2, embedding tables
   to int8; ``dk-int4-g128-recon`` adds ``--reconstruct-steps 400``, ``dk-int3-g128-gptq`` and ``dk-int2-g32-gptq``
-  turn it off), then the artifact reloaded with
+  turn it off; ``dk-*-mixed`` add ``--sensitive-fraction 0.1``, the most sensitive tenth of the Linear weights one
+  width up: int3 to 4 bits, int2 to 3, int4 to 8), then the artifact reloaded with
   ``distillkit.load`` (``quant_kernel`` from ``--dk-kernel``: ``auto`` runs bf16 products on CPUs with
   AVX512-BF16; the JSON's ``heldout_dequant`` is the same artifact's quality with exact fp32 products);
   ``dk-int4-g128-linear`` (``--no-embeddings``) keeps the embedding tables in fp32 as the peers do, and
@@ -114,6 +115,30 @@ ARMS = [
     Arm("dk-int3-g128-gptq", "distillkit", 3, 128, "GPTQ", {"cli": ["--scheme", "int3", "--reconstruct-steps", "0"]}),
     Arm("dk-int2-g32", "distillkit", 2, 32, "GPTQ + reconstruction", {"cli": ["--scheme", "int2"]}),
     Arm("dk-int2-g32-gptq", "distillkit", 2, 32, "GPTQ", {"cli": ["--scheme", "int2", "--reconstruct-steps", "0"]}),
+    Arm(
+        "dk-int3-g128-mixed",
+        "distillkit",
+        3,
+        128,
+        "GPTQ + reconstruction, 10% at 4 bits",
+        {"cli": ["--scheme", "int3", "--sensitive-fraction", "0.1"]},
+    ),
+    Arm(
+        "dk-int2-g32-mixed",
+        "distillkit",
+        2,
+        32,
+        "GPTQ + reconstruction, 10% at 3 bits",
+        {"cli": ["--scheme", "int2", "--sensitive-fraction", "0.1"]},
+    ),
+    Arm(
+        "dk-int4-g128-mixed",
+        "distillkit",
+        4,
+        128,
+        "GPTQ, 10% at 8 bits",
+        {"cli": ["--scheme", "int4", "--sensitive-fraction", "0.1"]},
+    ),
     Arm(
         "dk-int4-g128-recon",
         "distillkit",

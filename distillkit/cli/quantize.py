@@ -92,6 +92,20 @@ def quantize(
         float | None,
         typer.Option("--reconstruct-lr", help="Learning rate of block-wise reconstruction (default 3e-4)."),
     ] = None,
+    sensitive_fraction: Annotated[
+        float | None,
+        typer.Option(
+            "--sensitive-fraction",
+            help="Mixed precision: measure each Linear's output error when quantized alone and store the most sensitive, up to this fraction of the weights, at --sensitive-bits (default 0: off).",
+        ),
+    ] = None,
+    sensitive_bits: Annotated[
+        int | None,
+        typer.Option(
+            "--sensitive-bits",
+            help="Bits of the layers --sensitive-fraction promotes (3, 4 or 8; default: the next wider than the scheme's).",
+        ),
+    ] = None,
     teacher: Annotated[
         str | None,
         typer.Option(
@@ -180,6 +194,8 @@ def quantize(
         clip_search=clip_search,
         reconstruct_steps=reconstruct_steps,
         reconstruct_lr=reconstruct_lr,
+        sensitive_fraction=sensitive_fraction,
+        sensitive_bits=sensitive_bits,
         teacher=teacher,
         qat_steps=qat_steps,
         qat_lr=qat_lr,

@@ -29,6 +29,8 @@ class QuantizeConfig(BaseConfig):
     clip_search: bool = True  # per-group range shrink minimising the (Hessian-weighted) quantization error
     reconstruct_steps: int | None = None  # block-wise reconstruction after GPTQ; None: the scheme's default
     reconstruct_lr: float = 3e-4
+    sensitive_fraction: float = 0.0  # mixed precision: this fraction of the Linear weights, the most sensitive ...
+    sensitive_bits: int | None = None  # ... at these bits; None: the next wider of 3, 4, 8 bits
     task: str | None = None
     # quantized distillation
     teacher: str | None = None
@@ -136,6 +138,25 @@ class QuantizeConfig(BaseConfig):
                 raise ConfigError(
                     "block-wise reconstruction continues from GPTQ", hint="drop --method rtn or --reconstruct-steps"
                 )
+        require(
+            0 <= self.sensitive_fraction < 1,
+            f"--sensitive-fraction must be in [0, 1) (got {self.sensitive_fraction})",
+            "e.g. 0.1 to give the most sensitive tenth of the weights more bits; 0 turns it off",
+        )
+        if self.sensitive_bits is not None:
+            check_bits(self.sensitive_bits)
+        if self.sensitive_fraction or self.sensitive_bits is not None:
+            if scheme.format != "packed":
+                raise ConfigError(
+                    f"mixed precision stores per-layer bits in distillkit's packed format, not the {self.scheme} scheme",
+                    hint="use --scheme int4, int3 or int2, or drop --sensitive-fraction/--sensitive-bits",
+                )
+            wide = self.resolved()["sensitive_bits"]
+            require(
+                wide > scheme.bits,
+                f"--sensitive-bits {wide} is not wider than the scheme's {scheme.bits} bits",
+                f"pick more bits than {scheme.bits} (3, 4 or 8)",
+            )
         require(self.reconstruct_lr > 0, "--reconstruct-lr must be positive", "e.g. 3e-4 (the default)")
         require(0 <= self.eval_split <= 0.5, "--eval-split must be in [0, 0.5]", "e.g. 0.05")
         if self.calib_batches is None:
@@ -146,7 +167,7 @@ class QuantizeConfig(BaseConfig):
 
     # resolved defaults ------------------------------------------------------------------------------------------
     def resolved(self) -> dict:
-        from distillkit.quantize.schemes import get_scheme
+        from distillkit.quantize.schemes import VALID_BITS, get_scheme
 
         s = get_scheme(self.scheme)
         group = s.group_size if self.group_size is None else self.group_size
@@ -155,6 +176,9 @@ class QuantizeConfig(BaseConfig):
         emb = self.embedding_bits
         if emb is None:
             emb = 8 if s.format == "packed" and s.bits < 8 else s.bits
+        wide = self.sensitive_bits
+        if wide is None:
+            wide = next((b for b in VALID_BITS if b > s.bits), s.bits)
         recon = self.reconstruct_steps
         if recon is None:
             recon = s.reconstruct_steps if method == "gptq" else 0
@@ -166,4 +190,6 @@ class QuantizeConfig(BaseConfig):
             "method": method,
             "embedding_bits": emb,
             "reconstruct_steps": recon,
+            "sensitive_fraction": self.sensitive_fraction,
+            "sensitive_bits": wide,
         }

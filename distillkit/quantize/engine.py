@@ -85,8 +85,10 @@ def gptq_states(
     latents: dict | None = None,
     reconstruct: Any = None,
     report: list | None = None,
+    bits_of: dict | None = None,
 ) -> dict:
-    """GPTQ every Linear target, block by block in model order.
+    """GPTQ every Linear target, block by block in model order, at ``r["bits"]`` or its own ``bits_of`` entry
+    (mixed precision, see :mod:`distillkit.quantize.sensitivity`).
 
     ``latents``, when given, receives each Linear's error-compensated float weight (see ``gptq_quantize``'s
     ``return_latent``): where quantized distillation starts from.
@@ -108,7 +110,7 @@ def gptq_states(
     """
     import torch
 
-    from distillkit.quantize.gptq import gptq_quantize, group_params
+    from distillkit.quantize.gptq import gptq_quantize, rtn_state
     from distillkit.quantize.reconstruct import output_of
     from distillkit.quantize.surgery import weight_of
 
@@ -117,7 +119,7 @@ def gptq_states(
     if r.get("embedding_bits", bits) == bits:
         for t in targets:
             if t.kind == "embedding":
-                states[t.name] = _rtn_state(weight_of(model, t).detach(), bits, group, sym, clip_search, group_params)
+                states[t.name] = rtn_state(weight_of(model, t).detach(), bits, group, sym, clip_search)
     linears = [t for t in targets if t.kind in ("linear", "conv1d")]
     # one stage per parent block (the module holding the Linears), in model order
     stages: list[list] = []
@@ -143,27 +145,28 @@ def gptq_states(
                 goals = None
                 if progress is not None:  # the float block's outputs, before its weights are quantized
                     goals = [output_of(blocks[k](*a, **kw)) for a, kw in float_inputs]
-                for members, H in _stage_hessians(model, blocks[k], stage, inputs, masks, device):
-                    ws = [weight_of(model, t) for t in members]
-                    st, latent = gptq_quantize(
-                        torch.cat(ws) if len(ws) > 1 else ws[0],
-                        H,
-                        bits=bits,
-                        group_size=group,
-                        symmetric=sym,
-                        damp=damp,
-                        act_order=act_order,
-                        clip_search=clip_search,
-                        return_latent=True,
-                    )
+                for shared, H in _stage_hessians(model, blocks[k], stage, inputs, masks, device):
+                    for tbits, members in _by_bits(shared, bits_of or {}, bits):
+                        ws = [weight_of(model, t) for t in members]
+                        st, latent = gptq_quantize(
+                            torch.cat(ws) if len(ws) > 1 else ws[0],
+                            H,
+                            bits=tbits,
+                            group_size=group,
+                            symmetric=sym,
+                            damp=damp,
+                            act_order=act_order,
+                            clip_search=clip_search,
+                            return_latent=True,
+                        )
+                        sizes = [w.shape[0] for w in ws]
+                        parts = zip(members, _split_rows(st, sizes), latent.split(sizes), strict=True)
+                        for t, part, lat in parts:
+                            states[t.name] = part
+                            if latents is not None:
+                                latents[t.name] = lat
+                            _set_weight(model, t, part.dequantize(torch.float32))
                     del H
-                    sizes = [w.shape[0] for w in ws]
-                    parts = zip(members, _split_rows(st, sizes), latent.split(sizes), strict=True)
-                    for t, part, lat in parts:
-                        states[t.name] = part
-                        if latents is not None:
-                            latents[t.name] = lat
-                        _set_weight(model, t, part.dequantize(torch.float32))
                 if goals is not None:
                     rec = _reconstruct_stage(
                         model, blocks[k], stage, states, latents, (inputs, goals, masks), reconstruct, progress
@@ -319,6 +322,14 @@ def _stage_hessians(
     return [([by_name[n] for n in names if leader[n] == owner], accs[owner].H) for owner in accs]
 
 
+def _by_bits(members: list, bits_of: dict, default: int) -> list[tuple[int, list]]:
+    """Linears that share a Hessian, split by their bits: ``[(bits, targets)]`` in first-seen order."""
+    out: dict[int, list] = {}
+    for t in members:
+        out.setdefault(bits_of.get(t.name, default), []).append(t)
+    return list(out.items())
+
+
 def _split_rows(st: Any, sizes: list[int]) -> list:
     """The :class:`QuantState` of a stacked weight cut back into its Linears' row blocks (own storage each)."""
     if len(sizes) == 1:
@@ -336,34 +347,6 @@ def _split_rows(st: Any, sizes: list[int]) -> list:
         )
         r0 += n
     return out
-
-
-def _group_params() -> Any:
-    from distillkit.quantize.gptq import group_params
-
-    return group_params
-
-
-def _rtn_state(w: Any, bits: int, group: int, sym: bool, clip_search: bool, group_params: Any) -> Any:
-    import torch
-
-    from distillkit.quantize import functional as qf
-
-    if not clip_search:
-        return qf.quantize_rtn(w, bits, group, sym)
-    o, i = w.shape
-    g = qf.effective_group(i, group)
-    x = w.float().reshape(o, i // g, g)
-    s, z = group_params(x, bits, sym, None, True)
-    u = qf.quantize_codes(w, s, z, bits, g)
-    return qf.QuantState(
-        codes=u.to(torch.uint8),
-        scales=s.to(qf.SCALE_DTYPE),
-        zeros=None if z is None else z.to(torch.uint8),
-        bits=bits,
-        group_size=g,
-        symmetric=sym,
-    )
 
 
 def _calib_inputs(model: Any, batch: dict, device: Any) -> dict:
@@ -744,11 +727,13 @@ def _quantize(run: _Run) -> tuple[Any, dict | None]:
 
 
 def _post_training_states(run: _Run) -> dict:
-    """Every target's quantized state: GPTQ (or RTN) at the scheme's bits, embedding tables at theirs."""
-    from distillkit.quantize import functional as qf
+    """Every target's quantized state: GPTQ (or RTN) at the scheme's bits (or a promoted layer's), embedding
+    tables at theirs."""
+    from distillkit.quantize.gptq import rtn_state
     from distillkit.quantize.surgery import quantize_states_rtn, weight_of
 
     cfg, r, model = run.cfg, run.r, run.model
+    bits_of = _mixed_precision(run)
     if r["method"] == "gptq":
         if not run.calib:
             raise DataError("GPTQ needs calibration data, and there is none", hint="give --data or use --method rtn")
@@ -769,6 +754,7 @@ def _post_training_states(run: _Run) -> dict:
             latents=run.latents,
             reconstruct=spec,
             report=report,
+            bits_of=bits_of,
         )
         if spec is not None:
             run.extra["reconstruct"] = {
@@ -779,18 +765,57 @@ def _post_training_states(run: _Run) -> dict:
                 "blocks": report,
             }
     else:
-        states = quantize_states_rtn(model, run.targets, r["bits"], r["group_size"], r["symmetric"])
+        states = quantize_states_rtn(model, run.targets, r["bits"], r["group_size"], r["symmetric"], bits_of)
     grid = embedding_grid(r)
     if grid is not None:  # mixed precision: embedding tables at their own bits
         for t in run.targets:
             if t.kind == "embedding":
                 w = weight_of(model, t).detach()
-                states[t.name] = (
-                    qf.quantize_rtn(w, *grid)
-                    if grid[0] == 8
-                    else _rtn_state(w, *grid, cfg.clip_search, _group_params())
-                )
+                states[t.name] = rtn_state(w, *grid, cfg.clip_search and grid[0] != 8)
     return states
+
+
+def _mixed_precision(run: _Run) -> dict[str, int]:
+    """``{Linear: bits}`` of the layers promoted to ``--sensitive-bits`` by their measured sensitivity (empty
+    without ``--sensitive-fraction``); the measurement goes into the manifest."""
+    import torch
+
+    from distillkit.progress import Progress
+    from distillkit.quantize.gptq import rtn_state
+    from distillkit.quantize.sensitivity import SENSITIVITY_BATCHES, choose_promoted, linear_sensitivity
+
+    cfg, r = run.cfg, run.r
+    if not r["sensitive_fraction"]:
+        return {}
+    if not run.calib:
+        raise DataError(
+            "choosing layers by sensitivity needs calibration data, and there is none",
+            hint="give --data, or drop --sensitive-fraction",
+        )
+    linears = [t for t in run.targets if t.kind in ("linear", "conv1d")]
+    batches = run.calib[:SENSITIVITY_BATCHES]
+
+    def quantize(t: Any, w: Any) -> Any:
+        return rtn_state(w, r["bits"], r["group_size"], r["symmetric"], cfg.clip_search).dequantize(torch.float32)
+
+    t0 = time.perf_counter()
+    with Progress("sensitivity", total=len(linears), unit="layer", transient=True) as p:
+        sens = linear_sensitivity(
+            run.model, linears, batches, quantize, lambda m, b: _outputs(m, b, run.device), on_layer=p.update
+        )
+    sizes = {t.name: t.in_features * t.out_features for t in linears}
+    promoted = choose_promoted(sizes, sens, r["sensitive_fraction"])
+    run.timings["sensitivity_s"] = time.perf_counter() - t0
+    run.extra["mixed_precision"] = {
+        "measure": "relative output error with the layer alone quantized round-to-nearest",
+        "calibration_batches": len(batches),
+        "fraction": r["sensitive_fraction"],
+        "bits": r["sensitive_bits"],
+        "promoted": promoted,
+        "promoted_fraction": sum(sizes[n] for n in promoted) / max(sum(sizes.values()), 1),
+        "sensitivity": sens,
+    }
+    return dict.fromkeys(promoted, r["sensitive_bits"])
 
 
 def embedding_grid(r: dict) -> tuple[int, int, bool] | None:
@@ -1052,6 +1077,12 @@ def _report(manifest: mf.Manifest) -> None:
         row.append(f"{m['artifact_bytes'] / 1e6:.2f} ({m['size_ratio']:.2f}x)")
         t.add_row(*row)
     stderr_console().print(t)
+    mp = manifest.extra.get("mixed_precision")
+    if mp:
+        stderr_console().print(
+            f"mixed precision: {len(mp['promoted'])} most sensitive Linears "
+            f"({100 * mp['promoted_fraction']:.1f}% of their weights) at {mp['bits']} bits"
+        )
 
 
 def _fmt(v: Any) -> str:

@@ -183,6 +183,24 @@ def _clip_rows(
             best_z.copy_(torch.where(better, cz, best_z))
 
 
+def rtn_state(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, clip_search: bool = False) -> QuantState:
+    """Round-to-nearest codes of ``w [O, I]``, on the min..max grid or, with ``clip_search``, on the unweighted
+    clip-searched one of :func:`group_params`."""
+    if not clip_search:
+        return qf.quantize_rtn(w, bits, group_size, symmetric)
+    o, i = w.shape
+    g = qf.effective_group(i, group_size)
+    s, z = group_params(w.float().reshape(o, i // g, g), bits, symmetric, None, True)
+    return QuantState(
+        codes=qf.quantize_codes(w, s, z, bits, g).to(torch.uint8),
+        scales=s.to(qf.SCALE_DTYPE),
+        zeros=None if z is None else z.to(torch.uint8),
+        bits=bits,
+        group_size=g,
+        symmetric=symmetric,
+    )
+
+
 @torch.no_grad()
 def gptq_quantize(
     w: torch.Tensor,

@@ -122,7 +122,8 @@ def to_fake_quant_(
     embedding_grid: tuple[int, int, bool] | None = None,
     latents: dict[str, torch.Tensor] | None = None,
 ) -> nn.Module:
-    """Swap every target for its fake-quant module (in place); ``init`` starts them from given states (e.g. GPTQ).
+    """Swap every target for its fake-quant module (in place); ``init`` starts them from given states (e.g. GPTQ),
+    each on its state's own grid; ``bits``/``group_size``/``symmetric`` are the grid of the others.
 
     The float weight a started module keeps is the state's dequantized weight, or the target's ``latents`` entry
     (``[out, in]``) when there is one: a weight whose rounding on the state's grid gives the state's codes, such as
@@ -143,7 +144,12 @@ def to_fake_quant_(
                 start = init[t.name].dequantize(torch.float32) if start is None else start
                 (m.weight.copy_(start.t()) if t.kind == "conv1d" else m.weight.copy_(start))
         w = weight_of(model, t)
-        grid = embedding_grid if t.kind == "embedding" and embedding_grid is not None else (bits, group_size, symmetric)
+        if t.name in init:  # a started module keeps its state's grid (its own bits under mixed precision)
+            grid = (init[t.name].bits, init[t.name].group_size, init[t.name].symmetric)
+        elif t.kind == "embedding" and embedding_grid is not None:
+            grid = embedding_grid
+        else:
+            grid = (bits, group_size, symmetric)
         q = WeightQuantizer(w, *grid, quantizer, init.get(t.name)).to(w.device)
         if t.kind == "embedding":
             new = FakeQuantEmbedding(m.weight, m.padding_idx, q)
@@ -196,9 +202,18 @@ def fake_to_plain_(model: nn.Module, targets: list[Target]) -> dict[str, QuantSt
     return states
 
 
-def quantize_states_rtn(model: nn.Module, targets: list[Target], bits: int, group_size: int, symmetric: bool):
+def quantize_states_rtn(
+    model: nn.Module,
+    targets: list[Target],
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    bits_of: dict[str, int] | None = None,
+) -> dict[str, QuantState]:
+    """Round-to-nearest states of the targets, at ``bits`` or their own ``bits_of`` entry."""
+    bits_of = bits_of or {}
     return {
-        t.name: qf.quantize_rtn(weight_of(model, t).detach(), bits, group_size, symmetric)
+        t.name: qf.quantize_rtn(weight_of(model, t).detach(), bits_of.get(t.name, bits), group_size, symmetric)
         for t in targets
         if t.kind != "tied"
     }

@@ -59,7 +59,7 @@ def test_int4_g128_artifact_is_small_and_reloads_exactly(llama_bf16, tmp_path, c
     m = json.loads(stdout)
     assert m["stage"] == "quantize" and m["config"]["resolved"] == {
         "format": "packed", "bits": 4, "group_size": 128, "symmetric": False, "method": "gptq",
-        "embedding_bits": 8, "reconstruct_steps": 0,
+        "embedding_bits": 8, "reconstruct_steps": 0, "sensitive_fraction": 0.0, "sensitive_bits": 8,
     }  # fmt: skip
     # every Linear is packed at 4 bits + fp16 scale and uint8 zero per 128 weights, the embedding at 8 bits
     assert m["metrics"]["size_ratio"] <= 0.35
