@@ -115,6 +115,8 @@ def gptq_states(
     from distillkit.quantize.surgery import weight_of
 
     bits, group, sym = r["bits"], r["group_size"], r["symmetric"]
+    if reconstruct is None:  # reconstruction takes one calibration batch per step: it keeps them as they are
+        batches = merge_batches(batches)
     states = {}
     if r.get("embedding_bits", bits) == bits:
         for t in targets:
@@ -138,7 +140,7 @@ def gptq_states(
         latents = {}
     try:
         with torch.no_grad(), _reconstruct_progress(reconstruct, stages) as progress:
-            chains = _chains(model, blocks, batches[0], device)
+            chains = _chains(model, blocks, min(batches, key=_positions), device)
             inputs = _block_inputs(model, blocks[0], batches, device)
             float_inputs = inputs  # the float model's inputs of block k (the same until a block is quantized)
             for k, stage in enumerate(_progress(stages, "gptq")):
@@ -320,6 +322,80 @@ def _stage_hessians(
             accs[t.name] = HessianAccumulator(t.in_features, device)
     by_name = {t.name: t for t in stage}
     return [([by_name[n] for n in names if leader[n] == owner], accs[owner].H) for owner in accs]
+
+
+MERGE_POSITIONS = 8192  # padded positions (rows x length) of one merged calibration batch
+PAD_SLACK = 1.3  # ... and at most this many positions per real token
+
+
+def merge_batches(batches: list[dict], max_positions: int = MERGE_POSITIONS) -> list[dict]:
+    """The rows of right-padded batches regrouped by length into as few batches as hold ``max_positions`` padded
+    positions each (each trimmed to its longest row).
+
+    GPTQ only sums over the real tokens (its Hessians leave padding out), and a CPU forward pass of a few short
+    sequences is mostly per-call overhead: the same tokens in fewer, larger passes, with rows of like length
+    together so that little padding is added, cost a fraction of the time. A right-padded row's real tokens keep
+    their positions and attend to the same tokens however much padding follows them, so their activations do not
+    change. Batches that are not all right-padded ``[rows, length]`` text batches (left padding, a tensor neither
+    per position nor per row, differing non-tensor values) are returned as they are."""
+    import torch
+
+    keys = set(batches[0]) if batches else set()
+    rows: list[tuple[int, dict]] = []  # (real length, {key: the row's tensor, or a shared value})
+    for b in batches:
+        m = b.get("attention_mask")
+        if not isinstance(m, torch.Tensor) or m.dim() != 2 or set(b) != keys:
+            return batches
+        n, t = m.shape
+        lengths = m.sum(1)
+        if not torch.equal(m.bool(), torch.arange(t, device=m.device) < lengths.unsqueeze(1)):
+            return batches  # not right-padded
+        for k, v in b.items():
+            if isinstance(v, torch.Tensor):
+                if v.dim() == 0 or v.shape[0] != n or (v.dim() > 2 and v.shape[1] == t):
+                    return batches
+            elif not _same(v, batches[0][k]):
+                return batches
+        for i in range(n):
+            keep = max(int(lengths[i]), 1)
+            row = {
+                k: (v[i, :keep] if v.dim() == 2 and v.shape[1] == t else v[i]) if isinstance(v, torch.Tensor) else v
+                for k, v in b.items()
+            }
+            rows.append((keep, row))
+    rows.sort(key=lambda r: r[0])  # stable: rows of one length keep their order
+
+    def join(group: list[tuple[int, dict]]) -> dict:
+        length = group[-1][0]
+        out = {}
+        for k, v in group[0][1].items():
+            if not isinstance(v, torch.Tensor):
+                out[k] = v
+            elif k in per_position:
+                out[k] = torch.stack([torch.nn.functional.pad(r[k], (0, length - r[k].shape[0])) for _, r in group])
+            else:
+                out[k] = torch.stack([r[k] for _, r in group])
+        return out
+
+    first = batches[0]
+    t0 = first["attention_mask"].shape[1]
+    per_position = {k for k, v in first.items() if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[1] == t0}
+    merged, group, real = [], [], 0
+    for length, row in rows:
+        padded = (len(group) + 1) * length  # the group's positions with this row, the longest so far
+        if group and (padded > max_positions or padded > PAD_SLACK * (real + length)):
+            merged.append(join(group))
+            group, real = [], 0
+        group.append((length, row))
+        real += length
+    if group:
+        merged.append(join(group))
+    return merged
+
+
+def _positions(batch: dict) -> int:
+    m = batch.get("attention_mask")
+    return m.numel() if m is not None else 0
 
 
 def _by_bits(members: list, bits_of: dict, default: int) -> list[tuple[int, list]]:

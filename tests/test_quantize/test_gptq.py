@@ -346,3 +346,64 @@ def test_a_pooler_chains_from_the_last_layer_and_embeddings_wait_for_their_own_b
     for name in fast:
         assert torch.equal(fast[name].codes, slow[name].codes), name
         assert torch.equal(fast[name].scales, slow[name].scales), name
+
+
+def test_merge_batches_regroups_right_padded_rows_by_length_and_keeps_every_token():
+    from distillkit.quantize.engine import PAD_SLACK, merge_batches
+
+    gen = torch.Generator().manual_seed(8)
+    batches, rows = [], []
+    for n, t in ((4, 9), (3, 20), (5, 6)):
+        lengths = torch.randint(1, t + 1, (n,), generator=gen)
+        lengths[0] = t
+        mask = (torch.arange(t) < lengths[:, None]).long()
+        ids = torch.randint(3, 99, (n, t), generator=gen) * mask
+        label = torch.randint(0, 3, (n,), generator=gen)
+        batches.append({"input_ids": ids, "attention_mask": mask, "labels": label, "return_loss": False})
+        rows += [(tuple(ids[i, : lengths[i]].tolist()), int(label[i])) for i in range(n)]
+    merged = merge_batches(batches, max_positions=40)
+    got, shapes = [], []
+    for b in merged:
+        m = b["attention_mask"]
+        assert m.numel() <= 40 or m.shape[0] == 1
+        lengths = m.sum(1)
+        assert torch.equal(m.bool(), torch.arange(m.shape[1]) < lengths[:, None])  # still right-padded
+        assert int(lengths.max()) == m.shape[1]  # trimmed to its longest row
+        assert m.numel() <= PAD_SLACK * int(lengths.sum()) or m.shape[0] == 1
+        assert b["return_loss"] is False
+        shapes.append((len(m), int(lengths.sum()), int(lengths.min())))
+        got += [(tuple(b["input_ids"][i, : lengths[i]].tolist()), int(b["labels"][i])) for i in range(len(m))]
+    assert sorted(got) == sorted(rows)  # every row once, with its own label
+    # each cut was needed: the next row did not fit
+    for (n, real, _), (_, _, shortest) in zip(shapes, shapes[1:], strict=False):
+        assert (n + 1) * shortest > 40 or (n + 1) * shortest > PAD_SLACK * (real + shortest)
+    assert len(merged) < len(rows)
+    # what cannot be regrouped safely comes back as it was
+    left = [{**batches[0], "attention_mask": batches[0]["attention_mask"].flip(1)}]
+    assert merge_batches(left) is left
+    odd = [batches[0], {**batches[1], "return_loss": True}]
+    assert merge_batches(odd) is odd
+    images = [{"pixel_values": torch.zeros(2, 3, 4, 4)}]
+    assert merge_batches(images) is images
+
+
+def test_gptq_on_merged_batches_matches_the_batches_as_given(tmp_path, monkeypatch):
+    from distillkit.models.load import load_model
+    from distillkit.quantize import engine
+    from distillkit.quantize.surgery import find_targets
+    from tests import tiny
+
+    for build, task in ((tiny.tiny_llama, "causal-lm"), (tiny.tiny_bert, "feature-extraction")):
+        _, path = build(tmp_path / task)
+        model = load_model(path, task=task, dtype="float32", device="cpu").model.eval()
+        batches = [b for seed in (6, 7) for b in _padded_batches(seed)]
+        assert len(engine.merge_batches(batches)) < len(batches)  # there is something to merge
+        targets = find_targets(model, (), embeddings=False)
+        r = {"bits": 4, "group_size": 32, "symmetric": False}
+        merged = engine.gptq_states(model, targets, batches, r, 0.01, "cpu", act_order=True)
+        with monkeypatch.context() as mp:
+            mp.setattr(engine, "merge_batches", lambda b, *a, **k: b)
+            given = engine.gptq_states(model, targets, batches, r, 0.01, "cpu", act_order=True)
+        for name in given:  # the same tokens: the same codes, up to float summation order at a tie
+            same = (merged[name].codes == given[name].codes).float().mean().item()
+            assert same > 0.999, (task, name, same)
