@@ -56,7 +56,7 @@ class QuantizeConfig(BaseConfig):
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
-        from distillkit.quantize.schemes import SCHEMES, check_bits, check_group_size
+        from distillkit.quantize.schemes import SCHEMES, VALID_BITS, check_bits, check_group_size
 
         m = re.fullmatch(r"int(\d+)", self.scheme)
         if m and self.scheme not in SCHEMES:
@@ -145,17 +145,28 @@ class QuantizeConfig(BaseConfig):
         )
         if self.sensitive_bits is not None:
             check_bits(self.sensitive_bits)
-        if self.sensitive_fraction or self.sensitive_bits is not None:
+            require(
+                self.sensitive_fraction > 0,
+                "--sensitive-bits sets the bits of the layers --sensitive-fraction promotes, and none are",
+                "add --sensitive-fraction, e.g. 0.1",
+            )
+        if self.sensitive_fraction:
             if scheme.format != "packed":
                 raise ConfigError(
                     f"mixed precision stores per-layer bits in distillkit's packed format, not the {self.scheme} scheme",
                     hint="use --scheme int4, int3 or int2, or drop --sensitive-fraction/--sensitive-bits",
                 )
+            wider = [b for b in VALID_BITS if b > scheme.bits]
+            if not wider:
+                raise ConfigError(
+                    f"{self.scheme} has no wider bits to promote layers to",
+                    hint="use --scheme int4, int3 or int2, or drop --sensitive-fraction",
+                )
             wide = self.resolved()["sensitive_bits"]
             require(
                 wide > scheme.bits,
                 f"--sensitive-bits {wide} is not wider than the scheme's {scheme.bits} bits",
-                f"pick more bits than {scheme.bits} (3, 4 or 8)",
+                f"pick one of {', '.join(map(str, wider))}",
             )
         require(self.reconstruct_lr > 0, "--reconstruct-lr must be positive", "e.g. 3e-4 (the default)")
         require(0 <= self.eval_split <= 0.5, "--eval-split must be in [0, 0.5]", "e.g. 0.05")

@@ -866,7 +866,7 @@ def _mixed_precision(run: _Run) -> dict[str, int]:
             hint="give --data, or drop --sensitive-fraction",
         )
     linears = [t for t in run.targets if t.kind in ("linear", "conv1d")]
-    batches = run.calib[:SENSITIVITY_BATCHES]
+    batches = merge_batches(run.calib[:SENSITIVITY_BATCHES])
 
     def quantize(t: Any, w: Any) -> Any:
         return rtn_state(w, r["bits"], r["group_size"], r["symmetric"], cfg.clip_search).dequantize(torch.float32)
@@ -881,7 +881,7 @@ def _mixed_precision(run: _Run) -> dict[str, int]:
     run.timings["sensitivity_s"] = time.perf_counter() - t0
     run.extra["mixed_precision"] = {
         "measure": "relative output error with the layer alone quantized round-to-nearest",
-        "calibration_batches": len(batches),
+        "calibration_batches": min(len(run.calib), SENSITIVITY_BATCHES),
         "fraction": r["sensitive_fraction"],
         "bits": r["sensitive_bits"],
         "promoted": promoted,

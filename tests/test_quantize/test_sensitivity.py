@@ -147,10 +147,11 @@ def test_mixed_precision_defaults_and_refusals():
         (dict(scheme="int4", sensitive_fraction=1.0), r"must be in \[0, 1\)"),
         (dict(scheme="int4", sensitive_fraction=-0.1), r"must be in \[0, 1\)"),
         (dict(scheme="int4", sensitive_fraction=0.1, sensitive_bits=3), "not wider"),
-        (dict(scheme="int8", sensitive_fraction=0.1), "not wider"),
+        (dict(scheme="int8", sensitive_fraction=0.1), "int8 has no wider bits"),
         (dict(scheme="int4", sensitive_bits=5), "5-bit weights are not supported"),
+        (dict(scheme="int4", sensitive_bits=8), "--sensitive-fraction promotes, and none are"),
         (dict(scheme="nf4", sensitive_fraction=0.1), "packed format"),
-        (dict(scheme="dynamic-int8", sensitive_bits=8), "packed format"),
+        (dict(scheme="dynamic-int8", sensitive_fraction=0.1, sensitive_bits=8), "packed format"),
     ):
         with pytest.raises(ConfigError, match=msg):
             QuantizeConfig(**kw)
