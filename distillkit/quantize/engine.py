@@ -371,8 +371,11 @@ def merge_batches(batches: list[dict], max_positions: int = MERGE_POSITIONS) -> 
         for k, v in group[0][1].items():
             if not isinstance(v, torch.Tensor):
                 out[k] = v
-            elif v.dim() == 1:  # per position: padded on the right to the group's longest row
-                out[k] = torch.stack([torch.nn.functional.pad(r[k], (0, length - r[k].shape[0])) for _, r in group])
+            elif v.dim() == 1:  # per position: padded on the right to the group's longest row (labels: ignored)
+                fill = -100 if k == "labels" else 0
+                out[k] = torch.stack(
+                    [torch.nn.functional.pad(r[k], (0, length - r[k].shape[0]), value=fill) for _, r in group]
+                )
             else:
                 out[k] = torch.stack([r[k] for _, r in group])
         return out

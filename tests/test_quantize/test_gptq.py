@@ -358,9 +358,12 @@ def test_merge_batches_regroups_right_padded_rows_by_length_and_keeps_every_toke
         lengths[0] = t
         mask = (torch.arange(t) < lengths[:, None]).long()
         ids = torch.randint(3, 99, (n, t), generator=gen) * mask
-        label = torch.randint(0, 3, (n,), generator=gen)
-        batches.append({"input_ids": ids, "attention_mask": mask, "labels": label, "return_loss": False})
-        rows += [(tuple(ids[i, : lengths[i]].tolist()), int(label[i])) for i in range(n)]
+        row_id = torch.arange(len(rows), len(rows) + n)  # per row
+        labels = torch.where(mask.bool(), ids, -100)  # per position, as a causal LM's
+        batches.append(
+            {"input_ids": ids, "attention_mask": mask, "labels": labels, "row_id": row_id, "return_loss": False}
+        )
+        rows += [(tuple(ids[i, : lengths[i]].tolist()), int(row_id[i])) for i in range(n)]
     merged = merge_batches(batches, max_positions=40)
     got, shapes = [], []
     for b in merged:
@@ -371,9 +374,10 @@ def test_merge_batches_regroups_right_padded_rows_by_length_and_keeps_every_toke
         assert int(lengths.max()) == m.shape[1]  # trimmed to its longest row
         assert m.numel() <= PAD_SLACK * int(lengths.sum()) or m.shape[0] == 1
         assert b["return_loss"] is False
+        assert torch.equal(b["labels"] == -100, ~m.bool())  # padding added to labels is ignored
         shapes.append((len(m), int(lengths.sum()), int(lengths.min())))
-        got += [(tuple(b["input_ids"][i, : lengths[i]].tolist()), int(b["labels"][i])) for i in range(len(m))]
-    assert sorted(got) == sorted(rows)  # every row once, with its own label
+        got += [(tuple(b["input_ids"][i, : lengths[i]].tolist()), int(b["row_id"][i])) for i in range(len(m))]
+    assert sorted(got) == sorted(rows)  # every row once, with its own per-row value
     # each cut was needed: the next row did not fit
     for (n, real, _), (_, _, shortest) in zip(shapes, shapes[1:], strict=False):
         assert (n + 1) * shortest > 40 or (n + 1) * shortest > PAD_SLACK * (real + shortest)
@@ -385,7 +389,7 @@ def test_merge_batches_regroups_right_padded_rows_by_length_and_keeps_every_toke
     assert merge_batches(odd) is odd
     images = [{"pixel_values": torch.zeros(2, 3, 4, 4)}]
     assert merge_batches(images) is images
-    features = [{**batches[0], "extra": torch.zeros(len(batches[0]["labels"]), 3)}]  # per row, not per position
+    features = [{**batches[0], "extra": torch.zeros(len(batches[0]["row_id"]), 3)}]  # per row, not per position
     assert merge_batches(features) is features
 
 
