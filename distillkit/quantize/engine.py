@@ -340,6 +340,7 @@ def merge_batches(batches: list[dict], max_positions: int = MERGE_POSITIONS) -> 
     right-padded text batches (left padding, a tensor other than ``[rows, length]`` or ``[rows]``, differing
     non-tensor values) are returned as they are."""
     import torch
+    from torch.nn.utils.rnn import pad_sequence
 
     keys = set(batches[0]) if batches else set()
     rows: list[tuple[int, dict]] = []  # (real length, {key: the row's tensor, or a shared value})
@@ -366,16 +367,13 @@ def merge_batches(batches: list[dict], max_positions: int = MERGE_POSITIONS) -> 
     rows.sort(key=lambda r: r[0])  # stable: rows of one length keep their order
 
     def join(group: list[tuple[int, dict]]) -> dict:
-        length = group[-1][0]
         out = {}
         for k, v in group[0][1].items():
             if not isinstance(v, torch.Tensor):
                 out[k] = v
             elif v.dim() == 1:  # per position: padded on the right to the group's longest row (labels: ignored)
                 fill = -100 if k == "labels" else 0
-                out[k] = torch.stack(
-                    [torch.nn.functional.pad(r[k], (0, length - r[k].shape[0]), value=fill) for _, r in group]
-                )
+                out[k] = pad_sequence([r[k] for _, r in group], batch_first=True, padding_value=fill)
             else:
                 out[k] = torch.stack([r[k] for _, r in group])
         return out
