@@ -543,11 +543,13 @@ def _block_of(name: str) -> str:
 
 
 def _set_weight(model: Any, t: Any, w: Any) -> None:
-    import torch
-
+    """Point the layer's weight at ``w`` (in the weight's dtype and device, transposed for a Conv1D) instead of
+    writing into the weight's storage: a checkpoint loaded from safetensors is mapped from its file, and the first
+    write into each page costs a page fault and a copy (0.16 s of MiniLM's 2.5 s of GPTQ). The caller hands over
+    ``w``: the model may keep it as its weight."""
     m = model.get_submodule(t.name)
-    with torch.no_grad():
-        m.weight.copy_(w.t() if t.kind == "conv1d" else w)
+    w = w.t() if t.kind == "conv1d" else w
+    m.weight.data = w.to(device=m.weight.device, dtype=m.weight.dtype).contiguous()
 
 
 def _progress(items: list, what: str):
