@@ -346,6 +346,8 @@ class OptimOptions(BaseConfig):
     warmup: float = 0.05
     max_grad_norm: float = 1.0
     seed: int = 0
+    # keep the student's input token embeddings as initialised: no gradient and no optimiser state for the table
+    freeze_embeddings: bool = False
     mixed_precision: str = "auto"
     device: str = "auto"
 

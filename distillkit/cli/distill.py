@@ -128,6 +128,16 @@ def distill(
         float | None, typer.Option("--max-grad-norm", help="Gradient clipping norm, 0 disables (default 1.0).")
     ] = None,
     seed: o.Seed = None,
+    freeze_embeddings: Annotated[
+        bool | None,
+        typer.Option(
+            "--freeze-embeddings/--train-embeddings",
+            help="Keep the student's input token embeddings as initialised (the teacher's table): no gradient and no "
+            "optimiser state for it, so each step costs less where the table is much of the model (all-MiniLM-L6-v2: "
+            "11.7 M of the 3-layer student's 17.4 M weights). A tied output head is frozen with it. Text models "
+            "only (default off; on in --preset cpu-demo).",
+        ),
+    ] = None,
     mixed_precision: Annotated[
         str | None,
         typer.Option(
@@ -338,6 +348,7 @@ def distill(
         weight_decay=weight_decay,
         warmup=warmup,
         max_grad_norm=max_grad_norm,
+        freeze_embeddings=freeze_embeddings,
         seed=seed,
         mixed_precision=mixed_precision,
         teacher_dtype=teacher_dtype,

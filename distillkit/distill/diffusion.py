@@ -100,6 +100,10 @@ def check_method(cfg: DistillConfig, dm: DiffusionModel) -> None:
             hint="pass --method progressive, consistency or guidance (flow-matching teachers: progressive, reflow, "
             "consistency or dmd)",
         )
+    if cfg.optim.freeze_embeddings:
+        raise ConfigError(
+            f"--freeze-embeddings applies to text students; {dm.path} is a diffusers model", hint="drop it"
+        )
     if cfg.data.data is not None:
         raise ConfigError(
             "diffusion distillation is data-free (it trains on the teacher's own samples); --data is not used",

@@ -812,6 +812,19 @@ def _load_data(cfg: DistillConfig, models: _Models, wd: Path, device: Any) -> tu
     return processor, data, heldout
 
 
+def _freeze_embeddings(student: Any, task: str) -> None:
+    """``--freeze-embeddings``: the student's input token-embedding table gets no gradient (a tied output head shares
+    the tensor, so it is frozen too)."""
+    get = getattr(student, "get_input_embeddings", None)
+    table = get() if callable(get) and task != "image-classification" else None
+    if not isinstance(table, torch.nn.Embedding):
+        raise ConfigError(
+            f"--freeze-embeddings needs a student with a token-embedding table; this {task} student has none",
+            hint="drop --freeze-embeddings",
+        )
+    table.weight.requires_grad_(False)
+
+
 def _build_training(cfg: DistillConfig, accelerator: Any, models: _Models, data: Any, processor: Any) -> _Training:
     """Losses, the module that computes them, the optimiser and its schedule, the batches and the teacher feed."""
     from transformers import get_cosine_schedule_with_warmup
@@ -830,8 +843,12 @@ def _build_training(cfg: DistillConfig, accelerator: Any, models: _Models, data:
     fused_loss = attach_fused_loss(module, cfg, task, teacher.model)
     teacher_blocks = sorted({b for _, _, loss in losses for b in loss.layers()[1]})
 
+    if cfg.optim.freeze_embeddings:
+        _freeze_embeddings(student, task)
     decay, no_decay = [], []
     for n, p in module.named_parameters():
+        if not p.requires_grad:  # frozen: no optimiser state
+            continue
         skip = p.ndim < 2 or "norm" in n.lower() or n.endswith(".bias") or getattr(p, "_no_weight_decay", False)
         (no_decay if skip else decay).append(p)
     optimizer = torch.optim.AdamW(
