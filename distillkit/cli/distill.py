@@ -132,7 +132,7 @@ def distill(
         bool | None,
         typer.Option(
             "--freeze-embeddings/--train-embeddings",
-            help="Keep the student's input token embeddings as initialised (the teacher's table): no gradient and no "
+            help="Keep the student's input token embeddings as initialised (from the teacher: its table): no gradient and no "
             "optimiser state for it, so each step costs less where the table is much of the model (all-MiniLM-L6-v2: "
             "11.7 M of the 3-layer student's 17.4 M weights). A tied output head is frozen with it. Text models "
             "only (default off; on in --preset cpu-demo).",

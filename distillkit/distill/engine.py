@@ -743,6 +743,8 @@ def _load_models(cfg: DistillConfig, accelerator: Any, out_path: Path, overwrite
             "--student-init random applies to a student spec, not to an existing model",
             hint="pass --student layers=N,... or drop --student-init",
         )
+    if cfg.optim.freeze_embeddings:  # refused here, before any data is read, when the student has no token table
+        _freeze_embeddings(student, task)
     n_params = _count_params(student)
     if hooks.prepare is not None:
         student = hooks.prepare(student)
@@ -843,8 +845,6 @@ def _build_training(cfg: DistillConfig, accelerator: Any, models: _Models, data:
     fused_loss = attach_fused_loss(module, cfg, task, teacher.model)
     teacher_blocks = sorted({b for _, _, loss in losses for b in loss.layers()[1]})
 
-    if cfg.optim.freeze_embeddings:
-        _freeze_embeddings(student, task)
     decay, no_decay = [], []
     for n, p in module.named_parameters():
         if not p.requires_grad:  # frozen: no optimiser state

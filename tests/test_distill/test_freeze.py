@@ -46,6 +46,18 @@ def test_the_table_is_kept_only_when_frozen(tmp_path, capsys, flag):
     assert not any(torch.equal(s[query], v) for k, v in t.items() if k.endswith("attention.self.query.weight"))
 
 
+def test_an_image_student_is_refused_before_any_output(tmp_path, capsys):
+    _, vit = tiny.tiny_vit(tmp_path / "vit")
+    out = tmp_path / "s"
+    code = main(
+        ["distill", "--teacher", vit, "--student", "layers=1", "--data", str(tmp_path / "no-images-needed")]
+        + ["--steps", "2", "--freeze-embeddings", "--out", str(out)]
+    )
+    err = capsys.readouterr().err
+    assert code == 1 and "--freeze-embeddings needs a student with a token-embedding table" in err
+    assert "Traceback" not in err and not out.exists()
+
+
 def test_refused_without_a_token_table():
     vit, _ = tiny.tiny_vit()
     with pytest.raises(ConfigError, match="token-embedding table"):
