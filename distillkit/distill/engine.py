@@ -818,7 +818,7 @@ def _freeze_embeddings(student: Any, task: str) -> None:
     """``--freeze-embeddings``: the student's input token-embedding table gets no gradient (a tied output head shares
     the tensor, so it is frozen too)."""
     get = getattr(student, "get_input_embeddings", None)
-    table = get() if callable(get) and task != "image-classification" else None
+    table = get() if callable(get) else None  # a ViT answers with its patch projection, not an Embedding
     if not isinstance(table, torch.nn.Embedding):
         raise ConfigError(
             f"--freeze-embeddings needs a student with a token-embedding table; this {task} student has none",

@@ -413,3 +413,26 @@ def test_gptq_on_merged_batches_matches_the_batches_as_given(tmp_path, monkeypat
         for name in given:  # the same tokens: the same codes, up to float summation order at a tie
             same = (merged[name].codes == given[name].codes).float().mean().item()
             assert same > 0.999, (task, name, same)
+
+
+def test_gptq_never_writes_into_the_loaded_weights_and_leaves_the_float_model(tmp_path):
+    """The weights of a loaded checkpoint are not written (their pages stay the file's), and the model ends with its
+    float weights, bit for bit, while the codes are those of the quantized weights set along the way."""
+    from distillkit.models.load import load_model
+    from distillkit.quantize import engine
+    from distillkit.quantize.surgery import find_targets, weight_of
+    from tests import tiny
+
+    _, path = tiny.tiny_llama(tmp_path / "m")
+    model = load_model(path, task="causal-lm", dtype="float32", device="cpu").model.eval()
+    targets = [t for t in find_targets(model, (), embeddings=False) if t.kind == "linear"]
+    before = {t.name: weight_of(model, t) for t in targets}
+    kept = {n: (w.detach().clone(), w._version) for n, w in before.items()}
+    r = {"bits": 4, "group_size": 32, "symmetric": False}
+    states = engine.gptq_states(model, targets, _padded_batches(), r, 0.01, "cpu", act_order=True)
+    for n, (value, version) in kept.items():
+        assert before[n]._version == version, f"{n}: written in place"
+        assert torch.equal(before[n], value), n
+    for t in targets:
+        assert torch.equal(weight_of(model, t), kept[t.name][0]), t.name  # the float model again
+        assert not torch.equal(states[t.name].dequantize(torch.float32), kept[t.name][0]), t.name
